@@ -1,0 +1,139 @@
+"""`python3 -m xenbed.drivers.kernel`: the "guest kernel" of a domain container.
+
+It is PID 1 of every domain container (dom0 included) and does what a guest
+kernel's Xen platform code does:
+
+1. connects to the hypervisor-service and authenticates with the container's
+   credential (XENBED_CREDENTIAL), retrying until the domain exists;
+2. once the domain is introduced to xenstored, serves XENSTORED_PATH inside
+   the container, like Linux's /dev/xen/xenbus: each process that connects
+   there has its socket handed to xenstored (SCM_RIGHTS), so the real
+   `xenstore-*` tools talk to xenstored directly, as this domain;
+3. in dom0, with --autostart DIR, runs the toolstack's boot steps (dom0's own
+   store nodes, then `xl create` for each config in DIR not already running);
+4. writes /run/xen/ready, and stays until SIGTERM or until its domain is
+   destroyed.  If this process dies the domain dies with it (dom0 excepted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+from xenbed.drivers.xen.hypercall import HypercallError, HypervisorLink, LinkClosed, connect_with_retry
+from xenbed.protocols import hypercall as hc
+
+log = logging.getLogger("xenbed.kernel")
+
+READY_FILE = "/run/xen/ready"
+
+
+class XenbusDevice:
+    """The local XENSTORED_PATH socket: accept, hand the socket to xenstored."""
+
+    def __init__(self, link: HypervisorLink, path: str) -> None:
+        self.link = link
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        os.chmod(path, 0o666)
+        self.listener.listen(64)
+
+    def serve_forever(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                self.link.call(hc.Call.XS_ADOPT, fds=[client.fileno()])
+            except (HypercallError, LinkClosed, TimeoutError) as exc:
+                log.warning("could not hand a store connection to xenstored: %s", exc)
+            finally:
+                # xenstored holds its own duplicate now; ours must go, or the
+                # client would never see EOF when xenstored closes.
+                client.close()
+
+
+def run_autostart(directory: str) -> None:
+    """dom0's boot: its own store nodes, then the configured guests."""
+    python = sys.executable
+    subprocess.run([python, "-m", "xenbed.toolstack.init_dom0"], check=True)
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".cfg"):
+            continue
+        path = os.path.join(directory, name)
+        result = subprocess.run([python, "-m", "xenbed.toolstack.xl", "create", "--if-absent", path])
+        if result.returncode != 0:
+            raise SystemExit(f"autostart: xl create {path} failed with status {result.returncode}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="xenbed-kernel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--autostart", metavar="DIR", help="dom0: run the toolstack's boot steps and xl create DIR/*.cfg")
+    parser.add_argument("--xenstored-path", default=os.environ.get("XENSTORED_PATH", "/run/xenstored/socket"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    try:
+        os.unlink(READY_FILE)
+    except FileNotFoundError:
+        pass
+    credential = os.environ.get("XENBED_CREDENTIAL")
+    if not credential:
+        log.error("XENBED_CREDENTIAL is not set: this container cannot prove which domain it is")
+        return 2
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    link = connect_with_retry(credential, "kernel", report=log.info)
+    log.info("this is dom%d (%s), privilege %s", link.domid, link.name, link.privilege)
+    store_ready = threading.Event()
+    link.on_upcall(hc.Call.UP_XENSTORE_READY, lambda frame: store_ready.set())
+
+    def destroyed(frame):
+        log.info("the domain was destroyed: halting")
+        stop.set()
+
+    link.on_upcall(hc.Call.UP_DESTROYED, destroyed)
+
+    while not store_ready.wait(0.5):
+        if stop.is_set() or link.closed.is_set():
+            return 0 if stop.is_set() else 1
+    device = XenbusDevice(link, args.xenstored_path)
+    threading.Thread(target=device.serve_forever, name="xenbus-device", daemon=True).start()
+
+    if args.autostart:
+        run_autostart(args.autostart)
+
+    os.makedirs(os.path.dirname(READY_FILE), exist_ok=True)
+    with open(READY_FILE, "w") as ready:
+        ready.write(f"{link.domid}\n")
+    log.info("ready: xenstore at %s", args.xenstored_path)
+
+    while not stop.wait(0.5):
+        if link.closed.is_set():
+            log.error("lost the hypervisor: %s", link.close_reason)
+            return 1
+    link.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""A XenStore client for code running in a domain, over XENSTORED_PATH.
+
+Like Linux's xenbus_xs.c: one connection, requests tagged with req_id so
+replies may come back in any order, a reader thread that routes replies to
+their callers and watch events to a separate watch thread (the "xenwatch"
+thread), so a watch callback may itself use the store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+
+from xenbed.protocols import xs_wire
+from xenbed.protocols.xs_wire import Op, Packet
+
+DEFAULT_PATH = "/run/xenstored/socket"
+
+
+class XenStoreError(Exception):
+    """The daemon answered XS_ERROR; `errno_name` is e.g. ENOENT, EACCES."""
+
+    def __init__(self, errno_name: str, op: str, path: str = "") -> None:
+        super().__init__(f"{op} {path}: {errno_name}".strip())
+        self.errno_name = errno_name
+        self.op = op
+        self.path = path
+
+
+class StoreClosed(ConnectionError):
+    pass
+
+
+class _Call:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: Packet | None = None
+
+
+WatchCallback = Callable[[str, str], None]
+
+
+class XenStoreClient:
+    def __init__(self, path: str | None = None, *, timeout: float = 30.0) -> None:
+        self.path = path or os.environ.get("XENSTORED_PATH", DEFAULT_PATH)
+        self.timeout = timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+        self._req_ids = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._watches: dict[tuple[str, str], WatchCallback] = {}
+        self._events: queue.Queue = queue.Queue()
+        self.closed = threading.Event()
+        self.close_reason = ""
+        threading.Thread(target=self._read_loop, name="xenbus", daemon=True).start()
+        threading.Thread(target=self._watch_loop, name="xenwatch", daemon=True).start()
+
+    # -- plumbing ----------------------------------------------------------------
+    def request(self, op: Op, payload: bytes, tx: int = 0) -> Packet:
+        """Send one request and wait for its reply (raises XenStoreError)."""
+        if self.closed.is_set():
+            raise StoreClosed(f"store connection {self.path} is closed: {self.close_reason}")
+        req_id = next(self._req_ids) & 0xFFFFFFFF
+        call = _Call()
+        with self._lock:
+            self._calls[req_id] = call
+        try:
+            with self._send_lock:
+                self.sock.sendall(Packet(op, req_id, tx, payload).encode())
+            if not call.event.wait(self.timeout):
+                raise TimeoutError(f"xenstored did not answer {op.name} within {self.timeout}s")
+        finally:
+            with self._lock:
+                self._calls.pop(req_id, None)
+        reply = call.reply
+        if reply is None:
+            raise StoreClosed(f"store connection closed during {op.name}: {self.close_reason}")
+        if reply.is_error():
+            path = payload.split(b"\0", 1)[0].decode(errors="replace")
+            raise XenStoreError(reply.error_name(), op.name, path)
+        return reply
+
+    def _read_loop(self) -> None:
+        reader = xs_wire.PacketReader()
+        try:
+            while data := self.sock.recv(65536):
+                reader.feed(data)
+                for packet in reader:
+                    if packet.op == Op.WATCH_EVENT:
+                        self._events.put(packet)
+                        continue
+                    with self._lock:
+                        call = self._calls.get(packet.req_id)
+                    if call is not None:
+                        call.reply = packet
+                        call.event.set()
+            self.close_reason = "xenstored closed the connection"
+        except (OSError, xs_wire.WireProtocolError) as exc:
+            self.close_reason = str(exc)
+        finally:
+            self.closed.set()
+            self._events.put(None)
+            with self._lock:
+                for call in self._calls.values():
+                    call.event.set()
+
+    def _watch_loop(self) -> None:
+        while (packet := self._events.get()) is not None:
+            parts = packet.strings()
+            if len(parts) < 2:
+                continue
+            path, token = parts[0], parts[1]
+            # An event names the path that changed; find the watch by token
+            # (tokens are unique per watch in this client).
+            for (wpath, wtoken), callback in list(self._watches.items()):
+                if wtoken == token:
+                    callback(path, token)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def __enter__(self) -> XenStoreClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- operations ----------------------------------------------------------------
+    def read(self, path: str, tx: int = 0) -> str:
+        return self.request(Op.READ, xs_wire.join_strings(path), tx).payload.decode("utf-8", "surrogateescape")
+
+    def read_bytes(self, path: str, tx: int = 0) -> bytes:
+        return self.request(Op.READ, xs_wire.join_strings(path), tx).payload
+
+    def try_read(self, path: str, tx: int = 0, default: str | None = None) -> str | None:
+        try:
+            return self.read(path, tx)
+        except XenStoreError as exc:
+            if exc.errno_name == "ENOENT":
+                return default
+            raise
+
+    def write(self, path: str, value: str | bytes, tx: int = 0) -> None:
+        data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+        self.request(Op.WRITE, xs_wire.join_strings(path) + data, tx)
+
+    def mkdir(self, path: str, tx: int = 0) -> None:
+        self.request(Op.MKDIR, xs_wire.join_strings(path), tx)
+
+    def rm(self, path: str, tx: int = 0) -> None:
+        self.request(Op.RM, xs_wire.join_strings(path), tx)
+
+    def directory(self, path: str, tx: int = 0) -> list[str]:
+        return self.request(Op.DIRECTORY, xs_wire.join_strings(path), tx).strings()
+
+    def exists(self, path: str, tx: int = 0) -> bool:
+        try:
+            self.read_bytes(path, tx)
+            return True
+        except XenStoreError as exc:
+            if exc.errno_name == "ENOENT":
+                return False
+            raise
+
+    def get_perms(self, path: str, tx: int = 0) -> list[str]:
+        return self.request(Op.GET_PERMS, xs_wire.join_strings(path), tx).strings()
+
+    def set_perms(self, path: str, perms: Iterable[str], tx: int = 0) -> None:
+        self.request(Op.SET_PERMS, xs_wire.join_strings(path, *perms), tx)
+
+    def get_domain_path(self, domid: int) -> str:
+        return self.request(Op.GET_DOMAIN_PATH, xs_wire.join_strings(str(domid))).strings()[0]
+
+    def introduce(self, domid: int, mfn: int = 0, port: int = 0) -> None:
+        self.request(Op.INTRODUCE, xs_wire.join_strings(str(domid), str(mfn), str(port)))
+
+    def release(self, domid: int) -> None:
+        self.request(Op.RELEASE, xs_wire.join_strings(str(domid)))
+
+    def is_domain_introduced(self, domid: int) -> bool:
+        return self.request(Op.IS_DOMAIN_INTRODUCED, xs_wire.join_strings(str(domid))).strings()[0] == "T"
+
+    # -- watches -------------------------------------------------------------------
+    def watch(self, path: str, token: str, callback: WatchCallback) -> None:
+        """Register a watch; `callback(path, token)` runs on the xenwatch
+        thread, first once at once (Xen fires every new watch immediately)."""
+        self._watches[(path, token)] = callback
+        try:
+            self.request(Op.WATCH, xs_wire.join_strings(path, token))
+        except BaseException:
+            self._watches.pop((path, token), None)
+            raise
+
+    def unwatch(self, path: str, token: str) -> None:
+        self._watches.pop((path, token), None)
+        self.request(Op.UNWATCH, xs_wire.join_strings(path, token))
+
+    # -- transactions --------------------------------------------------------------
+    def transaction_start(self) -> int:
+        return int(self.request(Op.TRANSACTION_START, b"\0").strings()[0])
+
+    def transaction_end(self, tx: int, commit: bool = True) -> None:
+        self.request(Op.TRANSACTION_END, xs_wire.join_strings("T" if commit else "F"), tx)
+
+    @contextmanager
+    def transaction(self):
+        """One attempt: commits on success (EAGAIN propagates), aborts on error."""
+        tx = self.transaction_start()
+        try:
+            yield tx
+        except BaseException:
+            try:
+                self.transaction_end(tx, commit=False)
+            except (XenStoreError, StoreClosed):
+                pass
+            raise
+        self.transaction_end(tx, commit=True)
+
+    def run_transaction(self, body: Callable[[int], object], attempts: int = 32):
+        """Run `body(tx)` in a transaction, again from the start on EAGAIN,
+        as every XenStore user must (the store is optimistic)."""
+        for _ in range(attempts):
+            try:
+                with self.transaction() as tx:
+                    result = body(tx)
+                return result
+            except XenStoreError as exc:
+                if exc.errno_name != "EAGAIN":
+                    raise
+        raise XenStoreError("EAGAIN", "TRANSACTION_END", f"gave up after {attempts} conflicting attempts")

@@ -1,0 +1,74 @@
+"""`python3 -m xenbed.hypervisor`: the hypervisor-service (domains, xenstored).
+
+`--health` instead asks a running service over its socket whether it answers
+(the container's healthcheck)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from xenbed.hypervisor.domains import DomainTable, parse_credentials
+from xenbed.hypervisor.server import HypervisorServer
+from xenbed.hypervisor.xenstored import XenStore
+from xenbed.hypervisor.xenstored.quota import Quota
+from xenbed.protocols import hypercall as hc
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="xenbed-hypervisor", description=__doc__)
+    parser.add_argument("--run-dir", default=os.environ.get("XENBED_RUN_DIR", "/run/xenbed"),
+                        help="where hypervisor.sock is created (a volume the domains share)")
+    parser.add_argument("--health", action="store_true", help="check that a running service answers, then exit")
+    Quota.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def health(run_dir: str) -> int:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(3)
+            sock.connect(os.path.join(run_dir, "hypervisor.sock"))
+            sock.sendall(hc.call(hc.Call.PING, 1).encode())
+            reader = hc.FrameReader()
+            while (frame := reader.next_frame()) is None:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                reader.feed(data)
+    except OSError as exc:
+        print(f"hypervisor-service does not answer on {run_dir}/hypervisor.sock: {exc}", file=sys.stderr)
+        return 1
+    if frame is None or not frame.body.get("pong"):
+        print(f"unexpected answer to PING: {frame}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def serve(args) -> None:
+    credentials = parse_credentials(os.environ.get("XENBED_CREDENTIALS", ""))
+    server = HypervisorServer(args.run_dir, DomainTable(credentials), XenStore(Quota.from_arguments(args)))
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.stopping.set)
+    await server.stopping.wait()
+    await server.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.health:
+        return health(args.run_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

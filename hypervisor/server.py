@@ -1,0 +1,385 @@
+"""The hypervisor-service's event loop: a thin asyncio shell over pure cores.
+
+Two kinds of sockets are served:
+
+* `hypervisor.sock` -- each domain's kernel (and device processes of that
+  domain) connect here and authenticate with HELLO.  From then on every call
+  on that connection is made *as that domain*; nothing the client says can
+  change which domid it is.
+* xenstored connections -- a domain hands over (SCM_RIGHTS, call XS_ADOPT) a
+  connected socket whose other end is a process inside the domain, e.g. the
+  real `xenstore-*` tools through the kernel's XENSTORED_PATH socket.  The
+  adopted socket is served as a xenstored connection of the adopting domain,
+  so its domid comes from how the domain authenticated, never from the client.
+
+`echo.sock` answers every byte with itself: the raw Unix-socket round trip
+the benchmarks compare xenstored against, served by the same loop.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+from xenbed.hypervisor.domains import Domain, DomainError, DomainState, DomainTable, Privilege
+from xenbed.hypervisor.xenstored import XenStore
+from xenbed.protocols import hypercall as hc
+from xenbed.protocols import xs_wire
+
+log = logging.getLogger("xenbed.hypervisor")
+
+MAX_FDS_PER_MESSAGE = 8
+XS_WRITE_HIGH_WATER = 256 * 1024  # stop reading a store client that does not read its replies
+
+
+def recv_with_fds(sock: socket.socket, size: int = 65536) -> tuple[bytes, list[int]]:
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    return data, list(fds)
+
+
+@dataclass(eq=False)
+class DomainLink:
+    """One connection on hypervisor.sock."""
+
+    sock: socket.socket
+    reader: hc.FrameReader = field(default_factory=hc.FrameReader)
+    domain: Domain | None = None
+    role: str = ""
+    out: bytearray = field(default_factory=bytearray)
+
+    def describe(self) -> str:
+        if self.domain is None:
+            return "unauthenticated link"
+        return f"dom{self.domain.domid} ({self.domain.name}) {self.role} link"
+
+
+class XenStoreConnection(asyncio.Protocol):
+    """One xenstored client: bytes in, packets through the store, bytes out."""
+
+    def __init__(self, server: HypervisorServer, domid: int, privileged: bool) -> None:
+        self.server = server
+        self.domid = domid
+        self.conn = server.store.connect(domid, privileged=privileged)
+        self.reader = xs_wire.PacketReader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=XS_WRITE_HIGH_WATER)
+        self.server.xs_connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        replies = []
+        introduced = []
+        try:
+            for packet in self.reader:
+                reply = self.server.store.handle(self.conn, packet)
+                replies.append(reply.encode())
+                if packet.op == xs_wire.Op.INTRODUCE and not reply.is_error():
+                    introduced.append(int(packet.strings()[0]))
+        except xs_wire.WireProtocolError as exc:
+            # The stream can no longer be framed: close this connection only.
+            log.warning("dom%d xenstore connection closed: %s", self.domid, exc)
+            if replies:
+                self.transport.write(b"".join(replies))
+            self.transport.close()
+            return
+        if replies:
+            self.transport.write(b"".join(replies))
+        self.server.flush_watch_events()
+        for domid in introduced:
+            self.server.on_domain_introduced(domid)
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests,
+        # so that what we hold for it stays bounded.
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        self.server.xs_connections.discard(self)
+        self.server.store.disconnect(self.conn)
+
+    def send_packets(self, packets) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(p.encode() for p in packets))
+
+
+class EchoProtocol(asyncio.Protocol):
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class HypervisorServer:
+    def __init__(self, run_dir: str, domains: DomainTable, store: XenStore) -> None:
+        self.run_dir = run_dir
+        self.domains = domains
+        self.store = store
+        self.links: set[DomainLink] = set()
+        self.xs_connections: set[XenStoreConnection] = set()
+        self._listeners: list[socket.socket] = []
+        self._echo_server: asyncio.AbstractServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = asyncio.Event()
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.run_dir, "hypervisor.sock")
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        os.makedirs(self.run_dir, exist_ok=True)
+        # dom0 exists from boot and is introduced to its store from the start,
+        # as Xen's xenstored knows dom0 without an XS_INTRODUCE.
+        self.store.introduce_domain(0)
+        listener = self._listen(self.socket_path)
+        self.loop.add_reader(listener, self._accept_link, listener)
+        echo_path = os.path.join(self.run_dir, "echo.sock")
+        _unlink(echo_path)
+        self._echo_server = await self.loop.create_unix_server(EchoProtocol, echo_path)
+        log.info("hypervisor-service listening on %s", self.socket_path)
+
+    def _listen(self, path: str) -> socket.socket:
+        _unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(128)
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        return sock
+
+    async def close(self) -> None:
+        for sock in self._listeners:
+            self.loop.remove_reader(sock)
+            sock.close()
+        for link in list(self.links):
+            self._drop_link(link, "hypervisor shutting down")
+        for conn in list(self.xs_connections):
+            conn.transport.close()
+        if self._echo_server is not None:
+            self._echo_server.close()
+        _unlink(self.socket_path)
+
+    # -- hypervisor.sock -------------------------------------------------------
+    def _accept_link(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        link = DomainLink(sock)
+        self.links.add(link)
+        self.loop.add_reader(sock, self._on_link_readable, link)
+
+    def _on_link_readable(self, link: DomainLink) -> None:
+        try:
+            data, fds = recv_with_fds(link.sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop_link(link, f"receive failed: {exc}")
+            return
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._drop_link(link, "closed by the domain")
+            return
+        link.reader.feed(data, fds)
+        try:
+            while (frame := link.reader.next_frame()) is not None:
+                self._handle_frame(link, frame)
+        except hc.FrameProtocolError as exc:
+            self._drop_link(link, f"protocol violation: {exc}")
+
+    def _handle_frame(self, link: DomainLink, frame: hc.Frame) -> None:
+        if frame.flags & (hc.Flag.REPLY | hc.Flag.UPCALL):
+            self._close_fds(frame.fds)
+            self._send(link, hc.error(frame, "EINVAL", "domains send calls, not replies or upcalls"))
+            return
+        handler = self._handlers.get(frame.op)
+        try:
+            if handler is None:
+                raise DomainError("ENOSYS", f"unknown call {frame.op}")
+            if link.domain is None and frame.op not in (hc.Call.PING, hc.Call.HELLO):
+                raise DomainError("EACCES", f"{frame.op_name} before HELLO")
+            result = handler(self, link, frame)
+        except DomainError as exc:
+            self._close_fds(frame.fds)
+            self._send(link, hc.error(frame, exc.code, exc.message))
+            return
+        except (KeyError, TypeError, ValueError) as exc:
+            self._close_fds(frame.fds)
+            self._send(link, hc.error(frame, "EINVAL", f"bad arguments to {frame.op_name}: {exc!r}"))
+            return
+        self._send(link, hc.reply(frame, result))
+
+    def _send(self, link: DomainLink, frame: hc.Frame) -> None:
+        data = frame.encode()
+        try:
+            if frame.fds:
+                link.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", frame.fds))])
+            else:
+                link.sock.sendall(data)
+        except (BlockingIOError, OSError) as exc:
+            # A domain that does not read its socket loses its link rather
+            # than the hypervisor blocking on it.
+            self._drop_link(link, f"send failed: {exc}")
+
+    def _drop_link(self, link: DomainLink, why: str) -> None:
+        if link not in self.links:
+            return
+        self.links.discard(link)
+        self.loop.remove_reader(link.sock)
+        self._close_fds(link.reader.take_stray_fds())
+        link.sock.close()
+        domain = link.domain
+        log.info("%s dropped: %s", link.describe(), why)
+        if domain is None or link.role != "kernel":
+            return
+        domain.kernel_connected = False
+        if domain.is_control:
+            # dom0's kernel may come back (a restarted dom0 container); the
+            # host lives on, as do the domains it created.
+            return
+        self.domain_died(domain)
+
+    def domain_died(self, domain: Domain) -> None:
+        """The domain's kernel is gone: tear down what it had in the store."""
+        if domain.state is not DomainState.DYING:
+            self.domains.mark_dying(domain.domid)
+        for link in [l for l in self.links if l.domain is domain]:
+            self._drop_link(link, f"domain {domain.domid} is dying")
+        for conn in [c for c in self.xs_connections if c.domid == domain.domid]:
+            conn.transport.close()
+        self.store.release_domain(domain.domid)
+        self.flush_watch_events()
+
+    @staticmethod
+    def _close_fds(fds) -> None:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- xenstored -------------------------------------------------------------
+    def flush_watch_events(self) -> None:
+        by_conn = {c.conn: c for c in self.xs_connections}
+        for conn, packets in self.store.take_outgoing():
+            target = by_conn.get(conn)
+            if target is not None:
+                target.send_packets(packets)
+
+    def adopt_xenstore_socket(self, domain: Domain, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise DomainError("EINVAL", "XS_ADOPT needs a connected AF_UNIX stream socket")
+        sock.setblocking(False)
+        self.loop.create_task(
+            self.loop.connect_accepted_socket(
+                lambda: XenStoreConnection(self, domain.domid, domain.is_control), sock
+            )
+        )
+
+    # -- calls -----------------------------------------------------------------
+    def _call_ping(self, link, frame):
+        return {"pong": True}
+
+    def _call_hello(self, link: DomainLink, frame: hc.Frame):
+        if link.domain is not None:
+            raise DomainError("EISCONN", "this link is already authenticated")
+        role = frame.body.get("role", "kernel")
+        if role not in ("kernel", "device"):
+            raise DomainError("EINVAL", f"role must be kernel or device, not {role!r}")
+        domain = self.domains.authenticate(str(frame.body["credential"]))
+        if role == "kernel" and domain.kernel_connected:
+            raise DomainError("EBUSY", f"domain {domain.domid} ({domain.name}) already has a running kernel")
+        if role == "device" and not domain.kernel_connected:
+            raise DomainError("ENODEV", f"domain {domain.domid} has no running kernel")
+        link.domain, link.role = domain, role
+        if role == "kernel":
+            domain.kernel_connected = True
+            if self.store.is_introduced(domain.domid):
+                self.loop.call_soon(self._send, link, hc.upcall(hc.Call.UP_XENSTORE_READY))
+        log.info("dom%d (%s) %s connected", domain.domid, domain.name, role)
+        return {"domid": domain.domid, "name": domain.name, "privilege": domain.privilege.value}
+
+    def _call_whoami(self, link, frame):
+        return link.domain.summary()
+
+    def _call_xs_adopt(self, link: DomainLink, frame: hc.Frame):
+        if len(frame.fds) != 1:
+            self._close_fds(frame.fds)
+            raise DomainError("EINVAL", "XS_ADOPT carries exactly one descriptor")
+        if not self.store.is_introduced(link.domain.domid):
+            self._close_fds(frame.fds)
+            raise DomainError("EAGAIN", f"domain {link.domain.domid} is not introduced to xenstored yet")
+        self.adopt_xenstore_socket(link.domain, frame.fds[0])
+        return {}
+
+    def _call_domain_create(self, link, frame):
+        privilege = Privilege(frame.body.get("privilege", "none"))
+        domain = self.domains.create(link.domain, str(frame.body["name"]), int(frame.body.get("memory_mb", 64)), privilege)
+        log.info("created dom%d (%s) for dom%d", domain.domid, domain.name, link.domain.domid)
+        return {"domid": domain.domid, "credential": domain.credential}
+
+    def _call_domain_destroy(self, link, frame):
+        domid = int(frame.body["domid"])
+        self.domains.require_control(link.domain, "destroying a domain")
+        domain = self.domains.get(domid)
+        for other in [l for l in self.links if l.domain is domain and l.role == "kernel"]:
+            self._send(other, hc.upcall(hc.Call.UP_DESTROYED, {"domid": domid}))
+        self.domain_died(domain)
+        self.domains.destroy(link.domain, domid)
+        return {}
+
+    def _call_domain_list(self, link, frame):
+        return {"domains": [d.summary() for d in self.domains.list()]}
+
+    def _call_domain_pause(self, link, frame):
+        return self.domains.set_paused(link.domain, int(frame.body["domid"]), True).summary()
+
+    def _call_domain_unpause(self, link, frame):
+        return self.domains.set_paused(link.domain, int(frame.body["domid"]), False).summary()
+
+    _handlers = {
+        hc.Call.PING: _call_ping,
+        hc.Call.HELLO: _call_hello,
+        hc.Call.WHOAMI: _call_whoami,
+        hc.Call.XS_ADOPT: _call_xs_adopt,
+        hc.Call.DOMAIN_CREATE: _call_domain_create,
+        hc.Call.DOMAIN_DESTROY: _call_domain_destroy,
+        hc.Call.DOMAIN_LIST: _call_domain_list,
+        hc.Call.DOMAIN_PAUSE: _call_domain_pause,
+        hc.Call.DOMAIN_UNPAUSE: _call_domain_unpause,
+    }
+
+    def on_domain_introduced(self, domid: int) -> None:
+        """xenstored saw XS_INTRODUCE: the domain's kernel may open store connections."""
+        for link in self.links:
+            if link.domain is not None and link.domain.domid == domid and link.role == "kernel":
+                self._send(link, hc.upcall(hc.Call.UP_XENSTORE_READY))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

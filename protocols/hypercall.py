@@ -1,0 +1,153 @@
+"""Frames on a domain's socket to the hypervisor-service, with no I/O in it.
+
+A real guest talks to Xen through hypercalls and receives upcalls (event
+notifications) from it.  Here a domain talks to the hypervisor-service over
+one Unix stream socket, `/run/xenbed/hypervisor.sock`, in frames:
+
+    offset 0  u32 body length
+    offset 4  u16 op          (Call)
+    offset 6  u16 flags       (REPLY, UPCALL, ERROR, CARRIES_FDS)
+    offset 8  u32 seq         a reply echoes the call's seq; upcalls use 0
+    offset 12 body            UTF-8 JSON object
+
+A frame that carries file descriptors (SCM_RIGHTS) sets CARRIES_FDS and says
+how many in its body's "nfds"; the sender sends the whole frame in one
+sendmsg with the descriptors attached, so they arrive with its first byte.
+The receiver queues descriptors in arrival order and hands them to frames in
+order.  `docs/hypervisor-socket.md` documents every op for drivers written in
+other languages.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass, field
+
+FRAME_HEADER = struct.Struct("<IHHI")
+BODY_MAX = 1 << 20  # a frame larger than this is a protocol violation
+
+
+class Call(enum.IntEnum):
+    # Unauthenticated: the only calls allowed before HELLO succeeds.
+    PING = 1
+    HELLO = 2  # {"credential": str, "role": "kernel"|"device"} -> {"domid", "name", "privilege"}
+    # Any authenticated domain.
+    XS_ADOPT = 10  # carries one fd: a connected stream socket that becomes a xenstored connection of the caller's domain
+    WHOAMI = 11
+    # Control domain (dom0) only.
+    DOMAIN_CREATE = 20  # {"name", "memory_mb", "privilege"} -> {"domid", "credential"}
+    DOMAIN_DESTROY = 21  # {"domid"}
+    DOMAIN_LIST = 22  # {} -> {"domains": [...]}
+    DOMAIN_PAUSE = 23
+    DOMAIN_UNPAUSE = 24
+    # Upcalls, hypervisor -> domain.
+    UP_XENSTORE_READY = 100  # the domain was introduced to xenstored; its store connections may start
+    UP_DESTROYED = 101  # the domain was destroyed: its kernel should stop
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    REPLY = 1
+    UPCALL = 2
+    ERROR = 4
+    CARRIES_FDS = 8
+
+
+class FrameProtocolError(Exception):
+    """The peer sent bytes that are not frames of this protocol."""
+
+
+@dataclass(slots=True)
+class Frame:
+    op: int
+    flags: Flag
+    seq: int
+    body: dict
+    fds: list[int] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        body = json.dumps(self.body, separators=(",", ":")).encode()
+        if len(body) > BODY_MAX:
+            raise ValueError(f"frame body of {len(body)} bytes exceeds {BODY_MAX}")
+        return FRAME_HEADER.pack(len(body), int(self.op), int(self.flags), self.seq) + body
+
+    @property
+    def op_name(self) -> str:
+        try:
+            return Call(self.op).name
+        except ValueError:
+            return f"UNKNOWN({self.op})"
+
+
+def call(op: Call, seq: int, body: dict | None = None, fds: list[int] | None = None) -> Frame:
+    body = dict(body or {})
+    flags = Flag.NONE
+    if fds:
+        flags |= Flag.CARRIES_FDS
+        body["nfds"] = len(fds)
+    return Frame(op, flags, seq, body, list(fds or []))
+
+
+def reply(to: Frame, body: dict | None = None, fds: list[int] | None = None) -> Frame:
+    body = dict(body or {})
+    flags = Flag.REPLY
+    if fds:
+        flags |= Flag.CARRIES_FDS
+        body["nfds"] = len(fds)
+    return Frame(to.op, flags, to.seq, body, list(fds or []))
+
+
+def error(to: Frame, code: str, message: str) -> Frame:
+    """An error reply: `code` is an errno name (EACCES, ENOENT, EBUSY, ...)."""
+    return Frame(to.op, Flag.REPLY | Flag.ERROR, to.seq, {"error": code, "message": message})
+
+
+def upcall(op: Call, body: dict | None = None) -> Frame:
+    return Frame(op, Flag.UPCALL, 0, dict(body or {}))
+
+
+class FrameReader:
+    """Bytes and descriptors in, frames out."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+
+    def feed(self, data: bytes, fds: list[int] | None = None) -> None:
+        self._buffer += data
+        if fds:
+            self._fds.extend(fds)
+
+    def next_frame(self) -> Frame | None:
+        if len(self._buffer) < FRAME_HEADER.size:
+            return None
+        length, op, flags, seq = FRAME_HEADER.unpack_from(self._buffer)
+        if length > BODY_MAX:
+            raise FrameProtocolError(f"frame announces a {length}-byte body, above {BODY_MAX}")
+        end = FRAME_HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        raw = bytes(self._buffer[FRAME_HEADER.size:end])
+        del self._buffer[:end]
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError as exc:
+            raise FrameProtocolError(f"frame body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise FrameProtocolError("frame body is not a JSON object")
+        fds: list[int] = []
+        if flags & Flag.CARRIES_FDS:
+            wanted = body.get("nfds")
+            if not isinstance(wanted, int) or wanted < 1 or wanted > len(self._fds):
+                raise FrameProtocolError(
+                    f"frame says it carries {wanted!r} descriptors, {len(self._fds)} arrived"
+                )
+            fds, self._fds = self._fds[:wanted], self._fds[wanted:]
+        return Frame(op, Flag(flags), seq, body, fds)
+
+    def take_stray_fds(self) -> list[int]:
+        """Descriptors no frame claimed (to be closed by the owner)."""
+        fds, self._fds = self._fds, []
+        return fds

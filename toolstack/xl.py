@@ -1,0 +1,154 @@
+"""`xl`: dom0's toolstack command, with the subcommands and output Xen users know.
+
+    xl create [--if-absent] CONFIG   create a domain from an xl config file
+    xl list [DOMAIN...]              Name / ID / Mem / VCPUs / State / Time(s)
+    xl destroy DOMAIN                destroy at once (no guest cooperation)
+    xl pause DOMAIN / unpause DOMAIN
+    xl domid NAME / domname ID
+
+DOMAIN is a name or a domid.  `--if-absent` makes `create` succeed quietly
+when a domain of that name runs already (dom0's autostart uses it, so a
+restarted dom0 does not fail on the guests it created before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from xenbed.drivers.xen.hypercall import HypercallError, HypervisorLink
+from xenbed.drivers.xen.store import XenStoreClient
+from xenbed.protocols import hypercall as hc
+from xenbed.toolstack import domain_store
+from xenbed.toolstack.config import ConfigError, DomainConfig
+
+
+class XlError(Exception):
+    pass
+
+
+class Toolstack:
+    """The operations behind the subcommands, usable from Python too."""
+
+    def __init__(self, link: HypervisorLink | None = None, store: XenStoreClient | None = None) -> None:
+        self.link = link or HypervisorLink.open(role="device")
+        self.store = store or XenStoreClient()
+
+    def close(self) -> None:
+        self.store.close()
+        self.link.close()
+
+    def domains(self) -> list[dict]:
+        return self.link.call(hc.Call.DOMAIN_LIST)["domains"]
+
+    def resolve(self, name_or_id: str) -> dict:
+        for domain in self.domains():
+            if domain["name"] == name_or_id or str(domain["domid"]) == name_or_id:
+                return domain
+        raise XlError(f"{name_or_id!r} is not a domain name or id")
+
+    def create(self, config: DomainConfig) -> tuple[int, str]:
+        privilege = "backend" if config.driver_domain else "none"
+        created = self.link.call(hc.Call.DOMAIN_CREATE,
+                                 {"name": config.name, "memory_mb": config.memory_mb, "privilege": privilege})
+        domid = created["domid"]
+        try:
+            domain_store.write_domain(self.store, domid, config.name, config.memory_mb)
+            # mfn and port name the store ring in real Xen; here the domain
+            # reaches xenstored through its hypervisor link, so both are 0.
+            self.store.introduce(domid, 0, 0)
+        except BaseException:
+            self._destroy(domid)
+            raise
+        return domid, created["credential"]
+
+    def destroy(self, name_or_id: str) -> int:
+        domid = self.resolve(name_or_id)["domid"]
+        if domid == 0:
+            raise XlError("dom0 cannot be destroyed")
+        self._destroy(domid)
+        return domid
+
+    def _destroy(self, domid: int) -> None:
+        try:
+            self.link.call(hc.Call.DOMAIN_DESTROY, {"domid": domid})
+        finally:
+            domain_store.remove_domain(self.store, domid)
+
+    def pause(self, name_or_id: str, paused: bool = True) -> None:
+        domid = self.resolve(name_or_id)["domid"]
+        self.link.call(hc.Call.DOMAIN_PAUSE if paused else hc.Call.DOMAIN_UNPAUSE, {"domid": domid})
+
+
+_STATE_FLAGS = {"running": "r-----", "paused": "--p---", "dying": "-----d"}
+
+
+def format_list(domains: list[dict]) -> str:
+    lines = [f"{'Name':<40}{'ID':>5}{'Mem':>6}{'VCPUs':>6}\tState\tTime(s)"]
+    now = time.time()
+    for d in domains:
+        state = _STATE_FLAGS.get(d["state"], "------")
+        lines.append(f"{d['name']:<40}{d['domid']:>5}{d['memory_mb']:>6}{1:>6}\t{state}\t{now - d['created_at']:>7.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="xl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("create", help="create a domain from a config file")
+    create.add_argument("config")
+    create.add_argument("--if-absent", action="store_true")
+    create.add_argument("--print-credential", action="store_true",
+                        help="print the new domain's credential (for starting its container)")
+    lst = sub.add_parser("list", help="list domains")
+    lst.add_argument("domains", nargs="*")
+    for name in ("destroy", "pause", "unpause"):
+        sub.add_parser(name).add_argument("domain")
+    sub.add_parser("domid").add_argument("name")
+    sub.add_parser("domname").add_argument("domid")
+    args = parser.parse_args(argv)
+
+    try:
+        xl = Toolstack()
+    except (OSError, HypercallError) as exc:
+        print(f"xl: cannot reach the hypervisor or xenstored: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _run(xl, args)
+    except (XlError, ConfigError, HypercallError) as exc:
+        print(f"xl: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        xl.close()
+
+
+def _run(xl: Toolstack, args) -> int:
+    if args.command == "create":
+        config = DomainConfig.from_file(args.config)
+        print(f'Parsing config from {args.config}', file=sys.stderr)
+        if args.if_absent and any(d["name"] == config.name and d["state"] != "dying" for d in xl.domains()):
+            print(f"{config.name} is already running", file=sys.stderr)
+            return 0
+        domid, credential = xl.create(config)
+        print(f"Created domain {config.name} with id {domid}", file=sys.stderr)
+        if args.print_credential:
+            print(credential)
+    elif args.command == "list":
+        domains = xl.domains()
+        if args.domains:
+            domains = [xl.resolve(d) for d in args.domains]
+        print(format_list(domains))
+    elif args.command == "destroy":
+        xl.destroy(args.domain)
+    elif args.command in ("pause", "unpause"):
+        xl.pause(args.domain, paused=args.command == "pause")
+    elif args.command == "domid":
+        print(xl.resolve(args.name)["domid"])
+    elif args.command == "domname":
+        print(xl.resolve(args.domid)["name"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
