@@ -115,11 +115,13 @@ class DomainTable:
     def authenticate(self, credential: str) -> Domain:
         """The live domain this credential is bound to.  Compared in constant
         time so that a guest cannot guess another's credential byte by byte."""
-        for domain in self._domains.values():
-            if hmac.compare_digest(domain.credential.encode(), credential.encode()):
-                if domain.state is DomainState.DYING:
-                    raise DomainError("ESRCH", f"domain {domain.domid} ({domain.name}) is dying")
-                return domain
+        matches = [d for d in self._domains.values()
+                   if hmac.compare_digest(d.credential.encode(), credential.encode())]
+        live = [d for d in matches if d.state is not DomainState.DYING]
+        if live:
+            return live[0]
+        if matches:
+            raise DomainError("ESRCH", f"domain {matches[0].domid} ({matches[0].name}) is dying")
         raise DomainError("ENOENT", "no domain holds this credential (not created yet?)")
 
     @staticmethod
