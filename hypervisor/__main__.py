@@ -15,7 +15,7 @@ import sys
 
 from xenbed.hypervisor.domains import DomainTable, parse_credentials
 from xenbed.hypervisor.server import HypervisorServer
-from xenbed.hypervisor.xenstored import XenStore
+from xenbed.hypervisor.xenstored import XenStore, XenStoreError
 from xenbed.hypervisor.xenstored.quota import Quota
 from xenbed.protocols import hypercall as hc
 
@@ -25,8 +25,14 @@ def parse_args(argv):
     parser.add_argument("--run-dir", default=os.environ.get("XENBED_RUN_DIR", "/run/xenbed"),
                         help="where hypervisor.sock is created (a volume the domains share)")
     parser.add_argument("--health", action="store_true", help="check that a running service answers, then exit")
-    Quota.add_arguments(parser)
-    return parser.parse_args(argv)
+    parser.epilog = ("xenstored quotas may follow, as --quota-NAME VALUE (names: "
+                     + ", ".join(Quota.names()) + "); dom0 is exempt from all of them.")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        args.quota = Quota.parse(rest)
+    except XenStoreError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def health(run_dir: str) -> int:
@@ -52,7 +58,7 @@ def health(run_dir: str) -> int:
 
 async def serve(args) -> None:
     credentials = parse_credentials(os.environ.get("XENBED_CREDENTIALS", ""))
-    server = HypervisorServer(args.run_dir, DomainTable(credentials), XenStore(Quota.from_arguments(args)))
+    server = HypervisorServer(args.run_dir, DomainTable(credentials), XenStore(args.quota))
     await server.start()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

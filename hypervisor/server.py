@@ -351,6 +351,7 @@ class HypervisorServer:
         return {}
 
     def _call_domain_list(self, link, frame):
+        self.domains.require_control(link.domain, "listing domains")
         return {"domains": [d.summary() for d in self.domains.list()]}
 
     def _call_domain_pause(self, link, frame):
