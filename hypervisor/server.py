@@ -249,7 +249,7 @@ class HypervisorServer:
         self._close_fds(link.reader.take_stray_fds())
         link.sock.close()
         domain = link.domain
-        log.info("%s dropped: %s", link.describe(), why)
+        (log.debug if domain is None else log.info)("%s dropped: %s", link.describe(), why)
         if domain is None or link.role != "kernel":
             return
         domain.kernel_connected = False

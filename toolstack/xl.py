@@ -24,6 +24,11 @@ from xenbed.toolstack import domain_store
 from xenbed.toolstack.config import ConfigError, DomainConfig
 
 
+# Nominal store ring frame and event channel passed to XS_INTRODUCE (see create).
+STORE_RING_GFN = 0
+STORE_EVTCHN_PORT = 1
+
+
 class XlError(Exception):
     pass
 
@@ -56,8 +61,9 @@ class Toolstack:
         try:
             domain_store.write_domain(self.store, domid, config.name, config.memory_mb)
             # mfn and port name the store ring in real Xen; here the domain
-            # reaches xenstored through its hypervisor link, so both are 0.
-            self.store.introduce(domid, 0, 0)
+            # reaches xenstored through its hypervisor link, so they are
+            # nominal (xenstored still insists on a non-zero port).
+            self.store.introduce(domid, STORE_RING_GFN, STORE_EVTCHN_PORT)
         except BaseException:
             self._destroy(domid)
             raise

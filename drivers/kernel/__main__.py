@@ -102,16 +102,17 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    link = connect_with_retry(credential, "kernel", report=log.info)
-    log.info("this is dom%d (%s), privilege %s", link.domid, link.name, link.privilege)
     store_ready = threading.Event()
-    link.on_upcall(hc.Call.UP_XENSTORE_READY, lambda frame: store_ready.set())
 
     def destroyed(frame):
         log.info("the domain was destroyed: halting")
         stop.set()
 
-    link.on_upcall(hc.Call.UP_DESTROYED, destroyed)
+    upcalls = {hc.Call.UP_XENSTORE_READY: lambda frame: store_ready.set(), hc.Call.UP_DESTROYED: destroyed}
+    link = connect_with_retry(credential, "kernel", report=log.info, upcalls=upcalls, stop=stop)
+    if link is None:
+        return 0
+    log.info("this is dom%d (%s), privilege %s", link.domid, link.name, link.privilege)
 
     while not store_ready.wait(0.5):
         if stop.is_set() or link.closed.is_set():

@@ -76,12 +76,16 @@ class HypervisorLink:
         return body
 
     @classmethod
-    def open(cls, credential: str | None = None, role: str = "device", path: str | None = None) -> HypervisorLink:
-        """Connect and authenticate with this container's credential."""
+    def open(cls, credential: str | None = None, role: str = "device", path: str | None = None,
+             upcalls: dict | None = None) -> HypervisorLink:
+        """Connect and authenticate with this container's credential.  Upcall
+        handlers are installed before HELLO: the hypervisor may upcall at once."""
         credential = credential or os.environ.get("XENBED_CREDENTIAL")
         if not credential:
             raise RuntimeError("no credential: XENBED_CREDENTIAL is not set in this container")
         link = cls(path)
+        for op, handler in (upcalls or {}).items():
+            link.on_upcall(op, handler)
         link.connect()
         try:
             link.hello(credential, role)
@@ -178,14 +182,16 @@ class HypervisorLink:
 
 
 def connect_with_retry(credential: str, role: str, *, path: str | None = None, give_up_after: float | None = None,
-                       report: Callable[[str], None] = print) -> HypervisorLink:
+                       report: Callable[[str], None] = print, upcalls: dict | None = None,
+                       stop: threading.Event | None = None) -> HypervisorLink | None:
     """Keep trying until the hypervisor-service answers and knows our
-    credential (the domain may not be created yet: dom0's toolstack does that)."""
+    credential (the domain may not be created yet: dom0's toolstack does that).
+    Returns None if `stop` is set first."""
     started = time.monotonic()
     last_said = 0.0
     while True:
         try:
-            return HypervisorLink.open(credential, role, path)
+            return HypervisorLink.open(credential, role, path, upcalls)
         except (OSError, HypercallError) as exc:
             waited = time.monotonic() - started
             if give_up_after is not None and waited > give_up_after:
@@ -193,4 +199,7 @@ def connect_with_retry(credential: str, role: str, *, path: str | None = None, g
             if waited - last_said >= 5 or last_said == 0.0:
                 report(f"waiting for the hypervisor to know this domain ({waited:.0f}s): {exc}")
                 last_said = waited or 0.001
-            time.sleep(0.2)
+            if stop is not None and stop.wait(0.2):
+                return None
+            if stop is None:
+                time.sleep(0.2)
