@@ -1,0 +1,93 @@
+"""`xenbed bench`: the speed figures, each beside the physical limit measured
+in the same run, written to out/bench.json and printed as a table.
+
+Every figure is `{"value": number, "unit": str}` under the report's
+`figures` key, named `<area>.<what>`; ratios compare xenbed against the limit
+(for a round trip, xenbed / limit: lower is better, 1.0 is the limit).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+from .testbed import Testbed
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "tests" / "bench"
+
+# Goals from the issues, shown beside each figure (None: no goal, a report).
+GOALS = {
+    "xenstore.read_rtt_ratio": ("<=", 2.0),
+    "xenstore.ops_per_s": (">=", 50_000),
+}
+
+
+def _guest_script(name: str) -> str:
+    return (BENCH_DIR / name).read_text()
+
+
+def bench_xenstore(testbed: Testbed, guest: str = "domu1", samples: int = 3000, clients: int = 8,
+                   seconds: float = 3.0) -> dict[str, dict]:
+    result = testbed.exec(guest, ["python3", "-c", _guest_script("guest_xenstore.py"),
+                                  str(samples), str(clients), str(seconds)], check=True)
+    raw = json.loads(result.stdout.strip().splitlines()[-1])
+    return {
+        "xenstore.read_rtt_us": {"value": round(raw["read_rtt_us"], 1), "unit": "us"},
+        "xenstore.read_rtt_us_p99": {"value": round(raw["read_rtt_us_p99"], 1), "unit": "us"},
+        "xenstore.echo_rtt_us": {"value": round(raw["echo_rtt_us"], 1), "unit": "us"},
+        "xenstore.read_rtt_ratio": {"value": round(raw["read_rtt_us"] / raw["echo_rtt_us"], 2), "unit": "x"},
+        "xenstore.ops_per_s": {"value": round(raw["ops"] / raw["ops_seconds"]), "unit": "ops/s"},
+    }
+
+
+SUITES = {"xenstore": bench_xenstore}
+
+
+def run(testbed: Testbed, suites: list[str] | None = None, progress=print) -> dict:
+    figures: dict[str, dict] = {}
+    for name in suites or list(SUITES):
+        progress(f"bench: {name} ...")
+        started = time.monotonic()
+        figures.update(SUITES[name](testbed))
+        progress(f"bench: {name} done in {time.monotonic() - started:.1f}s")
+    return {
+        "figures": figures,
+        "machine": {"cpus": _cpus(), "platform": platform.platform()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _cpus() -> int:
+    import os
+    return os.cpu_count() or 0
+
+
+def render(report: dict) -> str:
+    rows = [("figure", "value", "unit", "goal", "")]
+    for name, figure in report["figures"].items():
+        goal = GOALS.get(name)
+        verdict = ""
+        goal_text = ""
+        if goal:
+            op, target = goal
+            goal_text = f"{op} {target:,}"
+            met = figure["value"] <= target if op == "<=" else figure["value"] >= target
+            verdict = "met" if met else "MISSED"
+        value = figure["value"]
+        rows.append((name, f"{value:,}" if isinstance(value, (int, float)) else str(value), figure["unit"], goal_text, verdict))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(widths[j]) if j != 1 else cell.rjust(widths[j]) for j, cell in enumerate(row)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write(report: dict, path: str | Path = "out/bench.json") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
