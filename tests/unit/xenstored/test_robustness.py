@@ -95,7 +95,7 @@ def test_fuzz_random_bytes_through_the_reader():
     _check_bounded(world)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(op=st.integers(0, 2**32 - 1), tx=st.sampled_from([0, 1, 2**32 - 1]),
        payload=st.binary(max_size=200), who=st.sampled_from(["d0", "d1", "d2"]))
 def test_hypothesis_any_packet_gets_one_reply(op, tx, payload, who):
