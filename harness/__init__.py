@@ -1,0 +1,14 @@
+"""Host side of xenbed: run the compose topology, wait on it, and drive it from pytest.
+
+The public face is small: `Testbed`, `wait_for` and the errors they raise.
+"""
+
+from .compose import ComposeError, Project, load_project
+from .execs import ExecError, ExecResult
+from .resources import reap_stale_runs
+from .status import render_status_table
+from .testbed import Testbed, TestbedError
+from .waits import WaitTimeout, wait_for
+
+__all__ = ["Testbed", "TestbedError", "ExecResult", "ExecError", "wait_for", "WaitTimeout",
+           "load_project", "Project", "ComposeError", "reap_stale_runs", "render_status_table"]

@@ -1,0 +1,117 @@
+"""The `xenbed` command: up, down, status, logs for a testbed run.
+
+`down`, `status` and `logs` find a run by its compose project label, so they
+work without the compose file and also on a run docker-compose started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+from .compose import ComposeError
+from .resources import DockerUnavailable, connect, remove_project
+from .status import render_status_table
+from .testbed import DEFAULT_COMPOSE, Testbed, TestbedError
+
+DEFAULT_PROJECT = "xenbed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.action(args)
+    except (ComposeError, TestbedError, DockerUnavailable) as error:
+        print(f"xenbed {args.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xenbed", description="Run the xenbed testbed on this Docker engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, action, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--project", "-p", default=DEFAULT_PROJECT,
+                         help=f"compose project name of the run (default: {DEFAULT_PROJECT})")
+        sub.set_defaults(action=action)
+        return sub
+
+    up = command("up", _up, "bring the testbed up and wait until it is healthy")
+    up.add_argument("--compose", "-f", default=DEFAULT_COMPOSE, help=f"compose file (default: {DEFAULT_COMPOSE})")
+    up.add_argument("--timeout", type=float, default=300, help="seconds to wait for health (default: 300)")
+    command("down", _down, "remove every container, network and volume of the run")
+    command("status", _status, "show the run's containers, their state and health")
+    logs = command("logs", _logs, "print the logs of the run's containers")
+    logs.add_argument("service", nargs="?", help="only this service")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    logs.add_argument("--tail", default="all", help="lines from the end of each log (default: all)")
+    return parser
+
+
+def _up(args) -> int:
+    # keep=True: the run must outlive this process, so the reaper must leave it alone
+    testbed = Testbed.from_compose(args.compose, args.project, keep=True)
+    testbed.up(timeout=args.timeout, progress=print)
+    print(render_status_table(testbed.status()))
+    return 0
+
+
+def _down(args) -> int:
+    removed = remove_project(connect(), f"com.docker.compose.project={args.project}")
+    print(f"removed {len(removed)} resources of {args.project}" if removed else f"nothing to remove for {args.project}")
+    return 0
+
+
+def _status(args) -> int:
+    print(render_status_table(Testbed(args.project, client=connect()).status()))
+    return 0
+
+
+def _logs(args) -> int:
+    testbed = Testbed(args.project, client=connect())
+    services = [args.service] if args.service else testbed.services()
+    if not services:
+        print(f"no containers for {args.project}", file=sys.stderr)
+        return 1
+    tail = args.tail if args.tail == "all" else int(args.tail)
+    prefix = len(services) > 1
+    width = max(map(len, services))
+    printing = threading.Lock()  # one line at a time when several logs interleave
+
+    def show(service: str) -> None:
+        container = testbed.container(service)
+        chunks = container.logs(stream=args.follow, follow=args.follow, tail=tail)
+        lines = (chunks.decode(errors="replace").splitlines(keepends=True) if not args.follow
+                 else _lines(chunks))
+        for line in lines:
+            with printing:
+                sys.stdout.write(f"{service.ljust(width)} | {line}" if prefix else line)
+                sys.stdout.flush()
+
+    threads = [threading.Thread(target=show, args=(s,), daemon=True) for s in services]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.5)  # short joins so Ctrl-C reaches the main thread
+    return 0
+
+
+def _lines(chunks):
+    """Whole lines from a stream of byte chunks (a chunk may end mid-line)."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line.decode(errors="replace") + "\n"
+    if pending:
+        yield pending.decode(errors="replace") + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

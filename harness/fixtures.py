@@ -1,0 +1,60 @@
+"""Session fixtures: thin wrappers over Testbed and the Docker client."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Iterator
+
+import pytest
+
+from .resources import DockerUnavailable, connect
+from .testbed import Testbed
+
+TESTBED_KEY = pytest.StashKey[Testbed]()
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A Docker client that answered a ping; without an engine the test fails, saying how to get one."""
+    try:
+        return connect()
+    except DockerUnavailable as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+def session_project_name(config: pytest.Config) -> str:
+    """The option's name, else a fresh one; xdist workers each get their own run."""
+    name = config.getoption("--testbed-project") or f"xenbed-{secrets.token_hex(3)}"
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    return f"{name}-{worker}" if worker else name
+
+
+@pytest.fixture(scope="session")
+def testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
+    """The testbed of `--testbed-compose`, up for the whole session, torn down and checked for leaks."""
+    config = request.config
+    keep = config.getoption("--keep-testbed")
+    bed = Testbed.from_compose(config.getoption("--testbed-compose"), session_project_name(config),
+                               client=docker_client, keep=keep)
+    config.stash[TESTBED_KEY] = bed
+    try:
+        bed.up(progress=_progress_writer(config))
+        yield bed
+    finally:
+        if keep:
+            _progress_writer(config)(f"kept testbed {bed.project_name}; remove it with "
+                                     f"`xenbed down -p {bed.project_name}`")
+        else:
+            bed.down()
+            leaked = bed.leftovers()
+            if leaked:
+                pytest.fail(f"testbed {bed.project_name} leaked after down:\n  " + "\n  ".join(leaked),
+                            pytrace=False)
+
+
+def _progress_writer(config: pytest.Config):
+    """Progress lines go to the terminal even while pytest captures output."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return print
+    return lambda line: reporter.write_line(line)
