@@ -106,7 +106,10 @@ build() { # build NAME TAG DOCKERFILE CONTEXT [extra docker build args...]
 roles=("$@")
 [ ${#roles[@]} -gt 0 ] || roles=("${ROLES_ALL[@]}")
 for r in "${roles[@]}"; do
-    [ -f "images/$r/Dockerfile" ] || { echo "unknown role '$r' (have: ${ROLES_ALL[*]})" >&2; exit 2; }
+    case " ${ROLES_ALL[*]} " in
+        *" $r "*) ;;
+        *) echo "unknown role '$r' (have: ${ROLES_ALL[*]}; base is built for each)" >&2; exit 2 ;;
+    esac
 done
 
 choose_rootfs
