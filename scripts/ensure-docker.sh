@@ -43,7 +43,7 @@ start_dockerd() {
     # setsid + nohup: the engine must outlive `make` and the CI shell that
     # started it; with no init system nothing else would keep it alive.
     setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
-    local waited=0
+    local pid=$! waited=0
     until engine_answers; do
         if [ "$waited" -ge "$WAIT_SECONDS" ]; then
             say "dockerd did not answer within ${WAIT_SECONDS}s; last log lines:"
@@ -52,7 +52,7 @@ start_dockerd() {
         fi
         # dockerd exits at once on fatal errors (bad storage driver, no
         # iptables...); say so instead of waiting out the whole minute.
-        if ! pgrep -x dockerd >/dev/null 2>&1; then
+        if ! kill -0 "$pid" 2>/dev/null; then
             say "dockerd exited; last log lines:"
             tail -n 20 "$DOCKERD_LOG" >&2 || true
             exit 1
@@ -75,7 +75,8 @@ ensure_engine() {
     fi
     # The CLI may be there and the engine running for someone else while we
     # lack permission; tell that apart from "not running".
-    if pgrep -x dockerd >/dev/null 2>&1; then
+    # (pidof is in Debian's essential set; pgrep may not be installed.)
+    if pidof dockerd >/dev/null 2>&1; then
         engine_answers && return 0
         die "dockerd runs but 'docker info' fails: $(docker info 2>&1 | tail -n 1)"
     fi
