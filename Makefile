@@ -82,12 +82,15 @@ $(CREDS):
 	 done > $@
 
 # Containers using the images must go first or `docker rmi` refuses.  Only our
-# own image names are removed (others share this engine); the debootstrap root
+# own image names are removed (others share this engine), plus the untagged
+# older builds carrying our label, which otherwise keep every layer alive as
+# build cache.  The debootstrap root
 # (xenbed/rootfs) stays, it is the slow part: see distclean.
 clean: ## remove out/, .venv and the xenbed images (keeps the debootstrap root)
 	@if docker info >/dev/null 2>&1; then \
 	   $$(scripts/ensure-docker.sh --print-compose) down -v --remove-orphans >/dev/null 2>&1 || true; \
-	   for i in $(IMAGES); do docker image inspect $$i >/dev/null 2>&1 && docker rmi $$i >/dev/null && echo "removed $$i"; done; true; \
+	   for i in $(IMAGES); do docker image inspect $$i >/dev/null 2>&1 && docker rmi $$i >/dev/null && echo "removed $$i"; done; \
+	   docker image prune -f --filter label=org.xenbed.image >/dev/null; true; \
 	 fi
 	rm -rf out $(VENV) build *.egg-info
 
