@@ -317,9 +317,12 @@ class _Parser:
             for dependency, condition in service.depends_on.items():
                 if dependency not in services:
                     raise self.fail(where, f"depends_on names unknown service '{dependency}'")
-                if condition == "service_healthy" and services[dependency].healthcheck is None:
+                # A missing healthcheck may come from the image (docker-compose
+                # allows that too); only one switched off here can never pass.
+                check = services[dependency].healthcheck
+                if condition == "service_healthy" and check is not None and check.test == ("NONE",):
                     raise self.fail(where, f"waits for '{dependency}' to be healthy, "
-                                           f"but '{dependency}' has no healthcheck")
+                                           f"but '{dependency}' has its healthcheck disabled")
             mode = service.network_mode or ""
             if mode.startswith("service:") and mode.split(":", 1)[1] not in services:
                 raise self.fail(where, f"network_mode names unknown service '{mode.split(':', 1)[1]}'")

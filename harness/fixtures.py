@@ -8,6 +8,7 @@ from typing import Iterator
 import pytest
 
 from .resources import DockerUnavailable, connect
+from .runenv import run_environment
 from .testbed import Testbed
 
 TESTBED_KEY = pytest.StashKey[Testbed]()
@@ -34,8 +35,9 @@ def testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
     """The testbed of `--testbed-compose`, up for the whole session, torn down and checked for leaks."""
     config = request.config
     keep = config.getoption("--keep-testbed")
-    bed = Testbed.from_compose(config.getoption("--testbed-compose"), session_project_name(config),
-                               client=docker_client, keep=keep)
+    compose_file = config.getoption("--testbed-compose")
+    bed = Testbed.from_compose(compose_file, session_project_name(config), client=docker_client, keep=keep,
+                               env=run_environment(docker_client, compose_file))
     config.stash[TESTBED_KEY] = bed
     try:
         bed.up(progress=_progress_writer(config))

@@ -29,6 +29,10 @@ DEFAULT_COMPOSE = "compose/testbed.yml"
 FAILURE_LOG_LINES = 60
 
 
+# At the end of `up`: every service with a healthcheck (compose or image) is
+# healthy, and every other one is running.
+HEALTHY_IF_CHECKED = "healthy_if_checked"
+
 class TestbedError(RuntimeError):
     """`up` could not bring the testbed up; the message says what and shows the relevant logs."""
 
@@ -99,9 +103,9 @@ class Testbed:
             self._start_service(name)
             say(f"started {name}")
         for name, service in self.project.services.items():
-            if service.healthcheck and service.healthcheck.test != ("NONE",) \
+            if (service.healthcheck is None or service.healthcheck.test != ("NONE",)) \
                     and (name, "service_healthy") not in awaited:
-                self._await(name, "service_healthy", deadline, say, needed_by=None)
+                self._await(name, HEALTHY_IF_CHECKED, deadline, say, needed_by=None)
         say("up")
 
     def down(self, timeout: float = 10) -> None:
@@ -243,6 +247,7 @@ class Testbed:
     def _await(self, service: str, condition: str, deadline: float, say, needed_by: str | None) -> None:
         what = {"service_started": f"{service} to start",
                 "service_healthy": f"{service} to be healthy",
+                HEALTHY_IF_CHECKED: f"{service} to be healthy (or running, without a healthcheck)",
                 "service_completed_successfully": f"{service} to exit with status 0"}[condition]
         if needed_by:
             what += f" (needed by {needed_by})"
@@ -272,6 +277,10 @@ class Testbed:
             return _Observation(status == "exited", seen)
         if status in ("exited", "dead"):
             raise StopWaiting(f"{service} exited (status {code}) before it was healthy")
+        if not health and status == "running":
+            if condition == HEALTHY_IF_CHECKED:
+                return _Observation(True, seen)
+            raise StopWaiting(f"{service} has no healthcheck (neither in the compose file nor in its image)")
         if health.get("Status") == "unhealthy":
             raise StopWaiting(f"{service} is unhealthy{last_check}")
         return _Observation(health.get("Status") == "healthy", seen)

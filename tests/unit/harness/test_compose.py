@@ -100,8 +100,9 @@ def test_extension_keys_are_allowed(tmp_path):
     ("services:\n  a: {image: x, depends_on: [b]}\n", ["unknown service 'b'"]),
     ("services:\n  a: {image: x, networks: [n]}\n", ["network 'n'"]),
     ("services:\n  a: {image: x, volumes: ['v:/v']}\n", ["volume 'v'"]),
-    ("services:\n  a: {image: x}\n  b: {image: x, depends_on: {a: {condition: service_healthy}}}\n",
-     ["'a' has no healthcheck"]),
+    ("services:\n  a: {image: x, healthcheck: {disable: true}}\n"
+     "  b: {image: x, depends_on: {a: {condition: service_healthy}}}\n",
+     ["'a' has its healthcheck disabled"]),
     ("services:\n  a: {image: x, depends_on: {a: {condition: when_ready}}}\n", ["condition must be one of"]),
     ("services:\n  a: {image: x, network_mode: none, networks: [n]}\nnetworks: {n: {}}\n", ["cannot be used together"]),
     ("services:\n  a: {command: x}\n", ["needs an 'image'"]),
