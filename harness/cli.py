@@ -7,6 +7,7 @@ work without the compose file and also on a run docker-compose started.
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import threading
 
@@ -49,7 +50,39 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("service", nargs="?", help="only this service")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
     logs.add_argument("--tail", default="all", help="lines from the end of each log (default: all)")
+    bench = command("bench", _bench, "measure the speed figures beside their physical limits (out/bench.json)")
+    bench.add_argument("--compose", "-f", default=DEFAULT_COMPOSE, help=f"compose file (default: {DEFAULT_COMPOSE})")
+    bench.add_argument("--reuse", action="store_true",
+                       help="measure the running testbed of --project instead of a fresh one")
+    bench.add_argument("--suite", action="append", choices=sorted(bench_suites()), help="only this suite (repeatable)")
+    bench.add_argument("--output", default="out/bench.json", help="where the JSON report goes")
     return parser
+
+
+def bench_suites():
+    from . import bench
+    return bench.SUITES
+
+
+def _bench(args) -> int:
+    from . import bench
+    from .runenv import run_environment
+    if args.reuse:
+        testbed = Testbed(args.project, client=connect())
+        report = bench.run(testbed, args.suite)
+    else:
+        client = connect()
+        testbed = Testbed.from_compose(args.compose, f"xenbed-bench-{secrets.token_hex(3)}", client=client,
+                                       env=run_environment(client, args.compose))
+        try:
+            testbed.up(progress=print)
+            report = bench.run(testbed, args.suite)
+        finally:
+            testbed.down()
+    path = bench.write(report, args.output)
+    print(bench.render(report))
+    print(f"report: {path}")
+    return 0
 
 
 def _up(args) -> int:

@@ -74,17 +74,18 @@ class XenStoreConnection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         transport.set_write_buffer_limits(high=XS_WRITE_HIGH_WATER)
-        self.server.xs_connections.add(self)
+        self.server.xs_connections[self.conn] = self
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         replies = []
         introduced = []
+        handle, conn = self.server.store.handle, self.conn
         try:
             for packet in self.reader:
-                reply = self.server.store.handle(self.conn, packet)
+                reply = handle(conn, packet)
                 replies.append(reply.encode())
-                if packet.op == xs_wire.Op.INTRODUCE and not reply.is_error():
+                if packet.op == xs_wire.Op.INTRODUCE and reply.op != xs_wire.Op.ERROR:
                     introduced.append(int(packet.strings()[0]))
         except xs_wire.WireProtocolError as exc:
             # The stream can no longer be framed: close this connection only.
@@ -94,7 +95,7 @@ class XenStoreConnection(asyncio.Protocol):
             self.transport.close()
             return
         if replies:
-            self.transport.write(b"".join(replies))
+            self.transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
         self.server.flush_watch_events()
         for domid in introduced:
             self.server.on_domain_introduced(domid)
@@ -108,7 +109,7 @@ class XenStoreConnection(asyncio.Protocol):
         self.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:
-        self.server.xs_connections.discard(self)
+        self.server.xs_connections.pop(self.conn, None)
         self.server.store.disconnect(self.conn)
 
     def send_packets(self, packets) -> None:
@@ -130,7 +131,7 @@ class HypervisorServer:
         self.domains = domains
         self.store = store
         self.links: set[DomainLink] = set()
-        self.xs_connections: set[XenStoreConnection] = set()
+        self.xs_connections: dict = {}  # store Connection -> its XenStoreConnection
         self._listeners: list[socket.socket] = []
         self._echo_server: asyncio.AbstractServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -170,7 +171,7 @@ class HypervisorServer:
             sock.close()
         for link in list(self.links):
             self._drop_link(link, "hypervisor shutting down")
-        for conn in list(self.xs_connections):
+        for conn in list(self.xs_connections.values()):
             conn.transport.close()
         if self._echo_server is not None:
             self._echo_server.close()
@@ -265,7 +266,7 @@ class HypervisorServer:
             self.domains.mark_dying(domain.domid)
         for link in [l for l in self.links if l.domain is domain]:
             self._drop_link(link, f"domain {domain.domid} is dying")
-        for conn in [c for c in self.xs_connections if c.domid == domain.domid]:
+        for conn in [c for c in self.xs_connections.values() if c.domid == domain.domid]:
             conn.transport.close()
         self.store.release_domain(domain.domid)
         self.flush_watch_events()
@@ -280,9 +281,8 @@ class HypervisorServer:
 
     # -- xenstored -------------------------------------------------------------
     def flush_watch_events(self) -> None:
-        by_conn = {c.conn: c for c in self.xs_connections}
         for conn, packets in self.store.take_outgoing():
-            target = by_conn.get(conn)
+            target = self.xs_connections.get(conn)
             if target is not None:
                 target.send_packets(packets)
 

@@ -94,7 +94,7 @@ class WireProtocolError(Exception):
     """The peer sent something that is not the XenStore wire protocol."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Packet:
     """One message in either direction.  `op` is an int so that unknown
     types survive decoding and can be answered with ENOSYS."""

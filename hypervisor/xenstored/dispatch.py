@@ -47,6 +47,7 @@ class Connection:
     transactions: TransactionTable = field(default_factory=TransactionTable)
     events: EventQueue = field(default_factory=lambda: EventQueue(1024))
     released: bool = False  # the domain was released: the shell should close us
+    _identity: Identity | None = field(default=None, repr=False)
 
     @property
     def dropped_events(self) -> int:
@@ -117,6 +118,7 @@ class XenStore:
         self.connections: list[Connection] = []
         self.introduced: set[int] = set()
         self.targets: dict[int, int] = {}  # controller domid -> target domid
+        self._outgoing = False  # some connection has watch events queued
 
     # -- connections -------------------------------------------------------
     def connect(self, domid: int, privileged: bool | None = None) -> Connection:
@@ -134,9 +136,16 @@ class XenStore:
             self.connections.remove(conn)
 
     def identity(self, conn: Connection) -> Identity:
-        return Identity(conn.domid, conn.privileged, self.targets.get(conn.domid))
+        target = self.targets.get(conn.domid)
+        cached = conn._identity
+        if cached is None or cached.target != target:
+            cached = conn._identity = Identity(conn.domid, conn.privileged, target)
+        return cached
 
     def take_outgoing(self) -> list[tuple[Connection, list[Packet]]]:
+        if not self._outgoing:  # the common case: a request that fired no watch
+            return []
+        self._outgoing = False
         out = []
         for c in self.connections:
             if len(c.events):
@@ -216,6 +225,7 @@ class XenStore:
                 for w in conn.watches:
                     if w.matches(ev.path, ev.exact):
                         conn.events.push(w.event_path(ev.path), w.token)
+                        self._outgoing = True
 
     def _changed(self, tx: Transaction | None, events: list[Event]) -> None:
         if tx is None:
@@ -328,6 +338,7 @@ def _watch(s, c, tx, p) -> bytes:
     # The initial event goes out after the OK reply (the shell sends the
     # reply first), with the path as the client gave it, unfiltered.
     c.events.push(w.event_path(path), token)
+    s._outgoing = True
     return OK
 
 

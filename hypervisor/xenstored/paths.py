@@ -44,7 +44,28 @@ def is_special(path: str) -> bool:
     return path.startswith("@")
 
 
-def canonicalize(
+def canonicalize(path: str, domid: int, *, privileged: bool = False, path_max: int | None = None,
+                 allow_special: bool = False) -> tuple[str, bool]:
+    """(absolute path, was_relative) or XenStoreError("EINVAL").
+
+    Drivers ask for the same few paths over and over; the answer depends
+    only on the arguments, so the last few thousand are remembered."""
+    key = (path, domid, privileged, path_max, allow_special)
+    hit = _canonical_cache.get(key)
+    if hit is not None:
+        return hit
+    result = _canonicalize(path, domid, privileged=privileged, path_max=path_max, allow_special=allow_special)
+    if len(_canonical_cache) >= _CANONICAL_CACHE_SIZE:
+        _canonical_cache.clear()
+    _canonical_cache[key] = result
+    return result
+
+
+_CANONICAL_CACHE_SIZE = 4096
+_canonical_cache: dict[tuple, tuple[str, bool]] = {}
+
+
+def _canonicalize(
     path: str,
     domid: int,
     *,
