@@ -72,6 +72,9 @@ __all__ = [
     "RingError",
     "RingUsageError",
     "RingOverflow",
+    "MalformedMessage",
+    "MalformedRequest",
+    "MalformedResponse",
     "ring_bytes_for_order",
     "ring_size",
     "full_barrier",
@@ -115,6 +118,21 @@ class RingOverflow(RingError):
         self.producer_index = producer_index
         self.private_index = private_index
         self.ring_size = ring_size
+
+
+class MalformedMessage(Exception):
+    """A message copied off a ring cannot be decoded (the peer's fault).
+
+    Decoders raise nothing else, whatever bytes they are given.
+    """
+
+
+class MalformedRequest(MalformedMessage):
+    """A request from the frontend cannot be decoded."""
+
+
+class MalformedResponse(MalformedMessage):
+    """A response from the backend cannot be decoded."""
 
 
 def ring_bytes_for_order(order: int) -> int:
