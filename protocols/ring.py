@@ -395,15 +395,25 @@ class BackRing:
         produced) keeps a frontend that pushes too far from making us read a
         slot we have not answered yet.  A producer index that is impossible
         even for a ring full of requests is rejected outright
-        (RING_REQUEST_PROD_OVERFLOW) instead of being silently clamped.
+        (RING_REQUEST_PROD_OVERFLOW) instead of being silently clamped, and
+        so -- stricter than ring.h, which would clamp it -- is one that moved
+        back behind requests we already consumed: a frontend never un-pushes.
         """
         req_prod = self.sring.req_prod
-        if _distance(req_prod, self.rsp_prod_pvt) > self.size:
+        published = _distance(req_prod, self.rsp_prod_pvt)
+        if published > self.size:
             raise RingOverflow(
                 f"frontend published req_prod={req_prod}, more than {self.size} past "
                 f"rsp_prod_pvt={self.rsp_prod_pvt}",
                 producer_index=req_prod,
                 private_index=self.rsp_prod_pvt,
+                ring_size=self.size,
+            )
+        if published < _distance(self.req_cons, self.rsp_prod_pvt):
+            raise RingOverflow(
+                f"frontend moved req_prod back to {req_prod}, behind req_cons={self.req_cons}",
+                producer_index=req_prod,
+                private_index=self.req_cons,
                 ring_size=self.size,
             )
         requests = _distance(req_prod, self.req_cons)
