@@ -507,6 +507,38 @@ class RingModel:
         if not self.back_asleep:
             self.back_asleep = not self.back.final_check_for_requests()
 
+    def _sleep_while_peer_acts(self, half, first_look: str, peer_ops: tuple[str, ...]) -> bool:
+        """A final check with the peer running `peer_ops` between the first
+        look at the ring and the re-arm: the race the re-check exists for."""
+        original = getattr(half, first_look)
+        peer_ran = []
+
+        def look_then_peer_acts():
+            result = original()
+            if not peer_ran:
+                peer_ran.append(True)
+                for op in peer_ops:
+                    getattr(self, op)()
+            return result
+
+        setattr(half, first_look, look_then_peer_acts)
+        try:
+            return half.final_check_for_responses() if half is self.front else half.final_check_for_requests()
+        finally:
+            delattr(half, first_look)
+
+    def front_sleeps_while_back_pushes(self):
+        if not self.front_asleep:
+            more = self._sleep_while_peer_acts(
+                self.front, "unconsumed_responses", ("take_request", "put_response", "push_responses")
+            )
+            self.front_asleep = not more
+
+    def back_sleeps_while_front_pushes(self):
+        if not self.back_asleep:
+            more = self._sleep_while_peer_acts(self.back, "unconsumed_requests", ("put_request", "push_requests"))
+            self.back_asleep = not more
+
     def check_invariants(self):
         f, b, s = self.front, self.back, self.front.sring
         size = f.size
@@ -530,6 +562,8 @@ OPERATIONS = [
     "take_response",
     "front_sleeps",
     "back_sleeps",
+    "front_sleeps_while_back_pushes",
+    "back_sleeps_while_front_pushes",
 ]
 
 
