@@ -218,6 +218,8 @@ class SharedRing:
     def init(buf) -> None:
         """SHARED_RING_INIT: only the frontend does this, before granting the page."""
         view = memoryview(buf).cast("B")
+        if len(view) < RING_HEADER_SIZE:
+            raise RingUsageError(f"a {len(view)}-byte buffer cannot hold the {RING_HEADER_SIZE}-byte ring header")
         indexes = view[:16].cast("I")
         indexes[_REQ_PROD] = 0
         indexes[_RSP_PROD] = 0

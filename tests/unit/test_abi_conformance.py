@@ -84,7 +84,7 @@ def c_side(tmp_path_factory) -> CSide:
     if missing:
         pytest.fail(
             f"Xen public headers missing ({', '.join(str(XEN_INCLUDE / h) for h in missing)}): "
-            "install libxen-dev (apt-get install -y libxen-dev; `make deps` does it)"
+            "install libxen-dev (apt-get install -y libxen-dev)"
         )
     gcc = shutil.which("gcc")
     if gcc is None:
