@@ -164,6 +164,10 @@ class Granted:
     status: int
     gref: int | None = None
 
+    @property
+    def ok(self) -> bool:
+        return self.status == GNTST_okay
+
 
 @dataclass(frozen=True)
 class EndAccess:
@@ -341,9 +345,9 @@ class GrantTable:
         if GNTTAB_NR_RESERVED_ENTRIES <= gref < self._next_fresh:
             heapq.heappush(self._free, gref)
 
-    def _pin(self, gref: int, mapper: int, readonly: bool, *, transient: bool = False) -> tuple[int, int]:
-        """Xen's _set_status + pin: (status, frame).  `transient` checks only
-        (a copy pins and unpins within one call)."""
+    def _check(self, gref: int, mapper: int, readonly: bool, *, for_map: bool) -> tuple[int, int]:
+        """Xen's checks before a pin (_set_status): (status, frame).  A copy
+        (`for_map` false) may use a GTF_sub_page entry, a map may not."""
         if not 0 <= gref < self.nr_entries:
             return GNTST_bad_gntref, 0
         act = self._active.get(gref)
@@ -351,20 +355,23 @@ class GrantTable:
             if act.domid != mapper or act.readers >= PIN_LIMIT or act.writers >= PIN_LIMIT:
                 return GNTST_general_error, 0
         flags, domid, frame = self._entries.get(gref, (GTF_invalid, 0, 0))
-        mask = GTF_type_mask if transient else GTF_type_mask | GTF_sub_page
+        mask = GTF_type_mask | GTF_sub_page if for_map else GTF_type_mask
         if act is None and ((flags & mask) != GTF_permit_access or domid != mapper):
             return GNTST_general_error, 0  # "Bad flags or dom"
         if not readonly and flags & GTF_readonly:
             return GNTST_general_error, 0  # "Attempt to write-pin a r/o grant entry"
-        if transient:
-            return GNTST_okay, frame if act is None else act.frame
+        return GNTST_okay, frame if act is None else act.frame
+
+    def _pin(self, gref: int, mapper: int, readonly: bool) -> int:
+        """Take a pin that _check allowed; the frame mapped."""
+        act = self._active.get(gref)
         if act is None:
-            act = self._active[gref] = _Active(mapper, frame)
+            act = self._active[gref] = _Active(mapper, self._entries[gref][2])
         if readonly:
             act.readers += 1
         else:
             act.writers += 1
-        return GNTST_okay, act.frame
+        return act.frame
 
     def _unpin(self, gref: int, readonly: bool) -> None:
         act = self._active[gref]
@@ -465,14 +472,14 @@ class Gnttab:
         if not me.has_room():
             return MapResult(GNTST_no_device_space)  # "Failed to obtain maptrack handle"
         table = them.table
-        status, frame = table._pin(gref, mapper, bool(readonly), transient=True)
+        status, frame = table._check(gref, mapper, bool(readonly), for_map=True)
         if status == GNTST_okay and them.dying:
             status = GNTST_general_error  # Xen: "Could not pin grant frame" of a dying owner
         if status == GNTST_okay and not them.page_ok(frame):
             status = GNTST_bad_page
         if status != GNTST_okay:
             return MapResult(status)
-        _, frame = table._pin(gref, mapper, bool(readonly))
+        frame = table._pin(gref, mapper, bool(readonly))
         handle = me.new_handle()
         me.maptrack[handle] = Mapping(mapper, handle, granter, gref, bool(readonly), frame)
         return MapResult(GNTST_okay, handle, frame)
@@ -622,7 +629,7 @@ class Gnttab:
             _check_int(name, getattr(end, name))
         domid = caller if end.domid == DOMID_SELF else end.domid
         them = self._doms[domid]
-        status, frame = them.table._pin(end.gref, caller, readonly, transient=True)
+        status, frame = them.table._check(end.gref, caller, readonly, for_map=False)
         if status != GNTST_okay:
             return status, None
         if them.dying:
