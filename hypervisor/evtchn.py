@@ -101,6 +101,7 @@ class _Domain:
         self.max_ports = max_ports
         self.dying = False
         self.ports: dict[int, _Port] = {0: _Port(PortState.RESERVED)}
+        self._hint = 1  # no free port below this
 
     def port(self, port: int) -> _Port:
         """The port, or EINVAL when it is out of range (Xen's port_is_valid)."""
@@ -114,15 +115,17 @@ class _Domain:
         """Lowest free port (get_free_port)."""
         if self.dying:
             raise EvtchnError("EINVAL", f"domain {self.domid} is dying")
-        for port in range(1, self.max_ports):
-            chn = self.ports.get(port)
-            if chn is None or chn.state is PortState.FREE:
+        for port in range(self._hint, self.max_ports):
+            if port not in self.ports:
+                self._hint = port
                 return port
+        self._hint = self.max_ports
         raise EvtchnError("ENOSPC", f"domain {self.domid} has no free port (limit {self.max_ports})")
 
     def put(self, port: int, chn: _Port) -> None:
         if chn.state is PortState.FREE:
             self.ports.pop(port, None)
+            self._hint = min(self._hint, port)
         else:
             self.ports[port] = chn
 
@@ -347,4 +350,4 @@ class EventChannels:
             peer_dom = self._domains[chn.remote_dom]
             peer = peer_dom.ports[chn.remote_port]
             peer.state, peer.remote_dom, peer.remote_port = PortState.UNBOUND, d.domid, None
-        d.ports.pop(port)  # free_evtchn: pending cleared, state free
+        d.put(port, _Port())  # free_evtchn: pending cleared, state free
