@@ -303,17 +303,20 @@ class GrantTable:
         if gref is None:
             return Granted(GNTST_no_space)
         status = self.set_entry(gref, GTF_permit_access | (GTF_readonly if readonly else 0), domid, frame)
-        return Granted(status, gref if status == GNTST_okay else None)
+        if status != GNTST_okay:
+            self._release(gref)  # hand it out again
+            return Granted(status)
+        return Granted(status, gref)
 
-    def end_access(self, gref: int, mappers: tuple[int, ...] = ()) -> EndAccess:
+    def end_access(self, gref: int) -> EndAccess:
         """Revoke: the entry becomes GTF_invalid unless it is mapped, in which
-        case GNTST_eagain and nothing changes.  (Use Gnttab.end_access to get
-        the mappers reported.)"""
+        case GNTST_eagain names the mapper and nothing changes.  (A v1 entry
+        names one grantee, so at most one domain maps it.)"""
         _check_int("gref", gref)
         if not 0 <= gref < self.max_entries:
             return EndAccess(GNTST_bad_gntref)
         if gref in self._active:
-            return EndAccess(GNTST_eagain, mappers or (self._active[gref].domid,))
+            return EndAccess(GNTST_eagain, (self._active[gref].domid,))
         if self._entries.pop(gref, None) is not None:
             self._release(gref)
         return EndAccess(GNTST_okay)
@@ -497,9 +500,8 @@ class Gnttab:
 
     def end_access(self, granter: int, gref: int) -> EndAccess:
         """The granter revokes `gref`; refused (GNTST_eagain) while mapped,
-        naming every domain that maps it."""
-        table = self._caller(granter).table
-        return table.end_access(gref, self._mappers_of(granter, gref))
+        naming the domain that maps it."""
+        return self._caller(granter).table.end_access(gref)
 
     def copy(self, caller: int, source: ViaGrant | OwnFrame, dest: ViaGrant | OwnFrame,
              length: int) -> CopyResult:
@@ -607,9 +609,9 @@ class Gnttab:
     def _live_or_dying(self) -> set[int]:
         return {d for d, dom in self._doms.items() if not dom.zombie}
 
-    def _mappers_of(self, granter: int, gref: int | None = None) -> tuple[int, ...]:
+    def _mappers_of(self, granter: int) -> tuple[int, ...]:
         return tuple(sorted({m.mapper for dom in self._doms.values() for m in dom.maptrack.values()
-                             if m.granter == granter and (gref is None or m.gref == gref)}))
+                             if m.granter == granter}))
 
     def _unmap(self, me: _Dom, m: Mapping) -> None:
         me.free_handle(m.handle)

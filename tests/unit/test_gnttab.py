@@ -384,3 +384,14 @@ def test_random_operations_keep_invariants(sequence):
         for gref in g.table(d).granted_refs():
             assert g.end_access(d, gref).ok
         assert g.table(d).granted_refs() == [] and not any(g.table(d).in_use(r) for r in range(20))
+
+
+def test_failed_grant_access_does_not_lose_the_ref():
+    g = fresh()
+    t = g.table(1)
+    # a guest's out-of-range domid is refused and the ref it would have used is handed out next
+    assert t.grant_access(0x10000, 5).status == GNTST_general_error
+    assert t.grant_access(2, 5).gref == 8
+    # the standalone table names the mapper of a busy entry too
+    assert g.map(2, 1, 8, True).ok
+    assert t.end_access(8).mappers == (2,)
