@@ -28,6 +28,14 @@ This core only decides; the asyncio shell delivers each returned `Notify`
 to the domain's socket.  The shell should send the hypercall reply before
 the upcall it got with it.
 
+Order of checks follows event_channel.c (ESRCH, then a free local port:
+EINVAL when dying / ENOSPC, then the remote port: EINVAL), except that
+alloc_unbound checks EPERM before looking for a free port, so an
+unprivileged caller cannot probe another domain's port usage.
+
+Not modelled: VIRQs, PIRQs, IPIs, vcpu binding, FIFO ABI priorities, and
+the per-vcpu selector bits that would coalesce upcalls across ports.
+
 Errors.  `EvtchnError(code, message)` is what a guest gets back for a call
 Xen refuses, with Xen's errno names.  `EvtchnUsageError` is a bug in our own
 shell (e.g. a calling domain this table was never told about) and is never
