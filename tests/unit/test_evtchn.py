@@ -232,7 +232,7 @@ ops = st.one_of(
 ERRNOS = {"EINVAL", "ENOSPC", "ESRCH", "EPERM"}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(ops, min_size=10, max_size=40))
 def test_random_operations_keep_invariants(sequence):
     e = EventChannels(max_ports=6)

@@ -331,7 +331,7 @@ ops = st.one_of(
 STATUSES = set(range(-13, 1))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ops, min_size=10, max_size=40))
 def test_random_operations_keep_invariants(sequence):
     g = Gnttab(max_grant_frames=1, max_maptrack=5)
