@@ -1,0 +1,641 @@
+"""Grant tables (v1): who may map or copy which page of whom.  Pure, no I/O.
+
+Theory of operation.  Each domain owns a `GrantTable` of `grant_entry_v1`
+entries (flags, domid, frame), 512 per 4 KiB frame, growing on demand from
+one frame up to `max_grant_frames` (Xen's default 64, so 32768 entries).
+Entries 0..7 are reserved for the toolstack (GNTTAB_NR_RESERVED_ENTRIES:
+console, xenstore); the allocator `grant_access` never hands them out, but
+`set_entry` may write any entry, as a guest writing its own table may.
+
+The guest owns the bits Xen calls [GST] (type, GTF_readonly, cache bits,
+GTF_sub_page) and the domid and frame; Xen owns GTF_reading / GTF_writing,
+which here are computed from the active entry's pin counts: reading while
+any mapping exists, writing while any writable one does.  In Xen a guest
+revokes with a cmpxchg that fails while those bits are set; here
+`end_access` and `set_entry` on a pinned entry are refused with
+GNTST_eagain and report the mapper, so an entry cannot change under a
+mapping (which is also what makes the active entry's frame equal the
+shared entry's).
+
+`Gnttab` owns all tables and the maptrack (each mapper's active mappings,
+named by small integer handles).  `map` checks what Xen's map_grant_ref
+checks, in Xen's order, and answers with Xen's GNTST_* status; `copy`
+validates a gnttab_copy and tells the shell which two (domain, frame,
+offset) spans to copy between: the shell moves the bytes, and must do so
+before it dispatches any other call.
+
+Peer misbehaviour (a guest asking for what it may not have) is always a
+GNTST_* status in the result.  `GnttabUsageError` is for our own shell's
+mistakes (an unknown calling domain, a non-int argument) and never reaches
+a guest.
+
+Domain death.  `domain_dying(d)`: d's grants can no longer be mapped
+(GNTST_general_error, as Xen's map fails to pin a dying domain's frame) nor
+copied (GNTST_bad_domain, as acquire_grant_for_copy says), mappings held by
+others of d's pages stay valid until they unmap, and mappings d held of
+others' pages are released (Xen's gnttab_release_mappings) so their
+granters can revoke.  `domain_destroyed(d)` forgets d, or keeps it as a
+zombie until the last mapping of its pages goes (then GNTST_bad_domain).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+ENTRIES_PER_FRAME = PAGE_SIZE // 8  # sizeof(grant_entry_v1_t) == 8
+GNTTAB_NR_RESERVED_ENTRIES = 8
+GNTTAB_RESERVED_CONSOLE = 0
+GNTTAB_RESERVED_XENSTORE = 1
+INITIAL_NR_GRANT_FRAMES = 1
+DEFAULT_MAX_GRANT_FRAMES = 64  # Xen's opt_max_grant_frames
+DEFAULT_MAX_MAPTRACK = 1024  # active mappings per mapper (Xen: 1024 maptrack *frames*)
+PIN_LIMIT = 0x80  # Xen refuses a pin once a per-kind count has bit 7 set
+DOMID_SELF = 0x7FF0
+
+# grant_entry_v1.flags (grant_table.h)
+GTF_invalid = 0
+GTF_permit_access = 1
+GTF_accept_transfer = 2
+GTF_transitive = 3
+GTF_type_mask = 3
+GTF_readonly = 1 << 2
+GTF_reading = 1 << 3
+GTF_writing = 1 << 4
+GTF_PWT = 1 << 5
+GTF_PCD = 1 << 6
+GTF_PAT = 1 << 7
+GTF_sub_page = 1 << 8
+GTF_transfer_committed = 1 << 2
+GTF_transfer_completed = 1 << 3
+GTF_XEN_OWNED = GTF_reading | GTF_writing  # for permit_access entries
+
+# gnttab_map_grant_ref.flags
+GNTMAP_device_map = 1 << 0
+GNTMAP_host_map = 1 << 1
+GNTMAP_readonly = 1 << 2
+GNTMAP_application_map = 1 << 3
+GNTMAP_contains_pte = 1 << 4
+
+# gnttab_copy.flags
+GNTCOPY_source_gref = 1 << 0
+GNTCOPY_dest_gref = 1 << 1
+
+GNTST_okay = 0
+GNTST_general_error = -1
+GNTST_bad_domain = -2
+GNTST_bad_gntref = -3
+GNTST_bad_handle = -4
+GNTST_bad_virt_addr = -5
+GNTST_bad_dev_addr = -6
+GNTST_no_device_space = -7
+GNTST_permission_denied = -8
+GNTST_bad_page = -9
+GNTST_bad_copy_arg = -10
+GNTST_address_too_big = -11
+GNTST_eagain = -12
+GNTST_no_space = -13
+
+# GNTTABOP_error_msgs, indexed by -status
+GNTST_MESSAGES = (
+    "okay", "undefined error", "unrecognised domain id", "invalid grant reference",
+    "invalid mapping handle", "invalid virtual address", "invalid device address",
+    "no spare translation slot in the I/O MMU", "permission denied", "bad page",
+    "copy arguments cross page boundary", "page address size too large",
+    "operation not done; try again", "out of space",
+)
+
+
+def gntst_message(status: int) -> str:
+    return GNTST_MESSAGES[-status] if -len(GNTST_MESSAGES) < status <= 0 else f"status {status}"
+
+
+class GnttabUsageError(Exception):
+    """Our own shell called the core wrongly (a programming error)."""
+
+
+# -- values ------------------------------------------------------------------
+@dataclass(frozen=True)
+class GrantEntry:
+    """One grant_entry_v1 as the granting guest would read it."""
+
+    flags: int = GTF_invalid
+    domid: int = 0
+    frame: int = 0
+
+    @property
+    def type(self) -> int:
+        return self.flags & GTF_type_mask
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.flags & GTF_readonly)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """An active mapping, as the maptrack records it."""
+
+    mapper: int
+    handle: int
+    granter: int
+    gref: int
+    readonly: bool
+    frame: int
+
+
+@dataclass(frozen=True)
+class MapResult:
+    status: int
+    handle: int | None = None
+    frame: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == GNTST_okay
+
+
+@dataclass(frozen=True)
+class Granted:
+    """Result of grant_access: the new gref when status is GNTST_okay."""
+
+    status: int
+    gref: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == GNTST_okay
+
+
+@dataclass(frozen=True)
+class EndAccess:
+    """Result of end_access: GNTST_eagain with the mapper(s) while mapped."""
+
+    status: int
+    mappers: tuple[int, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status == GNTST_okay
+
+
+@dataclass(frozen=True)
+class ViaGrant:
+    """A copy end named by grant reference (GNTCOPY_*_gref set)."""
+
+    domid: int
+    gref: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class OwnFrame:
+    """A copy end in the caller's own memory (GNTCOPY_*_gref clear)."""
+
+    frame: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where the shell reads or writes: `domid`'s page `frame` at `offset`."""
+
+    domid: int
+    frame: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    status: int
+    source: Span | None = None
+    dest: Span | None = None
+    length: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == GNTST_okay
+
+
+def _check_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise GnttabUsageError(f"{name} must be an int, got {value!r}")
+
+
+# -- one domain's table --------------------------------------------------------
+@dataclass
+class _Active:
+    """Xen's active_grant_entry: pins and the shadow of the entry at first pin."""
+
+    domid: int
+    frame: int
+    readers: int = 0  # read-only mappings
+    writers: int = 0  # writable mappings
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.readers or self.writers)
+
+
+class GrantTable:
+    """One domain's grant table: the entries it writes and their pins."""
+
+    def __init__(self, domid: int, *, max_frames: int = DEFAULT_MAX_GRANT_FRAMES) -> None:
+        if max_frames < INITIAL_NR_GRANT_FRAMES:
+            raise GnttabUsageError(f"max_frames must be >= {INITIAL_NR_GRANT_FRAMES}")
+        self.domid = domid
+        self.max_frames = max_frames
+        self.nr_frames = INITIAL_NR_GRANT_FRAMES
+        self._entries: dict[int, tuple[int, int, int]] = {}  # gref -> guest-owned (flags, domid, frame)
+        self._active: dict[int, _Active] = {}
+        self._free: list[int] = []  # heap of refs that became free, checked lazily
+        self._next_fresh = GNTTAB_NR_RESERVED_ENTRIES  # refs >= this were never handed out
+
+    @property
+    def nr_entries(self) -> int:
+        return self.nr_frames * ENTRIES_PER_FRAME
+
+    @property
+    def max_entries(self) -> int:
+        return self.max_frames * ENTRIES_PER_FRAME
+
+    # -- what the guest sees and writes ----------------------------------------
+    def entry(self, gref: int) -> GrantEntry:
+        """The entry as the guest reads it, GTF_reading/GTF_writing included."""
+        _check_int("gref", gref)
+        if not 0 <= gref < self.max_entries:
+            raise GnttabUsageError(f"gref {gref} outside domain {self.domid}'s table")
+        flags, domid, frame = self._entries.get(gref, (GTF_invalid, 0, 0))
+        act = self._active.get(gref)
+        if act is not None:
+            flags |= GTF_reading | (GTF_writing if act.writers else 0)
+        return GrantEntry(flags, domid, frame)
+
+    def set_entry(self, gref: int, flags: int, domid: int, frame: int) -> int:
+        """The guest writes entry `gref` (its own table).  GTF_reading and
+        GTF_writing are Xen's and ignored.  Refused with GNTST_eagain while
+        the entry is mapped; GNTST_bad_gntref beyond max_grant_frames."""
+        for name, value in (("gref", gref), ("flags", flags), ("domid", domid), ("frame", frame)):
+            _check_int(name, value)
+        if not 0 <= gref < self.max_entries:
+            return GNTST_bad_gntref
+        if not (0 <= flags <= 0xFFFF and 0 <= domid <= 0xFFFF and 0 <= frame <= 0xFFFFFFFF):
+            return GNTST_general_error
+        if gref in self._active:
+            return GNTST_eagain
+        flags &= ~GTF_XEN_OWNED & 0xFFFF
+        self._grow_to(gref)
+        if flags & GTF_type_mask == GTF_invalid:
+            if self._entries.pop(gref, None) is not None:
+                self._release(gref)
+        else:
+            self._entries[gref] = (flags, domid, frame)
+        return GNTST_okay
+
+    def grant_access(self, domid: int, frame: int, readonly: bool = False) -> Granted:
+        """Allocate a free ref >= 8 and grant `domid` access to `frame`
+        (Linux's gnttab_grant_foreign_access).  GNTST_no_space when full."""
+        _check_int("domid", domid)
+        _check_int("frame", frame)
+        gref = self._allocate()
+        if gref is None:
+            return Granted(GNTST_no_space)
+        status = self.set_entry(gref, GTF_permit_access | (GTF_readonly if readonly else 0), domid, frame)
+        if status != GNTST_okay:
+            self._release(gref)  # hand it out again
+            return Granted(status)
+        return Granted(status, gref)
+
+    def end_access(self, gref: int) -> EndAccess:
+        """Revoke: the entry becomes GTF_invalid unless it is mapped, in which
+        case GNTST_eagain names the mapper and nothing changes.  (A v1 entry
+        names one grantee, so at most one domain maps it.)"""
+        _check_int("gref", gref)
+        if not 0 <= gref < self.max_entries:
+            return EndAccess(GNTST_bad_gntref)
+        if gref in self._active:
+            return EndAccess(GNTST_eagain, (self._active[gref].domid,))
+        if self._entries.pop(gref, None) is not None:
+            self._release(gref)
+        return EndAccess(GNTST_okay)
+
+    def in_use(self, gref: int) -> bool:
+        return gref in self._active
+
+    def granted_refs(self) -> list[int]:
+        """Refs whose entry is not GTF_invalid."""
+        return sorted(self._entries)
+
+    # -- internals ---------------------------------------------------------------
+    def _grow_to(self, gref: int) -> None:
+        self.nr_frames = max(self.nr_frames, gref // ENTRIES_PER_FRAME + 1)
+
+    def _allocate(self) -> int | None:
+        while self._free:
+            gref = heapq.heappop(self._free)
+            if gref not in self._entries and gref not in self._active:
+                return gref
+        while self._next_fresh < self.max_entries:
+            gref = self._next_fresh
+            self._next_fresh += 1
+            if gref not in self._entries and gref not in self._active:
+                return gref
+        return None
+
+    def _release(self, gref: int) -> None:
+        if GNTTAB_NR_RESERVED_ENTRIES <= gref < self._next_fresh:
+            heapq.heappush(self._free, gref)
+
+    def _check(self, gref: int, mapper: int, readonly: bool, *, for_map: bool) -> tuple[int, int]:
+        """Xen's checks before a pin (_set_status): (status, frame).  A copy
+        (`for_map` false) may use a GTF_sub_page entry, a map may not."""
+        if not 0 <= gref < self.nr_entries:
+            return GNTST_bad_gntref, 0
+        act = self._active.get(gref)
+        if act is not None:
+            if act.domid != mapper or act.readers >= PIN_LIMIT or act.writers >= PIN_LIMIT:
+                return GNTST_general_error, 0
+        flags, domid, frame = self._entries.get(gref, (GTF_invalid, 0, 0))
+        mask = GTF_type_mask | GTF_sub_page if for_map else GTF_type_mask
+        if act is None and ((flags & mask) != GTF_permit_access or domid != mapper):
+            return GNTST_general_error, 0  # "Bad flags or dom"
+        if not readonly and flags & GTF_readonly:
+            return GNTST_general_error, 0  # "Attempt to write-pin a r/o grant entry"
+        return GNTST_okay, frame if act is None else act.frame
+
+    def _pin(self, gref: int, mapper: int, readonly: bool) -> int:
+        """Take a pin that _check allowed; the frame mapped."""
+        act = self._active.get(gref)
+        if act is None:
+            act = self._active[gref] = _Active(mapper, self._entries[gref][2])
+        if readonly:
+            act.readers += 1
+        else:
+            act.writers += 1
+        return act.frame
+
+    def _unpin(self, gref: int, readonly: bool) -> None:
+        act = self._active[gref]
+        if readonly:
+            act.readers -= 1
+        else:
+            act.writers -= 1
+        if not act.pinned:
+            del self._active[gref]
+
+
+# -- all domains -------------------------------------------------------------
+class _Dom:
+    def __init__(self, table: GrantTable, max_maptrack: int, nr_pages: int | None) -> None:
+        self.table = table
+        self.max_maptrack = max_maptrack
+        self.nr_pages = nr_pages
+        self.dying = False
+        self.zombie = False  # destroyed, kept while others still map its pages
+        self.maptrack: dict[int, Mapping] = {}
+        self._fresh = 0
+        self._freed: deque[int] = deque()
+
+    def has_room(self) -> bool:
+        return len(self.maptrack) < self.max_maptrack
+
+    def new_handle(self) -> int:
+        if self._fresh < self.max_maptrack:
+            self._fresh += 1
+            return self._fresh - 1
+        return self._freed.popleft()  # FIFO reuse, as Xen's maptrack free list
+
+    def free_handle(self, handle: int) -> None:
+        del self.maptrack[handle]
+        self._freed.append(handle)
+
+    def page_ok(self, frame: int) -> bool:
+        return 0 <= frame and (self.nr_pages is None or frame < self.nr_pages)
+
+
+class Gnttab:
+    """All grant tables and every mapper's maptrack."""
+
+    def __init__(self, *, max_grant_frames: int = DEFAULT_MAX_GRANT_FRAMES,
+                 max_maptrack: int = DEFAULT_MAX_MAPTRACK) -> None:
+        self._max_grant_frames = max_grant_frames
+        self._max_maptrack = max_maptrack
+        self._doms: dict[int, _Dom] = {}
+
+    # -- domain lifecycle (called by the shell) ------------------------------
+    def add_domain(self, domid: int, *, max_grant_frames: int | None = None,
+                   max_maptrack: int | None = None, nr_pages: int | None = None) -> GrantTable:
+        """Give `domid` a table.  `nr_pages`, when known, lets map and copy
+        refuse frames outside its memory with GNTST_bad_page."""
+        _check_int("domid", domid)
+        if domid in self._doms:
+            raise GnttabUsageError(f"domain {domid} already has a grant table")
+        table = GrantTable(domid, max_frames=max_grant_frames or self._max_grant_frames)
+        self._doms[domid] = _Dom(table, max_maptrack or self._max_maptrack, nr_pages)
+        return table
+
+    def table(self, domid: int) -> GrantTable:
+        return self._caller(domid).table
+
+    def domain_dying(self, domid: int) -> list[Mapping]:
+        """Mark `domid` dying and release the mappings it held of others'
+        pages (returned, so the shell can drop the file descriptors)."""
+        dom = self._caller(domid)
+        dom.dying = True
+        released = sorted(dom.maptrack.values(), key=lambda m: m.handle)
+        for m in released:
+            self._unmap(dom, m)
+        return released
+
+    def domain_destroyed(self, domid: int) -> tuple[int, ...]:
+        """Forget `domid` once nothing maps its pages.  Returns the domains
+        still mapping them (then it stays a zombie until they unmap)."""
+        dom = self._caller(domid)
+        if not dom.dying:
+            raise GnttabUsageError(f"domain {domid} destroyed without domain_dying first")
+        dom.zombie = True
+        holders = self._mappers_of(domid)
+        if not holders:
+            del self._doms[domid]
+        return holders
+
+    # -- hypercalls ----------------------------------------------------------
+    def map(self, mapper: int, granter: int, gref: int, readonly: bool) -> MapResult:
+        """GNTTABOP_map_grant_ref (host map) by `mapper` of `granter`'s `gref`."""
+        me = self._caller(mapper)
+        _check_int("granter", granter)
+        _check_int("gref", gref)
+        if me.dying:
+            return MapResult(GNTST_general_error)
+        them = self._doms.get(granter)
+        if them is None or them.zombie:
+            return MapResult(GNTST_bad_domain)
+        if not me.has_room():
+            return MapResult(GNTST_no_device_space)  # "Failed to obtain maptrack handle"
+        table = them.table
+        status, frame = table._check(gref, mapper, bool(readonly), for_map=True)
+        if status == GNTST_okay and them.dying:
+            status = GNTST_general_error  # Xen: "Could not pin grant frame" of a dying owner
+        if status == GNTST_okay and not them.page_ok(frame):
+            status = GNTST_bad_page
+        if status != GNTST_okay:
+            return MapResult(status)
+        frame = table._pin(gref, mapper, bool(readonly))
+        handle = me.new_handle()
+        me.maptrack[handle] = Mapping(mapper, handle, granter, gref, bool(readonly), frame)
+        return MapResult(GNTST_okay, handle, frame)
+
+    def unmap(self, mapper: int, handle: int) -> int:
+        """GNTTABOP_unmap_grant_ref: GNTST_bad_handle unless `handle` is one
+        of `mapper`'s active mappings."""
+        me = self._caller(mapper)
+        _check_int("handle", handle)
+        m = me.maptrack.get(handle)
+        if m is None:
+            return GNTST_bad_handle
+        self._unmap(me, m)
+        return GNTST_okay
+
+    def end_access(self, granter: int, gref: int) -> EndAccess:
+        """The granter revokes `gref`; refused (GNTST_eagain) while mapped,
+        naming the domain that maps it."""
+        return self._caller(granter).table.end_access(gref)
+
+    def copy(self, caller: int, source: ViaGrant | OwnFrame, dest: ViaGrant | OwnFrame,
+             length: int) -> CopyResult:
+        """GNTTABOP_copy, validated in Xen's order (domains, source, dest,
+        then bounds).  On GNTST_okay the shell copies `length` bytes from
+        result.source to result.dest."""
+        me = self._caller(caller)
+        for end in (source, dest):
+            if not isinstance(end, (ViaGrant, OwnFrame)):
+                raise GnttabUsageError(f"copy end must be ViaGrant or OwnFrame, got {end!r}")
+        _check_int("length", length)
+        if me.dying:
+            return CopyResult(GNTST_general_error)
+        spans: list[Span] = []
+        for end in (source, dest):
+            if isinstance(end, ViaGrant) and (end.domid if end.domid != DOMID_SELF else caller) not in self._live_or_dying():
+                return CopyResult(GNTST_bad_domain)
+        for end, readonly in ((source, True), (dest, False)):
+            status, span = self._claim(caller, end, readonly)
+            if status != GNTST_okay:
+                return CopyResult(status)
+            spans.append(span)
+        if not (0 <= length and all(0 <= s.offset and s.offset + length <= PAGE_SIZE for s in spans)):
+            return CopyResult(GNTST_bad_copy_arg)  # "copy beyond page area"
+        return CopyResult(GNTST_okay, spans[0], spans[1], length)
+
+    def copy_op(self, caller: int, flags: int, source_domid: int, source_ref: int, source_offset: int,
+                dest_domid: int, dest_ref: int, dest_offset: int, length: int) -> CopyResult:
+        """A struct gnttab_copy as a guest sends it: each end is a gref of
+        `*_domid` when its GNTCOPY_*_gref flag is set, else a frame that must
+        be the caller's own (`*_domid` == DOMID_SELF, else permission denied)."""
+        ends = []
+        for flag, domid, ref, offset in ((GNTCOPY_source_gref, source_domid, source_ref, source_offset),
+                                         (GNTCOPY_dest_gref, dest_domid, dest_ref, dest_offset)):
+            if flags & flag:
+                ends.append(ViaGrant(domid, ref, offset))
+            elif domid != DOMID_SELF:
+                return CopyResult(GNTST_permission_denied)  # "Only DOMID_SELF may reference via frame"
+            else:
+                ends.append(OwnFrame(ref, offset))
+        return self.copy(caller, ends[0], ends[1], length)
+
+    def query_size(self, domid: int) -> tuple[int, int]:
+        """GNTTABOP_query_size: (nr_frames, max_frames)."""
+        table = self._caller(domid).table
+        return table.nr_frames, table.max_frames
+
+    # -- introspection -------------------------------------------------------
+    def mapping(self, mapper: int, handle: int) -> Mapping | None:
+        return self._caller(mapper).maptrack.get(handle)
+
+    def active_mappings(self, domid: int | None = None) -> list[Mapping]:
+        """Every active mapping, or those held by `domid`."""
+        doms = [self._caller(domid)] if domid is not None else list(self._doms.values())
+        return sorted((m for d in doms for m in d.maptrack.values()),
+                      key=lambda m: (m.mapper, m.handle))
+
+    def zombies(self) -> list[int]:
+        """Destroyed domains kept alive only by others' mappings."""
+        return sorted(d for d, dom in self._doms.items() if dom.zombie)
+
+    def leaks(self) -> list[Mapping]:
+        """Mappings of pages whose granter is dying or destroyed: each keeps a
+        dead domain's memory alive.  Empty once every backend has unmapped."""
+        dead = {d for d, dom in self._doms.items() if dom.dying}
+        return [m for m in self.active_mappings() if m.granter in dead]
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if pins, flags and maptracks disagree."""
+        counts: dict[tuple[int, int], list[int]] = {}
+        for domid, dom in self._doms.items():
+            assert len(dom.maptrack) <= dom.max_maptrack, domid
+            if dom.dying:
+                assert not dom.maptrack, f"dying domain {domid} still maps pages"
+            for handle, m in dom.maptrack.items():
+                assert (m.mapper, m.handle) == (domid, handle), m
+                granter = self._doms[m.granter]
+                c = counts.setdefault((m.granter, m.gref), [0, 0])
+                c[0 if m.readonly else 1] += 1
+                act = granter.table._active[m.gref]
+                assert act.domid == domid and act.frame == m.frame, (m, act)
+        for domid, dom in self._doms.items():
+            table = dom.table
+            assert table.nr_frames <= table.max_frames
+            if dom.zombie:
+                assert self._mappers_of(domid), f"zombie {domid} with no mappings"
+            for gref, act in table._active.items():
+                readers, writers = counts.get((domid, gref), (0, 0))
+                assert (act.readers, act.writers) == (readers, writers), (domid, gref, act)
+                assert act.pinned
+            for gref in set(table._active) | set(table._entries):
+                assert gref < table.nr_entries, (domid, gref)
+                e = table.entry(gref)
+                pins = counts.get((domid, gref), (0, 0))
+                assert bool(e.flags & GTF_reading) == (sum(pins) > 0), (domid, gref, e)
+                assert bool(e.flags & GTF_writing) == (pins[1] > 0), (domid, gref, e)
+
+    # -- internals -----------------------------------------------------------
+    def _caller(self, domid: int) -> _Dom:
+        dom = self._doms.get(domid) if isinstance(domid, int) else None
+        if dom is None or dom.zombie:
+            raise GnttabUsageError(f"domain {domid!r} has no grant table (add_domain not called, or destroyed)")
+        return dom
+
+    def _live_or_dying(self) -> set[int]:
+        return {d for d, dom in self._doms.items() if not dom.zombie}
+
+    def _mappers_of(self, granter: int) -> tuple[int, ...]:
+        return tuple(sorted({m.mapper for dom in self._doms.values() for m in dom.maptrack.values()
+                             if m.granter == granter}))
+
+    def _unmap(self, me: _Dom, m: Mapping) -> None:
+        me.free_handle(m.handle)
+        them = self._doms[m.granter]
+        them.table._unpin(m.gref, m.readonly)
+        if them.zombie and not self._mappers_of(m.granter):
+            del self._doms[m.granter]
+
+    def _claim(self, caller: int, end: ViaGrant | OwnFrame, readonly: bool) -> tuple[int, Span | None]:
+        if isinstance(end, OwnFrame):
+            _check_int("frame", end.frame)
+            _check_int("offset", end.offset)
+            if not self._doms[caller].page_ok(end.frame):
+                return GNTST_bad_page, None
+            return GNTST_okay, Span(caller, end.frame, end.offset)
+        for name in ("domid", "gref", "offset"):
+            _check_int(name, getattr(end, name))
+        domid = caller if end.domid == DOMID_SELF else end.domid
+        them = self._doms[domid]
+        status, frame = them.table._check(end.gref, caller, readonly, for_map=False)
+        if status != GNTST_okay:
+            return status, None
+        if them.dying:
+            return GNTST_bad_domain, None  # acquire_grant_for_copy on a dying owner
+        if not them.page_ok(frame):
+            return GNTST_bad_page, None
+        return GNTST_okay, Span(domid, frame, end.offset)
