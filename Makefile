@@ -28,7 +28,7 @@ CREDS := out/credentials.env
 -include $(CREDS)
 export XENBED_CRED_DOM0 XENBED_CRED_DOMU1 XENBED_CRED_DOMU2
 
-.PHONY: help up down status logs test unit bench chaos images docker venv clean distclean
+.PHONY: help up down status logs test unit bench chaos images docker tools venv clean distclean
 
 help: ## show this help
 	@echo "xenbed: Xen's PV split drivers on Docker, no Xen.  Targets:"
@@ -49,12 +49,12 @@ logs: venv ## show logs (all services, or SERVICE=dom0)
 
 # pytest exit 5 = nothing collected: say so loudly but do not fail the build on
 # it (a suite being written should not block merges; CI notices "no tests").
-test: docker venv images ## run every test (unit, integration, chaos, security); JUnit in out/junit.xml
+test: docker venv tools images ## run every test (unit, integration, chaos, security); JUnit in out/junit.xml
 	@mkdir -p out
 	@rc=0; $(PYTEST) tests -q --junitxml=out/junit.xml $(ARGS) || rc=$$?; \
 	 if [ $$rc -eq 5 ]; then echo "make test: NO TESTS COLLECTED"; rc=0; fi; exit $$rc
 
-unit: venv ## run the unit tests only (no Docker needed, seconds)
+unit: venv tools ## run the unit tests only (no Docker needed, seconds)
 	$(PYTEST) tests/unit -q $(ARGS)
 
 chaos: docker venv images ## run the chaos tests (kill/pause containers mid-protocol)
@@ -65,6 +65,9 @@ bench: docker venv images ## run the benchmarks (block and network throughput, l
 
 images: docker ## build the container images (incremental; first time ~90 s)
 	images/build.sh
+
+tools: ## make sure gcc and Xen's headers (libxen-dev) are there for the ABI check
+	@scripts/ensure-host-tools.sh
 
 docker: ## make sure a Docker engine runs and a compose exists (installs/starts them)
 	@scripts/ensure-docker.sh
