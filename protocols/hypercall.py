@@ -42,9 +42,35 @@ class Call(enum.IntEnum):
     DOMAIN_LIST = 22  # {} -> {"domains": [...]}
     DOMAIN_PAUSE = 23
     DOMAIN_UNPAUSE = 24
+    DOMAIN_SUSPEND = 25  # {"domid"}: the guest acknowledged a suspend request; memory stays
+    DOMAIN_RESUME = 26  # {"domid"}
+    # Guest memory: pages are files on the hypervisor's tmpfs; a domain gets
+    # them only as descriptors (SCM_RIGHTS).
+    MEM_ALLOC = 30  # {"count" (1..64)} -> {"gfns": [...]} + one read-write fd per page
+    MEM_MAP = 31  # {"gfn"} -> {} + the fd of one of the caller's own pages
+    MEM_FREE = 32  # {"gfns": [...]}
+    # Grant table v1 (the caller's own table; see docs/hypervisor-socket.md).
+    GNTTAB_GRANT = 40  # {"domid", "gfn", "readonly"} -> {"gref"}
+    GNTTAB_END = 41  # {"gref"} -> {}; GNTST_eagain while mapped
+    GNTTAB_MAP = 42  # {"domid", "gref", "readonly"} -> {"handle", "gfn"} + fd (read-only fd for readonly)
+    GNTTAB_UNMAP = 43  # {"handle"}
+    GNTTAB_COPY = 44  # {"ops": [{"src": end, "dst": end, "len"}]} -> {"statuses": [...]}; end = {"domid","gref","offset"} or {"gfn","offset"}
+    GNTTAB_QUERY_SIZE = 45  # {} -> {"nr_frames", "max_frames"}
+    GNTTAB_SET_ENTRY = 46  # {"gref", "flags", "domid", "frame"}: write an entry of one's own table, raw
+    # Event channels.  Ports belong to the link that allocated or bound them
+    # (like an open /dev/xen/evtchn); upcalls go to that link.
+    EVTCHN_ALLOC_UNBOUND = 50  # {"remote_dom"} -> {"port"}
+    EVTCHN_BIND_INTERDOMAIN = 51  # {"remote_dom", "remote_port"} -> {"port"}
+    EVTCHN_SEND = 52  # {"port"}; with seq 0 no reply is sent (the fast path)
+    EVTCHN_CLEAR = 53  # {"port"}: the guest consumed the event (clears pending); seq 0: no reply
+    EVTCHN_UNMASK = 54  # {"port"}
+    EVTCHN_MASK = 55  # {"port"}
+    EVTCHN_CLOSE = 56  # {"port"}
+    EVTCHN_STATUS = 57  # {"port", "domid"?} -> {"status", "remote_dom", "remote_port", "pending", "masked"}
     # Upcalls, hypervisor -> domain.
     UP_XENSTORE_READY = 100  # the domain was introduced to xenstored; its store connections may start
     UP_DESTROYED = 101  # the domain was destroyed: its kernel should stop
+    UP_EVTCHN = 102  # {"port"}: the port became pending (and is not masked)
 
 
 class Flag(enum.IntFlag):
