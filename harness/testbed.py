@@ -183,6 +183,42 @@ class Testbed:
 
     # ------------------------------------------------------------------ up, step by step
 
+    # ------------------------------------------------------------------ domains
+
+    def create_domain(self, name: str, *, template: str = "domu1", memory_mb: int = 16,
+                      timeout: float = 60, progress: Callable[[str], None] = lambda line: None) -> int:
+        """A new guest at run time, as a toolstack user makes one: `xl create`
+        in dom0 (which returns the domain's fresh credential), then a
+        container like `template`'s that boots with that credential.  Returns
+        the domid.  The container carries the run's labels, so `down` and the
+        leak audit know it."""
+        from dataclasses import replace
+
+        if self.project is None:
+            raise TestbedError("this Testbed was not loaded from a compose file")
+        if name in self.project.services:
+            raise TestbedError(f"{name} already exists in this run")
+        config = f'name = "{name}"\nmemory = {memory_mb}\n'
+        created = self.exec("dom0", ["sh", "-c", f"cat > /tmp/{name}.cfg <<'EOF'\n{config}EOF\n"
+                                                 f"xl create --print-credential /tmp/{name}.cfg"], check=True)
+        credential = created.stdout.strip().splitlines()[-1]
+        template_service = self.project.services[template]
+        environment = {**template_service.environment, "XENBED_DOMAIN_NAME": name, "XENBED_CREDENTIAL": credential}
+        self.project.services[name] = replace(template_service, name=name, environment=environment, depends_on={})
+        self._start_service(name)
+        self._await(name, "service_healthy", time.monotonic() + timeout, progress, needed_by=None)
+        return int(self.exec("dom0", ["xl", "domid", name], check=True).stdout.strip())
+
+    def destroy_domain(self, name: str) -> None:
+        """`xl destroy` in dom0, then the domain's container goes."""
+        self.exec("dom0", ["xl", "destroy", name], check=True)
+        try:
+            self.container(name).remove(force=True)
+        except LookupError:
+            pass
+        if self.project is not None:
+            self.project.services.pop(name, None)
+
     def _check_images(self) -> None:
         missing = sorted({s.image for s in self.project.services.values()
                           if not self._image_present(s.image)})
