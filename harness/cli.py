@@ -89,7 +89,7 @@ def _up(args) -> int:
     # keep=True: the run must outlive this process, so the reaper must leave it alone
     testbed = Testbed.from_compose(args.compose, args.project, keep=True)
     testbed.up(timeout=args.timeout, progress=print)
-    print(render_status_table(testbed.status()))
+    _print_status(testbed)
     return 0
 
 
@@ -100,8 +100,18 @@ def _down(args) -> int:
 
 
 def _status(args) -> int:
-    print(render_status_table(Testbed(args.project, client=connect()).status()))
+    _print_status(Testbed(args.project, client=connect()))
     return 0
+
+
+def _print_status(testbed: Testbed) -> None:
+    rows = testbed.status()
+    print(render_status_table(rows))
+    # The domains as the toolstack sees them, when dom0 runs.
+    if any(row.get("service") == "dom0" and row.get("state") == "running" for row in rows):
+        listing = testbed.exec("dom0", ["xl", "list"])
+        print()
+        print(listing.stdout.rstrip() if listing.exit_code == 0 else f"xl list failed: {listing.stderr.strip()}")
 
 
 def _logs(args) -> int:
