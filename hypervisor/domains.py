@@ -157,27 +157,25 @@ class DomainTable:
                 return domid
         raise DomainError("ENOSPC", "no free domid")
 
-    def set_paused(self, caller: Domain, domid: int, paused: bool) -> Domain:
-        self.require_control(caller, "pausing a domain")
+    def _guest_to_control(self, caller: Domain, domid: int, what: str) -> Domain:
+        """The live guest `domid`, which only the control domain may `what`."""
+        self.require_control(caller, f"{what} a domain")
         domain = self.get(domid)
         if domid == 0:
-            raise DomainError("EINVAL", "dom0 cannot be paused")
+            raise DomainError("EINVAL", f"dom0 cannot be {what}")
         if domain.state is DomainState.DYING:
             raise DomainError("ESRCH", f"domain {domid} is dying")
+        return domain
+
+    def set_paused(self, caller: Domain, domid: int, paused: bool) -> Domain:
+        domain = self._guest_to_control(caller, domid, "paused" if paused else "unpaused")
         domain.state = DomainState.PAUSED if paused else DomainState.RUNNING
         return domain
 
     def set_suspended(self, caller: Domain, domid: int, suspended: bool) -> Domain:
-        self.require_control(caller, "suspending a domain")
-        domain = self.get(domid)
-        if domid == 0:
-            raise DomainError("EINVAL", "dom0 cannot be suspended")
-        if domain.state is DomainState.DYING:
-            raise DomainError("ESRCH", f"domain {domid} is dying")
-        if suspended and domain.state is DomainState.SUSPENDED:
-            raise DomainError("EINVAL", f"domain {domid} is already suspended")
-        if not suspended and domain.state is not DomainState.SUSPENDED:
-            raise DomainError("EINVAL", f"domain {domid} is not suspended")
+        domain = self._guest_to_control(caller, domid, "suspended" if suspended else "resumed")
+        if suspended == (domain.state is DomainState.SUSPENDED):
+            raise DomainError("EINVAL", f"domain {domid} is {'already' if suspended else 'not'} suspended")
         domain.state = DomainState.SUSPENDED if suspended else DomainState.RUNNING
         return domain
 

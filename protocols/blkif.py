@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .ring import XEN_PAGE_SIZE, MalformedRequest, MalformedResponse, ring_bytes_for_order, ring_size
+from .ring import XEN_PAGE_SIZE, MalformedRequest, MalformedResponse, ring_bytes_for_order, ring_size, pack_fields, require_length
 
 # io/protocols.h: the values of the frontend's "protocol" node.
 XEN_IO_PROTO_ABI_X86_32 = "x86_32-abi"
@@ -92,19 +92,6 @@ def indirect_pages_needed(nr_segments: int) -> int:
     return -(-nr_segments // SEGMENTS_PER_INDIRECT_PAGE)
 
 
-def _pack(packer: struct.Struct, *values) -> bytes:
-    """struct.pack, but caller mistakes (a field out of range) are ValueErrors."""
-    try:
-        return packer.pack(*values)
-    except struct.error as e:
-        raise ValueError(f"field out of range for {packer.format!r}: {e}") from None
-
-
-def _require(data: bytes, size: int, what: str, error: type[Exception]) -> None:
-    if len(data) < size:
-        raise error(f"{what} needs {size} bytes, got {len(data)}")
-
-
 @dataclass(frozen=True)
 class Segment:
     """struct blkif_request_segment: sectors first_sect..last_sect of a granted frame."""
@@ -116,11 +103,11 @@ class Segment:
     SIZE = SEGMENT_SIZE
 
     def encode(self) -> bytes:
-        return _pack(_SEGMENT, self.gref, self.first_sect, self.last_sect)
+        return pack_fields(_SEGMENT, self.gref, self.first_sect, self.last_sect)
 
     @classmethod
     def decode(cls, data: bytes, offset: int = 0) -> Segment:
-        _require(data[offset:], SEGMENT_SIZE, "blkif_request_segment", MalformedRequest)
+        require_length(data[offset:], SEGMENT_SIZE, "blkif_request_segment", MalformedRequest)
         return cls(*_SEGMENT.unpack_from(data, offset))
 
     @property
@@ -154,13 +141,13 @@ class BlkifRequest:
             raise ValueError(f"at most {BLKIF_MAX_SEGMENTS_PER_REQUEST} segments fit a request")
 
     def encode(self) -> bytes:
-        head = _pack(_REQUEST_HEAD, self.operation, self.nr_segments, self.handle, self.id, self.sector_number)
+        head = pack_fields(_REQUEST_HEAD, self.operation, self.nr_segments, self.handle, self.id, self.sector_number)
         segs = b"".join(s.encode() for s in self.segments)
         return head + segs + bytes(REQUEST_SIZE - len(head) - len(segs))
 
     @classmethod
     def decode(cls, data: bytes) -> BlkifRequest:
-        _require(data, REQUEST_SIZE, "blkif_request", MalformedRequest)
+        require_length(data, REQUEST_SIZE, "blkif_request", MalformedRequest)
         operation, nr_segments, handle, id_, sector = _REQUEST_HEAD.unpack_from(data, 0)
         carried = min(nr_segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
         segments = tuple(
@@ -183,11 +170,11 @@ class BlkifRequestDiscard:
     operation = BLKIF_OP_DISCARD
 
     def encode(self) -> bytes:
-        return _pack(_DISCARD, BLKIF_OP_DISCARD, self.flag, self.handle, self.id, self.sector_number, self.nr_sectors)
+        return pack_fields(_DISCARD, BLKIF_OP_DISCARD, self.flag, self.handle, self.id, self.sector_number, self.nr_sectors)
 
     @classmethod
     def decode(cls, data: bytes) -> BlkifRequestDiscard:
-        _require(data, DISCARD_SIZE, "blkif_request_discard", MalformedRequest)
+        require_length(data, DISCARD_SIZE, "blkif_request_discard", MalformedRequest)
         _op, flag, handle, id_, sector, nr_sectors = _DISCARD.unpack_from(data, 0)
         return cls(handle, id_, sector, nr_sectors, flag)
 
@@ -216,7 +203,7 @@ class BlkifRequestIndirect:
 
     def encode(self) -> bytes:
         grefs = tuple(self.indirect_grefs) + (0,) * (BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST - len(self.indirect_grefs))
-        return _pack(
+        return pack_fields(
             _INDIRECT,
             BLKIF_OP_INDIRECT,
             self.indirect_op,
@@ -229,7 +216,7 @@ class BlkifRequestIndirect:
 
     @classmethod
     def decode(cls, data: bytes) -> BlkifRequestIndirect:
-        _require(data, INDIRECT_SIZE, "blkif_request_indirect", MalformedRequest)
+        require_length(data, INDIRECT_SIZE, "blkif_request_indirect", MalformedRequest)
         _op, indirect_op, nr_segments, id_, sector, handle, *grefs = _INDIRECT.unpack_from(data, 0)
         carried = min(indirect_pages_needed(nr_segments), BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
         return cls(indirect_op, nr_segments, handle, id_, sector, tuple(grefs[:carried]))
@@ -244,7 +231,7 @@ def decode_request(entry: bytes) -> AnyBlkifRequest:
     Unknown operations decode as a plain `BlkifRequest`, so the backend can
     echo id and operation in a BLKIF_RSP_EOPNOTSUPP response.
     """
-    _require(entry, 1, "blkif request", MalformedRequest)
+    require_length(entry, 1, "blkif request", MalformedRequest)
     operation = entry[0]
     if operation == BLKIF_OP_DISCARD:
         return BlkifRequestDiscard.decode(entry)
@@ -264,11 +251,11 @@ class BlkifResponse:
     SIZE = RESPONSE_SIZE
 
     def encode(self) -> bytes:
-        return _pack(_RESPONSE, self.id, self.operation, self.status)
+        return pack_fields(_RESPONSE, self.id, self.operation, self.status)
 
     @classmethod
     def decode(cls, data: bytes) -> BlkifResponse:
-        _require(data, RESPONSE_SIZE, "blkif_response", MalformedResponse)
+        require_length(data, RESPONSE_SIZE, "blkif_response", MalformedResponse)
         return cls(*_RESPONSE.unpack_from(data, 0))
 
 
@@ -284,7 +271,7 @@ def decode_indirect_page(page: bytes, count: int) -> tuple[Segment, ...]:
     """The first `count` segments of an indirect page (copy the page first)."""
     if not 0 <= count <= SEGMENTS_PER_INDIRECT_PAGE:
         raise ValueError(f"an indirect page holds 0..{SEGMENTS_PER_INDIRECT_PAGE} segments, not {count}")
-    _require(page, count * SEGMENT_SIZE, "indirect segment page", MalformedRequest)
+    require_length(page, count * SEGMENT_SIZE, "indirect segment page", MalformedRequest)
     return tuple(Segment(*_SEGMENT.unpack_from(page, i * SEGMENT_SIZE)) for i in range(count))
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .ring import MalformedMessage, MalformedRequest, MalformedResponse, ring_bytes_for_order, ring_size
+from .ring import MalformedMessage, MalformedRequest, MalformedResponse, ring_bytes_for_order, ring_size, pack_fields, require_length
 
 XEN_NETIF_NR_SLOTS_MIN = 18  # slots a backend must accept for one packet
 XEN_NETIF_MAX_TX_SIZE = 0xFFFF  # largest packet on the tx ring
@@ -89,19 +89,6 @@ def rx_ring_size(order: int = 0) -> int:
     return ring_size(RX_RING_ENTRY_SIZE, ring_bytes_for_order(order))
 
 
-def _pack(packer: struct.Struct, *values) -> bytes:
-    """struct.pack, but caller mistakes (a field out of range) are ValueErrors."""
-    try:
-        return packer.pack(*values)
-    except struct.error as e:
-        raise ValueError(f"field out of range for {packer.format!r}: {e}") from None
-
-
-def _require(data: bytes, size: int, what: str, error: type[Exception]) -> None:
-    if len(data) < size:
-        raise error(f"{what} needs {size} bytes, got {len(data)}")
-
-
 @dataclass(frozen=True)
 class NetifTxRequest:
     """struct netif_tx_request: one fragment `size` bytes at `offset` in frame `gref`.
@@ -118,11 +105,11 @@ class NetifTxRequest:
     SIZE = TX_REQUEST_SIZE
 
     def encode(self) -> bytes:
-        return _pack(_TX_REQUEST, self.gref, self.offset, self.flags, self.id, self.size)
+        return pack_fields(_TX_REQUEST, self.gref, self.offset, self.flags, self.id, self.size)
 
     @classmethod
     def decode(cls, data: bytes) -> NetifTxRequest:
-        _require(data, TX_REQUEST_SIZE, "netif_tx_request", MalformedRequest)
+        require_length(data, TX_REQUEST_SIZE, "netif_tx_request", MalformedRequest)
         return cls(*_TX_REQUEST.unpack_from(data, 0))
 
 
@@ -136,11 +123,11 @@ class NetifTxResponse:
     SIZE = TX_RESPONSE_SIZE
 
     def encode(self) -> bytes:
-        return _pack(_TX_RESPONSE, self.id, self.status)
+        return pack_fields(_TX_RESPONSE, self.id, self.status)
 
     @classmethod
     def decode(cls, data: bytes) -> NetifTxResponse:
-        _require(data, TX_RESPONSE_SIZE, "netif_tx_response", MalformedResponse)
+        require_length(data, TX_RESPONSE_SIZE, "netif_tx_response", MalformedResponse)
         return cls(*_TX_RESPONSE.unpack_from(data, 0))
 
 
@@ -154,11 +141,11 @@ class NetifRxRequest:
     SIZE = RX_REQUEST_SIZE
 
     def encode(self) -> bytes:
-        return _pack(_RX_REQUEST, self.id, 0, self.gref)
+        return pack_fields(_RX_REQUEST, self.id, 0, self.gref)
 
     @classmethod
     def decode(cls, data: bytes) -> NetifRxRequest:
-        _require(data, RX_REQUEST_SIZE, "netif_rx_request", MalformedRequest)
+        require_length(data, RX_REQUEST_SIZE, "netif_rx_request", MalformedRequest)
         id_, _pad, gref = _RX_REQUEST.unpack_from(data, 0)
         return cls(id_, gref)
 
@@ -175,11 +162,11 @@ class NetifRxResponse:
     SIZE = RX_RESPONSE_SIZE
 
     def encode(self) -> bytes:
-        return _pack(_RX_RESPONSE, self.id, self.offset, self.flags, self.status)
+        return pack_fields(_RX_RESPONSE, self.id, self.offset, self.flags, self.status)
 
     @classmethod
     def decode(cls, data: bytes) -> NetifRxResponse:
-        _require(data, RX_RESPONSE_SIZE, "netif_rx_response", MalformedResponse)
+        require_length(data, RX_RESPONSE_SIZE, "netif_rx_response", MalformedResponse)
         return cls(*_RX_RESPONSE.unpack_from(data, 0))
 
 
@@ -222,7 +209,7 @@ class NetifExtraInfo:
 
     @classmethod
     def for_gso(cls, gso: ExtraGso, flags: int = 0) -> NetifExtraInfo:
-        return cls(XEN_NETIF_EXTRA_TYPE_GSO, flags, _pack(_EXTRA_GSO, gso.size, gso.type, 0, gso.features))
+        return cls(XEN_NETIF_EXTRA_TYPE_GSO, flags, pack_fields(_EXTRA_GSO, gso.size, gso.type, 0, gso.features))
 
     @classmethod
     def for_mcast(cls, add: bool, addr: bytes, flags: int = 0) -> NetifExtraInfo:
@@ -233,7 +220,7 @@ class NetifExtraInfo:
 
     @classmethod
     def for_hash(cls, hash_: ExtraHash, flags: int = 0) -> NetifExtraInfo:
-        return cls(XEN_NETIF_EXTRA_TYPE_HASH, flags, _pack(_EXTRA_HASH, hash_.type, hash_.algorithm, hash_.value))
+        return cls(XEN_NETIF_EXTRA_TYPE_HASH, flags, pack_fields(_EXTRA_HASH, hash_.type, hash_.algorithm, hash_.value))
 
     def gso(self) -> ExtraGso:
         size, gso_type, _pad, features = _EXTRA_GSO.unpack(self.union_bytes)
@@ -252,11 +239,11 @@ class NetifExtraInfo:
         return bool(self.flags & XEN_NETIF_EXTRA_FLAG_MORE)
 
     def encode(self) -> bytes:
-        return _pack(_EXTRA_INFO, self.type, self.flags, self.union_bytes)
+        return pack_fields(_EXTRA_INFO, self.type, self.flags, self.union_bytes)
 
     @classmethod
     def decode(cls, data: bytes) -> NetifExtraInfo:
-        _require(data, EXTRA_INFO_SIZE, "netif_extra_info", MalformedMessage)
+        require_length(data, EXTRA_INFO_SIZE, "netif_extra_info", MalformedMessage)
         return cls(*_EXTRA_INFO.unpack_from(data, 0))
 
 

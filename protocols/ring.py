@@ -63,6 +63,7 @@ device must be closed.
 
 from __future__ import annotations
 
+import struct
 import sys
 import threading
 
@@ -473,3 +474,18 @@ class BackRing:
         self.sring.req_event = self.req_cons + 1
         full_barrier()  # the front sees req_event /before/ we re-read req_prod
         return self.unconsumed_requests() > 0
+
+
+def pack_fields(packer: struct.Struct, *values) -> bytes:
+    """struct.pack for ring messages, but caller mistakes (a field out of
+    range) are ValueErrors, not struct.error."""
+    try:
+        return packer.pack(*values)
+    except struct.error as e:
+        raise ValueError(f"field out of range for {packer.format!r}: {e}") from None
+
+
+def require_length(data: bytes, size: int, what: str, error: type[Exception]) -> None:
+    """A message shorter than its struct is the peer's fault: `error`."""
+    if len(data) < size:
+        raise error(f"{what} needs {size} bytes, got {len(data)}")

@@ -100,3 +100,16 @@ def test_bad_credential_specs_are_refused():
     with pytest.raises(ValueError):
         parse_credentials("dom0")
     assert parse_credentials(" a=1 , b=2 ,") == {"a": "1", "b": "2"}
+
+
+def test_suspend_and_resume_keep_the_domain(table):
+    dom0 = table.get(0)
+    guest = table.create(dom0, "g", 64)
+    assert table.set_suspended(dom0, guest.domid, True).state is DomainState.SUSPENDED
+    with pytest.raises(DomainError) as e:
+        table.set_suspended(dom0, guest.domid, True)
+    assert code(e) == "EINVAL"
+    assert table.set_suspended(dom0, guest.domid, False).state is DomainState.RUNNING
+    with pytest.raises(DomainError) as e:
+        table.set_suspended(guest, guest.domid, True)
+    assert code(e) == "EPERM"
