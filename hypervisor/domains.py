@@ -159,7 +159,7 @@ class DomainTable:
 
     def _guest_to_control(self, caller: Domain, domid: int, what: str) -> Domain:
         """The live guest `domid`, which only the control domain may `what`."""
-        self.require_control(caller, f"{what} a domain")
+        self.require_control(caller, "changing the run state of a domain")
         domain = self.get(domid)
         if domid == 0:
             raise DomainError("EINVAL", f"dom0 cannot be {what}")
