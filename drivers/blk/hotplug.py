@@ -1,0 +1,219 @@
+"""The "block" hotplug step: what Xen's /etc/xen/scripts/block does, in dom0.
+
+    python3 -m xenbed.drivers.blk.hotplug add    /local/domain/0/backend/vbd/1/51712
+    python3 -m xenbed.drivers.blk.hotplug remove /local/domain/0/backend/vbd/1/51712
+
+add
+    reads `params` (the target: an image file, or a block device) and `mode`
+    ("r" or "w"; "w!" forces sharing a writable file) from the backend dir;
+    a file is attached to a loop device (read-only for "r"), a block device
+    is used as it is; then writes, in one transaction,
+
+        physical-device       "%x:%x" major:minor, as Linux writes it ("7:a" = loop10)
+        physical-device-path  /dev/loopN
+        hotplug-status        connected
+
+    blkback watches `physical-device` and connects once it is there.  On any
+    failure: `hotplug-error` (the reason) and `hotplug-status` = error, and
+    the CLI exits 1.  The loop is attached WITHOUT autoclear: blkback opens
+    it and turns autoclear on, so the last close (blkback's, even a killed
+    one) frees it.
+remove
+    detaches the loop device named by `physical-device` if it is still
+    attached to our target (with blkback still holding it open the kernel
+    detaches it at blkback's close), and removes the keys add wrote.  A
+    backend dir already gone (the toolstack removed it) is fine.
+
+`store` is any object with XenStoreClient's read/try_read/write/rm/
+run_transaction methods (tests pass an in-memory one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import stat
+import sys
+
+from . import loop
+
+log = logging.getLogger("xenbed.blk.hotplug")
+
+HOTPLUG_KEYS = ("physical-device", "physical-device-path", "hotplug-status", "hotplug-error")
+
+
+class HotplugError(Exception):
+    pass
+
+
+def _is_missing(exc: Exception) -> bool:
+    return getattr(exc, "errno_name", None) == "ENOENT"
+
+
+def parse_mode(mode: str | None) -> tuple[bool, bool]:
+    """(readonly, force_shared) of a `mode` node: "r", "w", "w!" (xl's syntax)."""
+    mode = (mode or "w").strip()
+    if mode in ("r", "ro"):
+        return True, False
+    if mode in ("w", "rw"):
+        return False, False
+    if mode in ("w!", "rw!", "!"):
+        return False, True
+    raise HotplugError(f"mode {mode!r} is not r, w or w!")
+
+
+def target_of(params: str) -> str:
+    """The path in `params`; tolerates a "file:"/"phy:" prefix and a trailing comma list."""
+    target = params.strip()
+    for prefix in ("file:", "phy:", "aio:"):
+        if target.startswith(prefix):
+            target = target[len(prefix):]
+    if not target:
+        raise HotplugError("params is empty")
+    return target
+
+
+def add(store, backend: str) -> loop.LoopDevice:
+    """Bring the backing store online for `backend`; returns the device used."""
+    try:
+        params = store.try_read(f"{backend}/params")
+        if params is None:
+            raise HotplugError(f"{backend}/params is missing")
+        target = target_of(params)
+        readonly, shared = parse_mode(store.try_read(f"{backend}/mode"))
+        try:
+            st = os.stat(target)
+        except OSError as exc:
+            raise HotplugError(f"{target}: {exc.strerror}") from None
+        if stat.S_ISBLK(st.st_mode):
+            dev = loop.LoopDevice(target, os.major(st.st_rdev), os.minor(st.st_rdev), target, readonly)
+        elif stat.S_ISREG(st.st_mode):
+            if shared:
+                # "w!": the user accepts sharing; only a read-write attachment here is refused by attach,
+                # so reuse an existing one instead.
+                existing = loop.find_by_backing_file(target)
+                dev = existing[0][0] if existing else loop.attach(target, readonly)
+            else:
+                dev = loop.attach(target, readonly)
+        else:
+            raise HotplugError(f"{target} is neither a regular file nor a block device")
+    except (HotplugError, OSError) as exc:
+        message = str(exc)
+        log.error("%s: hotplug add failed: %s", backend, message)
+        _write_error(store, backend, message)
+        raise HotplugError(message) from exc
+
+    def publish(tx: int) -> None:
+        store.write(f"{backend}/physical-device", dev.physical_device, tx)
+        store.write(f"{backend}/physical-device-path", dev.path, tx)
+        store.write(f"{backend}/hotplug-status", "connected", tx)
+
+    try:
+        store.run_transaction(publish)
+    except BaseException:
+        if dev.major == loop.LOOP_MAJOR and dev.backing_file != dev.path:
+            loop.detach(dev)
+        raise
+    log.info("%s: %s on %s (physical-device %s, %s)", backend, target, dev.path, dev.physical_device,
+             "read-only" if readonly else "read-write")
+    return dev
+
+
+def _write_error(store, backend: str, message: str) -> None:
+    def body(tx: int) -> None:
+        store.write(f"{backend}/hotplug-error", message, tx)
+        store.write(f"{backend}/hotplug-status", "error", tx)
+
+    try:
+        store.run_transaction(body)
+    except Exception as exc:  # the dir may be gone: nothing left to tell
+        log.warning("%s: could not write hotplug-error: %s", backend, exc)
+
+
+def remove(store, backend: str) -> bool:
+    """Take the backing store offline; True if a loop device was detached."""
+    detached = False
+    physdev = path = params = None
+    try:
+        physdev = store.try_read(f"{backend}/physical-device")
+        path = store.try_read(f"{backend}/physical-device-path")
+        params = store.try_read(f"{backend}/params")
+    except Exception as exc:
+        if not _is_missing(exc):
+            raise
+    if physdev:
+        try:
+            major, minor = loop.parse_physical_device(physdev)
+        except ValueError:
+            major = minor = -1
+        if major == loop.LOOP_MAJOR:
+            detached = _detach_if_ours(minor, target_of(params) if params else None)
+    elif path and path.startswith("/dev/loop"):
+        log.info("%s: no physical-device, nothing to detach (%s)", backend, path)
+
+    def clear(tx: int) -> None:
+        for key in HOTPLUG_KEYS:
+            try:
+                store.rm(f"{backend}/{key}", tx)
+            except Exception as exc:
+                if not _is_missing(exc):
+                    raise
+
+    try:
+        store.run_transaction(clear)
+    except Exception as exc:
+        if not _is_missing(exc):
+            raise
+    log.info("%s: removed (%s)", backend, "loop detached" if detached else "nothing to detach")
+    return detached
+
+
+def _detach_if_ours(number: int, target: str | None) -> bool:
+    """Detach loopN only if it still backs `target` (a number may have been
+    reused by someone else since add)."""
+    try:
+        info = loop.get_status(number)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.ENOENT):
+            return False  # autoclear already freed it
+        raise
+    if target is not None:
+        try:
+            st = os.stat(target)
+        except OSError:
+            st = None
+        if st is None or (info.device, info.inode) != (st.st_dev, st.st_ino):
+            log.warning("loop%d no longer backs %s: leaving it alone", number, target)
+            return False
+    return loop.detach(number)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m xenbed.drivers.blk.hotplug",
+                                     description="Xen's block hotplug step for a vbd backend dir")
+    parser.add_argument("action", choices=("add", "remove", "online", "offline"))
+    parser.add_argument("backend", help="backend dir, e.g. /local/domain/0/backend/vbd/1/51712")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s blk-hotplug %(levelname)s %(message)s")
+    from xenbed.drivers.xen.store import XenStoreClient
+
+    store = XenStoreClient()
+    try:
+        if args.action in ("add", "online"):
+            dev = add(store, args.backend)
+            print(f"{dev.path} {dev.physical_device}")
+        else:
+            remove(store, args.backend)
+        return 0
+    except HotplugError as exc:
+        print(f"hotplug {args.action} {args.backend}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
