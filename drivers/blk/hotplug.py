@@ -31,7 +31,6 @@ run_transaction methods (tests pass an in-memory one).
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import stat
@@ -172,22 +171,16 @@ def remove(store, backend: str) -> bool:
 
 def _detach_if_ours(number: int, target: str | None) -> bool:
     """Detach loopN only if it still backs `target` (a number may have been
-    reused by someone else since add)."""
+    freed by autoclear and reused by someone else since add)."""
+    if target is None:
+        log.warning("loop%d: no params to check it against: leaving it alone", number)
+        return False
     try:
-        info = loop.get_status(number)
+        st = os.stat(target)
     except OSError as exc:
-        if exc.errno in (errno.ENXIO, errno.ENOENT):
-            return False  # autoclear already freed it
-        raise
-    if target is not None:
-        try:
-            st = os.stat(target)
-        except OSError:
-            st = None
-        if st is None or (info.device, info.inode) != (st.st_dev, st.st_ino):
-            log.warning("loop%d no longer backs %s: leaving it alone", number, target)
-            return False
-    return loop.detach(number)
+        log.warning("loop%d: cannot stat %s (%s): leaving it alone", number, target, exc.strerror)
+        return False
+    return loop.detach_if_backing(number, st.st_dev, st.st_ino)
 
 
 def main(argv: list[str] | None = None) -> int:

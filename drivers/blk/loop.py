@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "LOOP_MAJOR", "LoopError", "FileBusy", "LoopDevice", "LoopInfo64",
-    "attach", "detach", "set_autoclear", "get_status", "find_by_backing_file",
+    "attach", "detach", "detach_if_backing", "set_autoclear", "get_status", "find_by_backing_file",
     "ensure_node", "physical_device", "parse_physical_device", "device_size",
 ]
 
@@ -319,6 +319,36 @@ def detach(dev: LoopDevice | str | int) -> bool:
     except FileNotFoundError:
         return False
     try:
+        try:
+            fcntl.ioctl(fd, LOOP_CLR_FD, 0)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return False
+            raise LoopError(exc.errno, f"LOOP_CLR_FD {path}: {os.strerror(exc.errno)}") from None
+        return True
+    finally:
+        os.close(fd)
+
+
+def detach_if_backing(dev: LoopDevice | str | int, st_dev: int, st_ino: int) -> bool:
+    """Detach the device only if its backing file is still (st_dev, st_ino).
+    Status and detach go through one open descriptor, so the device cannot
+    be auto-cleared and reused by someone else between the check and the
+    LOOP_CLR_FD.  False if it is not attached or backs something else."""
+    path = _path_of(dev)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            info = _status_fd(fd)
+        except LoopError as exc:
+            if exc.errno == errno.ENXIO:
+                return False
+            raise
+        if (info.device, info.inode) != (st_dev, st_ino):
+            return False
         try:
             fcntl.ioctl(fd, LOOP_CLR_FD, 0)
         except OSError as exc:

@@ -1,0 +1,1060 @@
+"""blkback: the PV block backend, serving a loop device to a guest's blkfront.
+
+How it is started (in dom0, or a driver domain, long-lived):
+
+    python3 -m xenbed.drivers.blk.back [--domid N] [--run-hotplug]
+
+Environment: XENBED_CREDENTIAL / XENBED_HYPERVISOR_SOCKET (the hypervisor
+link, role "device"), XENSTORED_PATH (the store).  It logs one line per event
+to stdout, each naming the backend path, and exits cleanly on SIGTERM/SIGINT
+(every connected device is torn down: rings unmapped, ports closed, loop fds
+closed -- autoclear then frees the loops).
+
+What it watches, as Linux's xen-blkback does (seed 000, Device Initialisation
+and Closedown):
+
+* `/local/domain/<self>/backend/vbd` -- a new `<frontend-domid>/<devid>` dir
+  with `frontend` and `frontend-id` is probed: the backend writes
+  `max-ring-page-order` and `feature-max-indirect-segments`, goes
+  Initialising -> InitWait, and watches the frontend's `state`.  Changes to
+  `physical-device` (written by the hotplug step), `online` and `state`
+  (the toolstack writes `online=0` + Closing to unplug) come through the
+  same watch; a removed dir unregisters the device.
+* `<frontend>/state` -- when the frontend is Initialised (or Connected) AND
+  the hotplug step has written `physical-device`, in either order, the
+  backend reads and validates `ring-ref` (or `ring-page-order` +
+  `ring-ref0..N`), `event-channel`, `protocol`, `feature-persistent`, maps
+  the ring, binds the event channel, opens the loop device and turns on its
+  autoclear, writes `sectors`, `info`, `sector-size`,
+  `physical-sector-size`, `feature-flush-cache`, `feature-discard` (+
+  granularity/alignment), `feature-persistent` in ONE transaction, then goes
+  Connected.  Bad frontend keys: `<backend>/error` and Closing.
+  Frontend Closing -> drain and disconnect, Closing; frontend Closed ->
+  Closed (and unregister when `online` is 0); frontend Initialising again
+  after Closed (reconnect, migration) -> InitWait.
+
+The hotplug step (`xenbed.drivers.blk.hotplug add`) is run by the toolstack
+after InitWait, as libxl does; `--run-hotplug` makes the daemon run it itself
+on probe and on removal instead (udev-style), for tests without xl.
+
+The data path (`BlkifServer`) is independent of XenBus: give it a BackRing,
+something with GrantTable's `map`/`unmap`, a file descriptor and a
+`DiskGeometry`, and call `process()`.  `validate_request` and
+`segment_extents` are pure (tests/unit/test_blkback_*.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import signal
+import stat
+import struct
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from xenbed.protocols import blkif
+from xenbed.protocols.blkif import (
+    BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
+    BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_DISCARD_SECURE,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, SECTORS_PER_PAGE, BlkifRequest, BlkifRequestDiscard,
+    BlkifRequestIndirect, BlkifResponse, Segment,
+)
+from xenbed.protocols.ring import XEN_PAGE_SIZE, BackRing, MalformedRequest, RingOverflow
+
+from . import loop
+
+log = logging.getLogger("xenbed.blkback")
+
+# What this backend offers (Linux blkback's defaults).
+MAX_RING_PAGE_ORDER = 4  # xen_blkif_max_ring_order
+MAX_INDIRECT_SEGMENTS = 256  # MAX_INDIRECT_SEGMENTS in xen-blkback/common.h
+MAX_PERSISTENT_GRANTS = 1056  # xen_blkif_max_pgrants
+DISCARD_GRANULARITY = 4096
+
+# XenbusState values (io/xenbus.h); the bus's XenbusState enum has the same numbers.
+UNKNOWN, INITIALISING, INITWAIT, INITIALISED, CONNECTED, CLOSING, CLOSED = range(7)
+STATE_NAMES = {0: "Unknown", 1: "Initialising", 2: "InitWait", 3: "Initialised", 4: "Connected",
+               5: "Closing", 6: "Closed", 7: "Reconfiguring", 8: "Reconfigured"}
+
+BLKDISCARD = 0x1277  # _IO(0x12, 119)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts: validation and segment arithmetic
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DiskGeometry:
+    """What validation needs to know about the disk."""
+
+    sectors: int  # 512-byte sectors
+    readonly: bool = False
+    discard: bool = True  # feature-discard advertised
+    max_indirect_segments: int = MAX_INDIRECT_SEGMENTS
+
+
+def segments_status(segments, sector_number: int, geometry: DiskGeometry) -> int:
+    """BLKIF_RSP_OKAY when every segment is well formed (first_sect <=
+    last_sect <= 7) and the sectors they cover, laid end to end from
+    `sector_number`, lie inside the disk; BLKIF_RSP_ERROR otherwise."""
+    total = 0
+    for seg in segments:
+        if not 0 <= seg.first_sect <= seg.last_sect < SECTORS_PER_PAGE:
+            return BLKIF_RSP_ERROR
+        total += seg.last_sect - seg.first_sect + 1
+    if sector_number + total > geometry.sectors:
+        return BLKIF_RSP_ERROR
+    return BLKIF_RSP_OKAY
+
+
+def validate_request(req, geometry: DiskGeometry) -> int:
+    """The status a request deserves before any I/O: BLKIF_RSP_OKAY (go on),
+    BLKIF_RSP_ERROR (malformed, out of range, write to a read-only disk) or
+    BLKIF_RSP_EOPNOTSUPP (an operation this backend does not offer).
+
+    For an indirect request only the header is judged here (its segments
+    live in granted pages): check them with `segments_status` once copied.
+    """
+    op = req.operation
+    if op == BLKIF_OP_DISCARD:
+        if not geometry.discard:
+            return BLKIF_RSP_EOPNOTSUPP
+        if req.flag & BLKIF_DISCARD_SECURE:
+            return BLKIF_RSP_EOPNOTSUPP  # discard-secure is not advertised
+        if geometry.readonly:
+            return BLKIF_RSP_ERROR
+        if req.sector_number + req.nr_sectors > geometry.sectors:
+            return BLKIF_RSP_ERROR
+        return BLKIF_RSP_OKAY
+    if op == BLKIF_OP_INDIRECT:
+        if req.indirect_op not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+            return BLKIF_RSP_ERROR
+        if not 1 <= req.nr_segments <= geometry.max_indirect_segments:
+            return BLKIF_RSP_ERROR
+        if len(req.indirect_grefs) < blkif.indirect_pages_needed(req.nr_segments):
+            return BLKIF_RSP_ERROR
+        if req.indirect_op == BLKIF_OP_WRITE and geometry.readonly:
+            return BLKIF_RSP_ERROR
+        if req.sector_number >= geometry.sectors:
+            return BLKIF_RSP_ERROR
+        return BLKIF_RSP_OKAY
+    if op in (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_FLUSH_DISKCACHE):
+        minimum = 0 if op == BLKIF_OP_FLUSH_DISKCACHE else 1
+        if not minimum <= req.nr_segments <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            return BLKIF_RSP_ERROR
+        if op != BLKIF_OP_READ and req.nr_segments and geometry.readonly:
+            return BLKIF_RSP_ERROR  # a write, or a flush carrying data
+        if op == BLKIF_OP_WRITE and geometry.readonly:
+            return BLKIF_RSP_ERROR
+        return segments_status(req.segments, req.sector_number, geometry)
+    return BLKIF_RSP_EOPNOTSUPP  # WRITE_BARRIER (not advertised), RESERVED_1, unknown
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One segment's piece of an I/O: `length` bytes at `page_offset` in the
+    segment's granted page, at byte `disk_offset` of the disk."""
+
+    gref: int
+    page_offset: int
+    length: int
+    disk_offset: int
+
+
+def segment_extents(sector_number: int, segments) -> list[Extent]:
+    """Where each (validated) segment's bytes go: segments cover consecutive
+    disk sectors from `sector_number`, each its first_sect..last_sect of a
+    4 KiB page."""
+    extents, disk = [], sector_number * SECTOR_SIZE
+    for seg in segments:
+        length = (seg.last_sect - seg.first_sect + 1) * SECTOR_SIZE
+        extents.append(Extent(seg.gref, seg.first_sect * SECTOR_SIZE, length, disk))
+        disk += length
+    return extents
+
+
+def response_operation(req) -> int:
+    """The operation a response echoes: an indirect request's inner op (as Linux)."""
+    return req.indirect_op if req.operation == BLKIF_OP_INDIRECT else req.operation
+
+
+# ---------------------------------------------------------------------------------------------
+# Frontend keys
+# ---------------------------------------------------------------------------------------------
+
+class FrontendConfigError(Exception):
+    """The frontend's keys are missing or invalid (-> dev_fatal)."""
+
+    def __init__(self, err: int, message: str):
+        super().__init__(message)
+        self.err = err
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    ring_refs: tuple[int, ...]
+    ring_page_order: int
+    event_channel: int
+    protocol: str
+    persistent: bool
+
+
+def _uint(text: str | None, key: str, limit: int = 0xFFFFFFFF) -> int:
+    if text is None:
+        raise FrontendConfigError(errno.ENOENT, f"reading {key}: missing")
+    text = text.strip()
+    if not text.isascii() or not text.isdigit() or int(text) > limit:
+        raise FrontendConfigError(errno.EINVAL, f"reading {key}: {text!r} is not an unsigned number")
+    return int(text)
+
+
+def parse_frontend_config(read, max_ring_page_order: int = MAX_RING_PAGE_ORDER) -> FrontendConfig:
+    """Read and validate the frontend's connection keys.  `read(key)` returns
+    the value of `<frontend>/<key>` or None (xenbus_gather / read_per_ring_refs)."""
+    protocol = read("protocol")
+    if protocol is None or protocol == "":
+        protocol = blkif.PROTOCOL  # native
+    if protocol != blkif.XEN_IO_PROTO_ABI_X86_64:
+        raise FrontendConfigError(errno.ENOSYS, f"unknown fe protocol {protocol!r}")
+    queues = read("multi-queue-num-queues")
+    if queues is not None and _uint(queues, "multi-queue-num-queues") != 1:
+        raise FrontendConfigError(errno.ENOSYS, f"{queues} queues requested; multi-queue-max-queues is not offered")
+    order_text = read("ring-page-order")
+    if order_text is None:
+        order = 0
+        refs = (_uint(read("ring-ref"), "ring-ref"),)
+    else:
+        order = _uint(order_text, "ring-page-order")
+        if order > max_ring_page_order:
+            raise FrontendConfigError(errno.EINVAL, f"ring-page-order {order} exceeds max-ring-page-order "
+                                                    f"{max_ring_page_order}")
+        refs = tuple(_uint(read(f"ring-ref{i}"), f"ring-ref{i}") for i in range(1 << order))
+    port = _uint(read("event-channel"), "event-channel")
+    persistent_text = read("feature-persistent")
+    persistent = False if persistent_text is None else _uint(persistent_text, "feature-persistent") != 0
+    return FrontendConfig(refs, order, port, protocol, persistent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping a multi-page ring contiguously
+# ---------------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_memview_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
+_memview_from_memory.restype = ctypes.py_object
+_memview_from_memory.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+_PyBUF_WRITE = 0x200
+_MAP_FIXED = 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class ContiguousPages:
+    """Several page descriptors mapped side by side (vmap of a multi-page
+    ring): `buf` is a writable memoryview over all of them."""
+
+    def __init__(self, fds: list[int]):
+        self.size = len(fds) * XEN_PAGE_SIZE
+        addr = _libc.mmap(None, self.size, mmap.PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if addr in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "reserving ring address space")
+        self.addr = addr
+        try:
+            for i, fd in enumerate(fds):
+                at = _libc.mmap(addr + i * XEN_PAGE_SIZE, XEN_PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE,
+                                mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+                if at != addr + i * XEN_PAGE_SIZE:
+                    raise OSError(ctypes.get_errno(), f"mapping ring page {i}")
+        except BaseException:
+            _libc.munmap(addr, self.size)
+            raise
+        self.buf = _memview_from_memory(addr, self.size, _PyBUF_WRITE)
+
+    def close(self) -> None:
+        if self.addr is not None:
+            self.buf.release()
+            _libc.munmap(self.addr, self.size)
+            self.addr = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The data path
+# ---------------------------------------------------------------------------------------------
+
+class BlkifServer:
+    """Serves one blkif ring over one open disk descriptor.
+
+    `grants` has GrantTable's `map(domid, gref, readonly) -> Mapping(.mmap)`
+    and `unmap(mapping)`.  `process()` takes every request on the ring,
+    answers each, pushes the responses and returns whether the frontend
+    wants an event (it does the final check itself).  RingOverflow
+    propagates: the caller must close the device.
+    """
+
+    def __init__(self, ring: BackRing, grants, domid: int, fd: int, geometry: DiskGeometry,
+                 *, persistent: bool = False, name: str = "blkif"):
+        self.ring = ring
+        self.grants = grants
+        self.domid = domid
+        self.fd = fd
+        self.geometry = geometry
+        self.persistent = persistent
+        self.name = name
+        self.persistent_maps: dict[int, object] = {}
+        self.stats = {"requests": 0, "errors": 0, "eopnotsupp": 0, "read_bytes": 0, "written_bytes": 0}
+
+    # -- the loop ---------------------------------------------------------------
+    def process(self, stop: threading.Event | None = None) -> bool:
+        """Handle requests until the ring is empty after a final check (or
+        `stop` is set); returns True if the frontend must be notified."""
+        notify = False
+        while True:
+            while self.ring.unconsumed_requests():
+                if stop is not None and stop.is_set():
+                    return self._push() or notify
+                entry = self.ring.take_request()  # a private copy: everything below looks only at it
+                self.ring.put_response(self.handle_entry(entry).encode())
+                notify = self._push() or notify
+            if not self.ring.final_check_for_requests():
+                return notify
+
+    def _push(self) -> bool:
+        return self.ring.push_responses_and_check_notify()
+
+    def handle_entry(self, entry: bytes) -> BlkifResponse:
+        self.stats["requests"] += 1
+        try:
+            req = blkif.decode_request(entry)
+        except MalformedRequest:  # cannot happen with a full slot; answer something well formed
+            return self._respond(0, entry[0] if entry else 0, BLKIF_RSP_ERROR)
+        status = validate_request(req, self.geometry)
+        if status == BLKIF_RSP_OKAY:
+            try:
+                status = self._execute(req)
+            except Exception as exc:  # a refused grant, an I/O error: this request fails, the device lives
+                log.warning("%s: request id=%d op=%d sector=%d failed: %s", self.name, req.id, req.operation,
+                            req.sector_number, exc)
+                status = BLKIF_RSP_ERROR
+        return self._respond(req.id, response_operation(req), status)
+
+    def _respond(self, id_: int, op: int, status: int) -> BlkifResponse:
+        if status == BLKIF_RSP_ERROR:
+            self.stats["errors"] += 1
+        elif status == BLKIF_RSP_EOPNOTSUPP:
+            self.stats["eopnotsupp"] += 1
+        return BlkifResponse(id_, op, status)
+
+    # -- operations -------------------------------------------------------------
+    def _execute(self, req) -> int:
+        if req.operation == BLKIF_OP_DISCARD:
+            return self._discard(req)
+        if req.operation == BLKIF_OP_INDIRECT:
+            segments = self._indirect_segments(req)
+            status = segments_status(segments, req.sector_number, self.geometry)
+            if status != BLKIF_RSP_OKAY:
+                return status
+            return self._rw(req.indirect_op, req.sector_number, segments)
+        if req.operation == BLKIF_OP_FLUSH_DISKCACHE:
+            if req.nr_segments:  # a write with REQ_PREFLUSH: data, then everything durable
+                status = self._rw(BLKIF_OP_WRITE, req.sector_number, req.segments)
+                if status != BLKIF_RSP_OKAY:
+                    return status
+            os.fdatasync(self.fd)
+            return BLKIF_RSP_OKAY
+        return self._rw(req.operation, req.sector_number, req.segments)
+
+    def _rw(self, op: int, sector_number: int, segments) -> int:
+        extents = segment_extents(sector_number, segments)
+        reading = op == BLKIF_OP_READ
+        mappings, views = [], []
+        try:
+            for ext in extents:
+                mapping = self._map(ext.gref, readonly=not reading)
+                mappings.append(mapping)
+                page = memoryview(mapping.mmap)
+                views.append(page)
+                views.append(page[ext.page_offset:ext.page_offset + ext.length])
+            buffers = views[1::2]
+            total = sum(e.length for e in extents)
+            offset = extents[0].disk_offset
+            if reading:
+                done = os.preadv(self.fd, buffers, offset)
+                self.stats["read_bytes"] += done
+            else:
+                done = os.pwritev(self.fd, buffers, offset)
+                self.stats["written_bytes"] += done
+            if done != total:
+                log.warning("%s: short %s at %d: %d of %d bytes", self.name, "read" if reading else "write",
+                            offset, done, total)
+                return BLKIF_RSP_ERROR
+            return BLKIF_RSP_OKAY
+        finally:
+            for view in reversed(views):
+                view.release()
+            for mapping in mappings:
+                self._unmap(mapping)
+
+    def _discard(self, req: BlkifRequestDiscard) -> int:
+        if req.nr_sectors == 0:
+            return BLKIF_RSP_OKAY
+        start, length = req.sector_number * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE
+        try:
+            if stat.S_ISBLK(os.fstat(self.fd).st_mode):
+                fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("=QQ", start, length))
+            else:
+                _punch_hole(self.fd, start, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
+                return BLKIF_RSP_EOPNOTSUPP
+            raise
+        return BLKIF_RSP_OKAY
+
+    def _indirect_segments(self, req: BlkifRequestIndirect) -> tuple[Segment, ...]:
+        segments: list[Segment] = []
+        remaining = req.nr_segments
+        for gref in req.indirect_grefs[:blkif.indirect_pages_needed(req.nr_segments)]:
+            mapping = self._map(gref, readonly=True)
+            try:
+                page = bytes(mapping.mmap[:XEN_PAGE_SIZE])  # copy before decoding (double fetch)
+            finally:
+                self._unmap(mapping)
+            count = min(remaining, blkif.SEGMENTS_PER_INDIRECT_PAGE)
+            segments += blkif.decode_indirect_page(page, count)
+            remaining -= count
+        return tuple(segments)
+
+    # -- grants -----------------------------------------------------------------
+    def _map(self, gref: int, readonly: bool):
+        if self.persistent:
+            mapping = self.persistent_maps.get(gref)
+            if mapping is not None:
+                return mapping
+            if len(self.persistent_maps) < MAX_PERSISTENT_GRANTS:
+                # persistent grants are granted read-write by the frontend, and mapped so
+                mapping = self.grants.map(self.domid, gref, False)
+                self.persistent_maps[gref] = mapping
+                return mapping
+        return self.grants.map(self.domid, gref, readonly)
+
+    def _unmap(self, mapping) -> None:
+        if self.persistent and self.persistent_maps.get(mapping.gref) is mapping:
+            return  # kept until disconnect
+        self.grants.unmap(mapping)
+
+    def release(self) -> None:
+        """Unmap every persistent grant (at disconnect)."""
+        maps, self.persistent_maps = list(self.persistent_maps.values()), {}
+        for mapping in maps:
+            try:
+                self.grants.unmap(mapping)
+            except Exception as exc:
+                log.warning("%s: unmapping persistent gref %s: %s", self.name, getattr(mapping, "gref", "?"), exc)
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One connected device: ring + event channel + disk
+# ---------------------------------------------------------------------------------------------
+
+class Disk:
+    """The backing device, open from the hotplug step's `physical-device`
+    until the device is removed (xen_vbd_create .. xen_vbd_free).  A loop
+    device gets AUTOCLEAR once open: our close -- or our death -- frees it."""
+
+    def __init__(self, path: str, major: int, minor: int, readonly: bool, discard: bool):
+        fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISBLK(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (major, minor):
+                raise OSError(errno.ENODEV, f"{path} is not block device {major:x}:{minor:x}")
+            if major == loop.LOOP_MAJOR:
+                loop.set_autoclear(path, fd)
+            size = loop.device_size(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.path = path
+        self.fd = fd
+        self.physical_device = (major, minor)
+        self.geometry = DiskGeometry(size // SECTOR_SIZE, readonly, discard and not readonly)
+
+    @classmethod
+    def from_fd_for_tests(cls, fd: int, sectors: int, readonly: bool = False, discard: bool = True) -> Disk:
+        disk = cls.__new__(cls)
+        disk.path, disk.fd, disk.physical_device = f"fd:{fd}", fd, (0, 0)
+        disk.geometry = DiskGeometry(sectors, readonly, discard and not readonly)
+        return disk
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Connection:
+    """The live half of a connected vbd: the mapped ring, the bound port, the
+    open loop device and the thread serving them."""
+
+    def __init__(self, name: str, grants, evtchn, domid: int, config: FrontendConfig, disk: Disk, on_fatal):
+        self.name = name
+        self.grants = grants
+        self.evtchn = evtchn
+        self.domid = domid
+        self.config = config
+        self.on_fatal = on_fatal
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.ring_mappings: list = []
+        self.ring_pages: ContiguousPages | None = None
+        self.port: int | None = None
+        self.server: BlkifServer | None = None
+        try:
+            self._open(disk)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, disk: Disk) -> None:
+        cfg = self.config
+        if cfg.ring_page_order == 0:
+            mapping = self.grants.map(self.domid, cfg.ring_refs[0], False)
+            self.ring_mappings.append(mapping)
+            buf = mapping.mmap
+        else:
+            fds = []
+            try:
+                for ref in cfg.ring_refs:
+                    handle, _gfn, fd = self.grants.map_fd(self.domid, ref, False)
+                    self.ring_mappings.append(handle)
+                    fds.append(fd)
+                self.ring_pages = ContiguousPages(fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            buf = self.ring_pages.buf
+        ring = BackRing(buf, blkif.RING_ENTRY_SIZE, ring_bytes=XEN_PAGE_SIZE << cfg.ring_page_order)
+        self.server = BlkifServer(ring, self.grants, self.domid, disk.fd, disk.geometry,
+                                  persistent=cfg.persistent, name=self.name)
+        self.port = self.evtchn.bind_interdomain(self.domid, cfg.event_channel)
+
+    @property
+    def geometry(self) -> DiskGeometry:
+        return self.server.geometry
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._serve, name=f"blkif-{self.name}", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while not self.stop.is_set():
+                if not self.evtchn.wait(self.port, timeout=0.25):  # clears the pending bit before we look
+                    continue
+                if self.stop.is_set():
+                    break
+                if self.server.process(self.stop):
+                    self.evtchn.notify(self.port)
+        except RingOverflow as exc:
+            log.error("%s: frontend overflowed the ring: %s", self.name, exc)
+            self.on_fatal(errno.EPROTO, f"ring overflow: {exc}")
+        except Exception as exc:
+            if not self.stop.is_set():
+                log.exception("%s: ring thread failed", self.name)
+                self.on_fatal(errno.EIO, f"ring thread failed: {exc}")
+
+    def close(self) -> None:
+        """Stop taking requests, let the one in hand finish, then unmap
+        everything, unbind and close the disk (autoclear frees the loop)."""
+        self.stop.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(10)
+            if self.thread.is_alive():
+                log.error("%s: ring thread did not stop", self.name)
+        if self.server is not None:
+            try:
+                self.server.ring.push_responses()
+            except Exception:
+                pass
+            self.server.release()
+            self.server.ring.release()
+        if self.port is not None:
+            try:
+                self.evtchn.remove_callbacks(self.port)
+                self.evtchn.close(self.port)
+            except Exception as exc:
+                log.warning("%s: closing port %d: %s", self.name, self.port, exc)
+            self.port = None
+        if self.ring_pages is not None:
+            self.ring_pages.close()
+        for mapping in self.ring_mappings:
+            try:
+                if isinstance(mapping, int):
+                    self.grants.unmap_handle(mapping)
+                else:
+                    self.grants.unmap(mapping)
+            except Exception as exc:
+                log.warning("%s: unmapping the ring: %s", self.name, exc)
+        self.ring_mappings = []
+
+
+# ---------------------------------------------------------------------------------------------
+# The XenBus driver
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class VbdDevice:
+    """What the bus knows of one backend dir (xenbus_device)."""
+
+    nodename: str  # /local/domain/0/backend/vbd/<fe>/<devid>
+    otherend: str  # the frontend dir
+    otherend_id: int
+    devid: int
+    state: int = UNKNOWN  # last state we wrote
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    # blkback's private data (be->blkif in Linux)
+    frontend_state: int = UNKNOWN
+    connection: Connection | None = None
+    disk: Disk | None = None
+    hotplug_ran: bool = False
+
+
+class Blkback:
+    """The vbd backend driver, XenbusDriver-shaped: probe / otherend_changed /
+    backend_changed / remove, with the bus's switch_state and dev_fatal."""
+
+    device_type = "vbd"
+
+    def __init__(self, bus, grants, evtchn, *, run_hotplug: bool = False):
+        self.bus = bus
+        self.store = bus.store
+        self.grants = grants
+        self.evtchn = evtchn
+        self.run_hotplug = run_hotplug
+
+    def _read(self, dev: VbdDevice, key: str) -> str | None:
+        return self.store.try_read(f"{dev.nodename}/{key}")
+
+    # -- XenbusDriver ---------------------------------------------------------
+    def probe(self, dev: VbdDevice) -> None:
+        with dev.lock:
+            self.store.write(f"{dev.nodename}/feature-max-indirect-segments", str(MAX_INDIRECT_SEGMENTS))
+            self.store.write(f"{dev.nodename}/max-ring-page-order", str(MAX_RING_PAGE_ORDER))
+            self.bus.switch_state(dev, INITWAIT)
+            if self.run_hotplug:
+                self._hotplug("add", dev)
+            self._open_disk(dev)  # the hotplug step may have run already
+        # physical-device is watched through the bus's backend-dir watch (backend_changed)
+
+    def backend_changed(self, dev: VbdDevice, path: str) -> None:
+        """A node under our backend dir changed (hotplug, online, state)."""
+        key = path[len(dev.nodename) + 1:] if path.startswith(dev.nodename + "/") else ""
+        if key in ("physical-device", "hotplug-status"):
+            with dev.lock:
+                if self._open_disk(dev):
+                    self._maybe_connect(dev)
+        elif key in ("state", "online"):
+            with dev.lock:
+                # the toolstack wrote online=0 + Closing: the frontend follows and we go Closed when it is
+                state = _parse_state(self._read(dev, "state"))
+                if state == CLOSING and dev.state != CLOSING:
+                    log.info("%s: toolstack asked to close", dev.nodename)
+                    dev.state = CLOSING
+                    if dev.frontend_state in (CLOSED, UNKNOWN):
+                        self._disconnect(dev)
+                        self.bus.switch_state(dev, CLOSED)
+                        self._maybe_unregister(dev)
+
+    def otherend_changed(self, dev: VbdDevice, state: int) -> None:
+        with dev.lock:
+            dev.frontend_state = state
+            log.info("%s: frontend %s is %s (we are %s)", dev.nodename, dev.otherend, STATE_NAMES.get(state, state),
+                     STATE_NAMES.get(dev.state, dev.state))
+            if state == INITIALISING:
+                if dev.state == CLOSED:  # reconnect after a close (migration, frontend reset)
+                    self.bus.switch_state(dev, INITWAIT)
+            elif state in (INITIALISED, CONNECTED):
+                if dev.state == CONNECTED:
+                    return  # two watches in quick succession: already connected
+                if dev.state == CLOSED:
+                    self.bus.switch_state(dev, INITWAIT)
+                self._maybe_connect(dev)
+            elif state == CLOSING:
+                self._disconnect(dev)
+                if dev.state not in (CLOSING, CLOSED):
+                    self.bus.switch_state(dev, CLOSING)
+            elif state in (CLOSED, UNKNOWN):
+                self._disconnect(dev)
+                if dev.state != CLOSED:
+                    self.bus.switch_state(dev, CLOSED)
+                if state == UNKNOWN or self._read(dev, "online") == "0":
+                    self._maybe_unregister(dev, force=state == UNKNOWN)
+
+    def remove(self, dev: VbdDevice) -> None:
+        with dev.lock:
+            self._disconnect(dev)
+            self._close_disk(dev)
+            if self.run_hotplug and dev.hotplug_ran:
+                self._hotplug("remove", dev)
+        log.info("%s: removed", dev.nodename)
+
+    # -- connect / disconnect -------------------------------------------------
+    def _open_disk(self, dev: VbdDevice) -> bool:
+        """backend_changed: open the device the hotplug step named, once.
+        True when a disk is open."""
+        if dev.disk is not None:
+            return True
+        if dev.state not in (INITIALISING, INITWAIT, CLOSED):
+            return False
+        physdev = self._read(dev, "physical-device")
+        if physdev is None:
+            return False
+        try:
+            major, minor = loop.parse_physical_device(physdev)
+            path = self._read(dev, "physical-device-path") or _node_for(major, minor)
+            mode = (self._read(dev, "mode") or "w").strip()
+            dev.disk = Disk(path, major, minor, readonly=mode.startswith("r"),
+                            discard=self._read(dev, "discard-enable") != "0")
+        except (OSError, ValueError) as exc:
+            self.bus.dev_fatal(dev, getattr(exc, "errno", None) or errno.EINVAL,
+                               f"opening physical-device {physdev}: {exc}")
+            return False
+        log.info("%s: opened %s (%s, %d sectors%s)", dev.nodename, dev.disk.path, physdev,
+                 dev.disk.geometry.sectors, ", read-only" if dev.disk.geometry.readonly else "")
+        return True
+
+    def _close_disk(self, dev: VbdDevice) -> None:
+        disk, dev.disk = dev.disk, None
+        if disk is not None:
+            disk.close()
+            log.info("%s: closed %s", dev.nodename, disk.path)
+
+    def _maybe_connect(self, dev: VbdDevice) -> None:
+        if dev.connection is not None or dev.state not in (INITWAIT,):
+            return
+        if dev.frontend_state not in (INITIALISED, CONNECTED):
+            return
+        if dev.disk is None and not self._open_disk(dev):
+            log.info("%s: frontend ready, waiting for the hotplug step", dev.nodename)
+            return
+        try:
+            self._connect(dev)
+        except FrontendConfigError as exc:
+            self.bus.dev_fatal(dev, exc.err, str(exc))
+        except Exception as exc:
+            log.exception("%s: connect failed", dev.nodename)
+            self.bus.dev_fatal(dev, getattr(exc, "errno", None) or errno.EIO, f"connecting: {exc}")
+
+    def _connect(self, dev: VbdDevice) -> None:
+        disk = dev.disk
+        readonly = disk.geometry.readonly
+        cdrom = self._read(dev, "device-type") == "cdrom"
+        config = parse_frontend_config(lambda key: self.store.try_read(f"{dev.otherend}/{key}"))
+        conn = Connection(dev.nodename, self.grants, self.evtchn, dev.otherend_id, config, disk,
+                          lambda err, msg: self._fatal_from_ring(dev, err, msg))
+        try:
+            geometry = conn.geometry
+            info = (blkif.VDISK_READONLY if readonly else 0) | (blkif.VDISK_CDROM | blkif.VDISK_REMOVABLE if cdrom else 0)
+            details = {
+                "sectors": str(geometry.sectors),
+                "info": str(info),
+                "sector-size": str(SECTOR_SIZE),
+                "physical-sector-size": str(SECTOR_SIZE),
+                "feature-flush-cache": "1",
+                "feature-barrier": "0",
+                "feature-discard": "1" if geometry.discard else "0",
+                "feature-persistent": "1",
+                "feature-max-indirect-segments": str(MAX_INDIRECT_SEGMENTS),
+            }
+            if geometry.discard:
+                details["discard-granularity"] = str(DISCARD_GRANULARITY)
+                details["discard-alignment"] = "0"
+                details["discard-secure"] = "0"
+
+            def publish(tx: int) -> None:
+                for key, value in details.items():
+                    self.store.write(f"{dev.nodename}/{key}", value, tx)
+
+            self.store.run_transaction(publish)
+        except BaseException:
+            conn.close()
+            raise
+        dev.connection = conn
+        conn.start()
+        log.info("%s: connected to dom%d: %s (%s sectors, %s, ring order %d, port %d, persistent %s)",
+                 dev.nodename, dev.otherend_id, disk.path, geometry.sectors, "ro" if readonly else "rw",
+                 config.ring_page_order, conn.port, config.persistent)
+        self.bus.switch_state(dev, CONNECTED)
+
+    def _disconnect(self, dev: VbdDevice) -> None:
+        conn, dev.connection = dev.connection, None
+        if conn is not None:
+            stats = conn.server.stats if conn.server else {}
+            conn.close()
+            log.info("%s: disconnected (%s)", dev.nodename, stats)
+
+    def _fatal_from_ring(self, dev: VbdDevice, err: int, message: str) -> None:
+        # on the ring thread: Connection.close must not join itself, so tear down from another thread
+        def fatal() -> None:
+            with dev.lock:
+                self._disconnect(dev)
+                self.bus.dev_fatal(dev, err, message)
+        threading.Thread(target=fatal, name=f"blkif-fatal-{dev.devid}", daemon=True).start()
+
+    def _maybe_unregister(self, dev: VbdDevice, force: bool = False) -> None:
+        if force or self._read(dev, "online") == "0":
+            self.bus.unregister(dev)
+
+    def _hotplug(self, action: str, dev: VbdDevice) -> None:
+        from . import hotplug
+        try:
+            if action == "add":
+                hotplug.add(self.store, dev.nodename)
+                dev.hotplug_ran = True
+            else:
+                hotplug.remove(self.store, dev.nodename)
+        except Exception as exc:
+            log.error("%s: hotplug %s failed: %s", dev.nodename, action, exc)
+
+    def shutdown(self, devices) -> None:
+        for dev in devices:
+            with dev.lock:
+                self._disconnect(dev)
+                self._close_disk(dev)
+
+
+def _parse_state(text: str | None) -> int:
+    text = (text or "").strip()
+    return int(text) if text.isdigit() and int(text) <= 8 else UNKNOWN
+
+
+def _node_for(major: int, minor: int) -> str:
+    if major == loop.LOOP_MAJOR:
+        return loop.ensure_node(minor)
+    raise OSError(errno.ENODEV, f"no device node known for {major}:{minor}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A thin backend bus (until drivers/xenbus's BackendBus is wired in)
+# ---------------------------------------------------------------------------------------------
+
+class VbdBackendBus:
+    """Watches `/local/domain/<domid>/backend/vbd`, turns dirs into
+    VbdDevices and calls the driver as xenbus_probe_backend does; offers
+    the driver `switch_state`, `dev_fatal` and `unregister`."""
+
+    def __init__(self, store, domid: int):
+        self.store = store
+        self.domid = domid
+        self.base = f"/local/domain/{domid}/backend/vbd"
+        self.devices: dict[str, VbdDevice] = {}
+        self.unregistered: set[str] = set()
+        self.driver: Blkback | None = None
+        self._lock = threading.RLock()
+
+    def start(self, driver: Blkback) -> None:
+        self.driver = driver
+        self.store.watch(self.base, "blkback", self._on_backend_event)  # fires at once: initial scan
+
+    def stop(self) -> None:
+        try:
+            self.store.unwatch(self.base, "blkback")
+        except Exception:
+            pass
+        with self._lock:
+            devices = list(self.devices.values())
+        self.driver.shutdown(devices)
+
+    # -- bus services -----------------------------------------------------------
+    def switch_state(self, dev: VbdDevice, state: int) -> None:
+        """xenbus_switch_state: write our state unless the dir is gone."""
+        def body(tx: int) -> bool:
+            current = self.store.try_read(f"{dev.nodename}/state", tx)
+            if current is None:
+                return False
+            if _parse_state(current) != state:
+                self.store.write(f"{dev.nodename}/state", str(state), tx)
+            return True
+
+        old = dev.state
+        dev.state = state
+        if self.store.run_transaction(body):
+            log.info("%s: %s -> %s", dev.nodename, STATE_NAMES.get(old, old), STATE_NAMES.get(state, state))
+
+    def dev_fatal(self, dev: VbdDevice, err: int, message: str) -> None:
+        """xenbus_dev_fatal: record the error, then Closing."""
+        text = f"{err} {message}"
+        log.error("%s: fatal: %s", dev.nodename, text)
+        try:
+            self.store.write(f"{dev.nodename}/error", text)
+        except Exception as exc:
+            log.warning("%s: could not write the error node: %s", dev.nodename, exc)
+        if dev.state not in (CLOSING, CLOSED):
+            self.switch_state(dev, CLOSING)
+
+    def unregister(self, dev: VbdDevice) -> None:
+        """device_unregister: forget the device (the dir stays for the toolstack to remove)."""
+        with self._lock:
+            if self.devices.get(dev.nodename) is dev:
+                del self.devices[dev.nodename]
+                self.unregistered.add(dev.nodename)
+        self._unwatch_frontend(dev)
+        self.driver.remove(dev)
+
+    # -- watches ------------------------------------------------------------------
+    def _on_backend_event(self, path: str, _token: str) -> None:
+        try:
+            self._backend_event(path)
+        except Exception:
+            log.exception("handling %s", path)
+
+    def _backend_event(self, path: str) -> None:
+        if path != self.base and not path.startswith(self.base + "/"):
+            return
+        parts = path[len(self.base):].strip("/").split("/") if path != self.base else []
+        if len(parts) < 2:
+            self._scan(path)
+            return
+        nodename = f"{self.base}/{parts[0]}/{parts[1]}"
+        with self._lock:
+            dev = self.devices.get(nodename)
+        if dev is None:
+            self._consider(nodename)
+        elif not self.store.exists(nodename):
+            self._gone(dev)
+        else:
+            self.driver.backend_changed(dev, path)
+
+    def _scan(self, path: str) -> None:
+        """A watch event at or above a device dir: look at every device below."""
+        found = set()
+        for fe in self._dir(self.base):
+            for devid in self._dir(f"{self.base}/{fe}"):
+                nodename = f"{self.base}/{fe}/{devid}"
+                found.add(nodename)
+                if nodename not in self.devices:
+                    self._consider(nodename)
+        with self._lock:
+            gone = [dev for name, dev in self.devices.items() if name not in found]
+        for dev in gone:
+            self._gone(dev)
+        self.unregistered &= found
+
+    def _dir(self, path: str) -> list[str]:
+        try:
+            return self.store.directory(path)
+        except Exception as exc:
+            if getattr(exc, "errno_name", None) == "ENOENT":
+                return []
+            raise
+
+    def _consider(self, nodename: str) -> None:
+        """A dir we do not know: probe it once frontend and frontend-id are there."""
+        if nodename in self.unregistered:
+            return
+        tail = nodename[len(self.base) + 1:].split("/")
+        if len(tail) != 2 or not tail[1].isdigit() or not tail[0].isdigit():
+            return
+        frontend = self.store.try_read(f"{nodename}/frontend")
+        frontend_id = self.store.try_read(f"{nodename}/frontend-id")
+        state = self.store.try_read(f"{nodename}/state")
+        if frontend is None or frontend_id is None or state is None:
+            return  # not fully written yet (the toolstack writes it in one transaction, but be lenient)
+        if not frontend_id.isdigit() or frontend_id != tail[0]:
+            log.error("%s: frontend-id %r does not match the dir", nodename, frontend_id)
+            return
+        dev = VbdDevice(nodename, frontend, int(frontend_id), int(tail[1]), state=_parse_state(state))
+        with self._lock:
+            if nodename in self.devices:
+                return
+            self.devices[nodename] = dev
+        log.info("%s: probing (frontend %s)", nodename, frontend)
+        with dev.lock:
+            self.driver.probe(dev)
+        self.store.watch(f"{frontend}/state", f"fe:{nodename}", self._on_frontend_event)
+
+    def _on_frontend_event(self, _path: str, token: str) -> None:
+        nodename = token[3:]
+        with self._lock:
+            dev = self.devices.get(nodename)
+        if dev is None:
+            return
+        try:
+            state = _parse_state(self.store.try_read(f"{dev.otherend}/state"))
+            self.driver.otherend_changed(dev, state)
+        except Exception:
+            log.exception("%s: handling the frontend's state", nodename)
+
+    def _unwatch_frontend(self, dev: VbdDevice) -> None:
+        try:
+            self.store.unwatch(f"{dev.otherend}/state", f"fe:{dev.nodename}")
+        except Exception:
+            pass
+
+    def _gone(self, dev: VbdDevice) -> None:
+        with self._lock:
+            if self.devices.pop(dev.nodename, None) is None:
+                return
+        log.info("%s: backend dir removed", dev.nodename)
+        self._unwatch_frontend(dev)
+        self.driver.remove(dev)
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m xenbed.drivers.blk.back", description=__doc__.split("\n")[0])
+    parser.add_argument("--domid", type=int, default=None, help="our domid (default: the link's)")
+    parser.add_argument("--run-hotplug", action="store_true",
+                        help="run the block hotplug step on probe/remove (default: the toolstack runs it)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s blkback %(levelname)s %(message)s")
+    from xenbed.drivers.xen.evtchn import EventChannels
+    from xenbed.drivers.xen.gnttab import GrantTable
+    from xenbed.drivers.xen.hypercall import HypervisorLink
+    from xenbed.drivers.xen.store import XenStoreClient
+
+    link = HypervisorLink.open(role="device")
+    store = XenStoreClient()
+    domid = args.domid if args.domid is not None else link.domid
+    bus = VbdBackendBus(store, domid)
+    driver = Blkback(bus, GrantTable(link), EventChannels(link), run_hotplug=args.run_hotplug)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    bus.start(driver)
+    log.info("blkback for dom%d watching %s", domid, bus.base)
+    while not done.wait(1.0):
+        if store.closed.is_set() or link.closed.is_set():
+            log.error("lost %s", "the store" if store.closed.is_set() else "the hypervisor link")
+            break
+    log.info("shutting down")
+    bus.stop()
+    store.close()
+    link.close()
+    return 0 if done.is_set() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
