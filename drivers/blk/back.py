@@ -255,6 +255,7 @@ _memview_from_memory.restype = ctypes.py_object
 _memview_from_memory.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
 _PyBUF_WRITE = 0x200
 _MAP_FIXED = 0x10
+_PROT_NONE = 0
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -264,7 +265,7 @@ class ContiguousPages:
 
     def __init__(self, fds: list[int]):
         self.size = len(fds) * XEN_PAGE_SIZE
-        addr = _libc.mmap(None, self.size, mmap.PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        addr = _libc.mmap(None, self.size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
         if addr in (None, _MAP_FAILED):
             raise OSError(ctypes.get_errno(), "reserving ring address space")
         self.addr = addr
