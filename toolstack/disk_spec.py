@@ -176,6 +176,7 @@ class _Parse:
         self.spec = ""
         self.values: dict[str, object] = {}
         self.offsets: dict[str, int] = {}
+        self.tokens: dict[str, str] = {}
         self.had_depr_prefix = False
         self.access_set = False            # the positional access slot is used
 
@@ -193,6 +194,7 @@ class _Parse:
                           token, offset)
         self.values[name] = value
         self.offsets[name] = offset
+        self.tokens[name] = token
 
     # value setters, as libxlu's setformat/setaccess/...
     def format(self, value: str, token: str, offset: int) -> None:
@@ -388,7 +390,8 @@ def parse_disk_spec(text: str | Iterable[str]) -> DiskSpec:
     if target == "" and not is_cdrom:
         p.fail("empty target: only a cdrom drive may be empty", "", p.offsets.get("target"))
     if fmt == "empty" and target:
-        p.fail("format=empty is only for an empty cdrom drive", "format=empty")
+        p.fail("format=empty is only for an empty cdrom drive", p.tokens.get("format"),
+               p.offsets.get("format"))
     try:
         devnum = vdev_to_number(vdev)
     except VdevError as e:
