@@ -54,7 +54,7 @@ EXTENDED = 1 << 28  # xvd disks or partitions past 15
 
 INT_MAX = (1 << 31) - 1
 
-# kind: (max disk index, max partition, human name, first..last name)
+# kind: (max disk index, max partition, what it is called)
 _LIMITS = {
     "xvd": ((1 << 20) - 1, 255, "Xen virtual disk"),
     "hd": (3, 63, "IDE disk"),

@@ -125,7 +125,7 @@ def test_leading_whitespace_is_ignored():
 # ---- deprecated prefixes ----------------------------------------------------
 
 @pytest.mark.parametrize("text,fmt,script,target", [
-    ("phy:/dev/loop0,xvdb,w", "raw", None, "/dev/loop0"),
+    ("phy:/dev/loop0,xvda,w", "raw", None, "/dev/loop0"),
     ("file:/img,xvda,w", "raw", None, "/img"),
     ("tap:aio:/img,xvda,w", "raw", None, "/img"),
     ("tap2:aio:/img,xvda,w", "raw", None, "/img"),
@@ -145,9 +145,8 @@ def test_leading_whitespace_is_ignored():
 ])
 def test_deprecated_prefixes(text, fmt, script, target):
     d = parse_disk_spec(text)
-    assert (d.format, d.script, d.target, d.vdev, d.readonly) == (fmt, script, target, "xvda"
-                                                                  if "xvda" in text else "xvdb",
-                                                                  False)
+    assert (d.format, d.script, d.target) == (fmt, script, target)
+    assert (d.vdev, d.devnum, d.readonly) == ("xvda", 51712, False)
 
 
 def test_deprecated_prefix_means_no_format_slot():
