@@ -75,6 +75,11 @@ def run_autostart(directory: str) -> None:
     subprocess.run([python, "-m", "xenbed.toolstack.init_dom0"], check=True)
     if not os.path.isdir(directory):
         return
+    # An executable `pre-start` there runs first (e.g. to create disk
+    # images), as xendomains users put such steps before their guests start.
+    hook = os.path.join(directory, "pre-start")
+    if os.path.isfile(hook):
+        subprocess.run(["sh", hook], check=True)
     for name in sorted(os.listdir(directory)):
         if not name.endswith(".cfg"):
             continue
