@@ -4,6 +4,20 @@
 uses in place of hypercall instructions.  Calls block the calling thread until
 their reply arrives; a reader thread matches replies to calls by seq and runs
 upcall handlers (so a handler must not block for long, as with an interrupt).
+
+Three ways to call:
+
+* `call(op, body)` -> reply body.  Descriptors the reply carries are closed.
+* `call_with_fds(op, body)` -> (reply body, descriptors): the caller owns the
+  descriptors (MEM_ALLOC's pages, GNTTAB_MAP's page) and must close them.
+* `send_oneway(op, body)`: a frame with seq 0, for which the hypervisor sends
+  no reply (EVTCHN_SEND, EVTCHN_CLEAR): one write, nothing to wait for.  Frames
+  on one link are handled in the order sent, so a oneway frame takes effect
+  before any call sent after it.
+
+An upcall handler runs on the reader thread: while it runs no reply can be
+delivered, so it must never make a blocking `call` on the same link (it would
+wait for a reply only it could deliver); `send_oneway` is fine.
 """
 
 from __future__ import annotations
@@ -22,7 +36,10 @@ from xenbed.protocols import hypercall as hc
 log = logging.getLogger("xenbed.hypercall")
 
 DEFAULT_SOCKET = "/run/xenbed/hypervisor.sock"
-MAX_FDS_PER_MESSAGE = 8
+# Room for descriptors per recvmsg: MEM_ALLOC answers up to 64 pages in one
+# frame, and a control buffer too small for a message's descriptors truncates
+# them (MSG_CTRUNC), losing pages.  253 is Linux's SCM_MAX_FD.
+MAX_FDS_PER_MESSAGE = 253
 
 
 class HypercallError(Exception):
@@ -60,6 +77,7 @@ class HypervisorLink:
         self._reader: threading.Thread | None = None
         self.closed = threading.Event()
         self.close_reason = ""
+        self._close_callbacks: list[Callable[[], None]] = []
 
     # -- connection ------------------------------------------------------------
     def connect(self) -> None:
@@ -106,11 +124,40 @@ class HypervisorLink:
     def on_upcall(self, op: hc.Call, handler: Callable[[hc.Frame], None]) -> None:
         self._handlers[int(op)] = handler
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run `callback` (on the reader thread) once the link is gone, e.g. to
+        wake threads waiting for upcalls that will never come."""
+        self._close_callbacks.append(callback)
+
     # -- calls -----------------------------------------------------------------
     def call(self, op: hc.Call, body: dict | None = None, fds: list[int] | None = None, timeout: float = 30.0) -> dict:
+        """Call and wait for the reply body; raises HypercallError on an error
+        reply.  Descriptors the reply carries are closed (see call_with_fds)."""
+        reply = self._call(op, body, fds, timeout)
+        _close_all(reply.fds)
+        return reply.body
+
+    def call_with_fds(self, op: hc.Call, body: dict | None = None, fds: list[int] | None = None,
+                      timeout: float = 30.0) -> tuple[dict, list[int]]:
+        """Call and return (reply body, descriptors the reply carried).  The
+        caller owns the descriptors and must close them."""
+        reply = self._call(op, body, fds, timeout)
+        return reply.body, list(reply.fds)
+
+    def send_oneway(self, op: hc.Call, body: dict | None = None) -> None:
+        """Send a call with seq 0: the hypervisor answers nothing, not even an
+        error (EVTCHN_SEND, EVTCHN_CLEAR).  One write on the socket."""
+        sock = self.sock
+        if sock is None or self.closed.is_set():
+            raise LinkClosed(f"link to {self.path} is closed: {self.close_reason}")
+        data = hc.call(op, 0, body).encode()
+        with self._send_lock:
+            sock.sendall(data)
+
+    def _call(self, op: hc.Call, body: dict | None, fds: list[int] | None, timeout: float) -> hc.Frame:
         if self.sock is None or self.closed.is_set():
             raise LinkClosed(f"link to {self.path} is closed: {self.close_reason}")
-        seq = next(self._seq)
+        seq = next(self._seq) & 0xFFFFFFFF or next(self._seq)  # 0 means "no reply"
         frame = hc.call(op, seq, body, fds)
         pending = _Pending()
         with self._lock:
@@ -123,16 +170,22 @@ class HypervisorLink:
                 else:
                     self.sock.sendall(data)
             if not pending.event.wait(timeout):
-                raise TimeoutError(f"{hc.Call(op).name} got no reply from the hypervisor within {timeout}s")
-        finally:
+                raise TimeoutError(f"{_op_name(op)} got no reply from the hypervisor within {timeout}s")
+        except BaseException:
             with self._lock:
                 self._pending.pop(seq, None)
+            if pending.frame is not None:  # a reply that raced our giving up
+                _close_all(pending.frame.fds)
+            raise
+        with self._lock:
+            self._pending.pop(seq, None)
         reply = pending.frame
         if reply is None:
-            raise LinkClosed(f"link closed while waiting for {hc.Call(op).name}: {self.close_reason}")
+            raise LinkClosed(f"link closed while waiting for {_op_name(op)}: {self.close_reason}")
         if reply.flags & hc.Flag.ERROR:
-            raise HypercallError(hc.Call(op).name, reply.body.get("error", "EIO"), reply.body.get("message", ""))
-        return reply.body
+            _close_all(reply.fds)
+            raise HypercallError(_op_name(op), reply.body.get("error", "EIO"), reply.body.get("message", ""))
+        return reply
 
     # -- reader ----------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -156,9 +209,15 @@ class HypervisorLink:
             self.close_reason = f"hypervisor broke the protocol: {exc}"
         finally:
             self.closed.set()
+            _close_all(reader.take_stray_fds())
             with self._lock:
                 for pending in self._pending.values():
                     pending.event.set()
+            for callback in self._close_callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("link close callback failed")
 
     def _dispatch(self, frame: hc.Frame) -> None:
         if frame.flags & hc.Flag.UPCALL:
@@ -173,12 +232,26 @@ class HypervisorLink:
             return
         with self._lock:
             pending = self._pending.get(frame.seq)
-        if pending is None:
-            for fd in frame.fds:
-                os.close(fd)
-            return
-        pending.frame = frame
-        pending.event.set()
+            if pending is not None:
+                pending.frame = frame
+                pending.event.set()
+        if pending is None:  # nobody waits (timed out): do not leak its descriptors
+            _close_all(frame.fds)
+
+
+def _op_name(op: int) -> str:
+    try:
+        return hc.Call(op).name
+    except ValueError:
+        return f"op {op}"
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def connect_with_retry(credential: str, role: str, *, path: str | None = None, give_up_after: float | None = None,
