@@ -15,6 +15,7 @@ import sys
 
 from xenbed.hypervisor.domains import DomainTable, parse_credentials
 from xenbed.hypervisor.server import HypervisorServer
+from xenbed.hypervisor.sharing import Sharing
 from xenbed.hypervisor.xenstored import XenStore, XenStoreError
 from xenbed.hypervisor.xenstored.quota import Quota
 from xenbed.protocols import hypercall as hc
@@ -24,6 +25,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="xenbed-hypervisor", description=__doc__)
     parser.add_argument("--run-dir", default=os.environ.get("XENBED_RUN_DIR", "/run/xenbed"),
                         help="where hypervisor.sock is created (a volume the domains share)")
+    parser.add_argument("--memory-dir", default=os.environ.get("XENBED_MEMORY_DIR", "/var/lib/xenbed/memory"),
+                        help="guest memory: page files on a tmpfs only the hypervisor and dom0 mount")
     parser.add_argument("--health", action="store_true", help="check that a running service answers, then exit")
     parser.epilog = ("xenstored quotas may follow, as --quota-NAME VALUE (names: "
                      + ", ".join(Quota.names()) + "); dom0 is exempt from all of them.")
@@ -58,7 +61,7 @@ def health(run_dir: str) -> int:
 
 async def serve(args) -> None:
     credentials = parse_credentials(os.environ.get("XENBED_CREDENTIALS", ""))
-    server = HypervisorServer(args.run_dir, DomainTable(credentials), XenStore(args.quota))
+    server = HypervisorServer(args.run_dir, DomainTable(credentials), XenStore(args.quota), Sharing(args.memory_dir))
     await server.start()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -38,6 +38,7 @@ class Privilege(str, enum.Enum):
 class DomainState(str, enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
+    SUSPENDED = "suspended"  # the guest saved its state; memory stays, nothing runs
     DYING = "dying"  # its kernel went away; resources are being torn down
 
 
@@ -164,6 +165,20 @@ class DomainTable:
         if domain.state is DomainState.DYING:
             raise DomainError("ESRCH", f"domain {domid} is dying")
         domain.state = DomainState.PAUSED if paused else DomainState.RUNNING
+        return domain
+
+    def set_suspended(self, caller: Domain, domid: int, suspended: bool) -> Domain:
+        self.require_control(caller, "suspending a domain")
+        domain = self.get(domid)
+        if domid == 0:
+            raise DomainError("EINVAL", "dom0 cannot be suspended")
+        if domain.state is DomainState.DYING:
+            raise DomainError("ESRCH", f"domain {domid} is dying")
+        if suspended and domain.state is DomainState.SUSPENDED:
+            raise DomainError("EINVAL", f"domain {domid} is already suspended")
+        if not suspended and domain.state is not DomainState.SUSPENDED:
+            raise DomainError("EINVAL", f"domain {domid} is not suspended")
+        domain.state = DomainState.SUSPENDED if suspended else DomainState.RUNNING
         return domain
 
     def mark_dying(self, domid: int) -> Domain:

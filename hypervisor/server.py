@@ -26,13 +26,14 @@ import socket
 from dataclasses import dataclass, field
 
 from xenbed.hypervisor.domains import Domain, DomainError, DomainState, DomainTable, Privilege
+from xenbed.hypervisor.sharing import LinkResources, Reply, Sharing
 from xenbed.hypervisor.xenstored import XenStore
 from xenbed.protocols import hypercall as hc
 from xenbed.protocols import xs_wire
 
 log = logging.getLogger("xenbed.hypervisor")
 
-MAX_FDS_PER_MESSAGE = 8
+MAX_FDS_PER_MESSAGE = 64
 XS_WRITE_HIGH_WATER = 256 * 1024  # stop reading a store client that does not read its replies
 
 
@@ -53,7 +54,10 @@ class DomainLink:
     reader: hc.FrameReader = field(default_factory=hc.FrameReader)
     domain: Domain | None = None
     role: str = ""
-    out: bytearray = field(default_factory=bytearray)
+    resources: LinkResources = field(default_factory=LinkResources)
+    # Work to do once the current call's reply is on its way (upcalls that
+    # must not overtake the reply, e.g. a newly bound port's first event).
+    after_reply: list = field(default_factory=list)
 
     def describe(self) -> str:
         if self.domain is None:
@@ -126,10 +130,12 @@ class EchoProtocol(asyncio.Protocol):
 
 
 class HypervisorServer:
-    def __init__(self, run_dir: str, domains: DomainTable, store: XenStore) -> None:
+    def __init__(self, run_dir: str, domains: DomainTable, store: XenStore, sharing: Sharing) -> None:
         self.run_dir = run_dir
         self.domains = domains
         self.store = store
+        self.sharing = sharing
+        sharing.deliver = self._send
         self.links: set[DomainLink] = set()
         self.xs_connections: dict = {}  # store Connection -> its XenStoreConnection
         self._listeners: list[socket.socket] = []
@@ -148,6 +154,8 @@ class HypervisorServer:
         # dom0 exists from boot and is introduced to its store from the start,
         # as Xen's xenstored knows dom0 without an XS_INTRODUCE.
         self.store.introduce_domain(0)
+        dom0 = self.domains.get(0)
+        self.sharing.add_domain(0, dom0.memory_mb, privileged=True)
         listener = self._listen(self.socket_path)
         self.loop.add_reader(listener, self._accept_link, listener)
         echo_path = os.path.join(self.run_dir, "echo.sock")
@@ -214,6 +222,9 @@ class HypervisorServer:
             self._send(link, hc.error(frame, "EINVAL", "domains send calls, not replies or upcalls"))
             return
         handler = self._handlers.get(frame.op)
+        # seq 0 asks for no reply (the event-channel fast path); a refusal is
+        # then only logged, as the caller is not waiting for one.
+        wants_reply = frame.seq != 0
         try:
             if handler is None:
                 raise DomainError("ENOSYS", f"unknown call {frame.op}")
@@ -221,14 +232,28 @@ class HypervisorServer:
                 raise DomainError("EACCES", f"{frame.op_name} before HELLO")
             result = handler(self, link, frame)
         except DomainError as exc:
-            self._close_fds(frame.fds)
-            self._send(link, hc.error(frame, exc.code, exc.message))
+            self._refuse(link, frame, wants_reply, exc.code, exc.message)
             return
         except (KeyError, TypeError, ValueError) as exc:
-            self._close_fds(frame.fds)
-            self._send(link, hc.error(frame, "EINVAL", f"bad arguments to {frame.op_name}: {exc!r}"))
+            self._refuse(link, frame, wants_reply, "EINVAL", f"bad arguments to {frame.op_name}: {exc!r}")
             return
-        self._send(link, hc.reply(frame, result))
+        if wants_reply:
+            if isinstance(result, Reply):
+                self._send(link, hc.reply(frame, result.body, result.fds))
+            else:
+                self._send(link, hc.reply(frame, result))
+        if isinstance(result, Reply):
+            self._close_fds(result.fds)  # the domain holds its own duplicates now
+        while link.after_reply:
+            link.after_reply.pop(0)()
+
+    def _refuse(self, link: DomainLink, frame: hc.Frame, wants_reply: bool, code: str, message: str) -> None:
+        self._close_fds(frame.fds)
+        link.after_reply.clear()
+        if wants_reply:
+            self._send(link, hc.error(frame, code, message))
+        else:
+            log.info("%s: one-way %s refused: %s %s", link.describe(), frame.op_name, code, message)
 
     def _send(self, link: DomainLink, frame: hc.Frame) -> None:
         data = frame.encode()
@@ -251,7 +276,10 @@ class HypervisorServer:
         link.sock.close()
         domain = link.domain
         (log.debug if domain is None else log.info)("%s dropped: %s", link.describe(), why)
-        if domain is None or link.role != "kernel":
+        if domain is None:
+            return
+        self.sharing.release_link(domain.domid, link.resources)
+        if link.role != "kernel":
             return
         domain.kernel_connected = False
         if domain.is_control:
@@ -261,13 +289,16 @@ class HypervisorServer:
         self.domain_died(domain)
 
     def domain_died(self, domain: Domain) -> None:
-        """The domain's kernel is gone: tear down what it had in the store."""
-        if domain.state is not DomainState.DYING:
-            self.domains.mark_dying(domain.domid)
+        """The domain's kernel is gone: tear down its links, its store
+        connections and nodes, its ports and its grants (once only)."""
+        if domain.state is DomainState.DYING:
+            return
+        self.domains.mark_dying(domain.domid)
         for link in [l for l in self.links if l.domain is domain]:
             self._drop_link(link, f"domain {domain.domid} is dying")
         for conn in [c for c in self.xs_connections.values() if c.domid == domain.domid]:
             conn.transport.close()
+        self.sharing.domain_dying(domain.domid)
         self.store.release_domain(domain.domid)
         self.flush_watch_events()
 
@@ -337,6 +368,7 @@ class HypervisorServer:
     def _call_domain_create(self, link, frame):
         privilege = Privilege(frame.body.get("privilege", "none"))
         domain = self.domains.create(link.domain, str(frame.body["name"]), int(frame.body.get("memory_mb", 64)), privilege)
+        self.sharing.add_domain(domain.domid, domain.memory_mb, privileged=False)
         log.info("created dom%d (%s) for dom%d", domain.domid, domain.name, link.domain.domid)
         return {"domid": domain.domid, "credential": domain.credential}
 
@@ -348,6 +380,7 @@ class HypervisorServer:
             self._send(other, hc.upcall(hc.Call.UP_DESTROYED, {"domid": domid}))
         self.domain_died(domain)
         self.domains.destroy(link.domain, domid)
+        self.sharing.domain_destroyed(domid)
         return {}
 
     def _call_domain_list(self, link, frame):
@@ -360,6 +393,12 @@ class HypervisorServer:
     def _call_domain_unpause(self, link, frame):
         return self.domains.set_paused(link.domain, int(frame.body["domid"]), False).summary()
 
+    def _call_domain_suspend(self, link, frame):
+        return self.domains.set_suspended(link.domain, int(frame.body["domid"]), True).summary()
+
+    def _call_domain_resume(self, link, frame):
+        return self.domains.set_suspended(link.domain, int(frame.body["domid"]), False).summary()
+
     _handlers = {
         hc.Call.PING: _call_ping,
         hc.Call.HELLO: _call_hello,
@@ -370,6 +409,10 @@ class HypervisorServer:
         hc.Call.DOMAIN_LIST: _call_domain_list,
         hc.Call.DOMAIN_PAUSE: _call_domain_pause,
         hc.Call.DOMAIN_UNPAUSE: _call_domain_unpause,
+        hc.Call.DOMAIN_SUSPEND: _call_domain_suspend,
+        hc.Call.DOMAIN_RESUME: _call_domain_resume,
+        **{op: (lambda fn: lambda self, link, frame: fn(self.sharing, link, frame))(fn)
+           for op, fn in Sharing.HANDLERS.items()},
     }
 
     def on_domain_introduced(self, domid: int) -> None:

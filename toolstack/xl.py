@@ -87,7 +87,7 @@ class Toolstack:
         self.link.call(hc.Call.DOMAIN_PAUSE if paused else hc.Call.DOMAIN_UNPAUSE, {"domid": domid})
 
 
-_STATE_FLAGS = {"running": "r-----", "paused": "--p---", "dying": "-----d"}
+_STATE_FLAGS = {"running": "r-----", "paused": "--p---", "suspended": "---s--", "dying": "-----d"}
 
 
 def format_list(domains: list[dict]) -> str:

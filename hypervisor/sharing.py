@@ -1,0 +1,310 @@
+"""The calls by which domains share memory and signal each other: guest
+memory, grant table v1 and event channels, over the hypervisor socket.
+
+The decisions are made by the pure cores (`gnttab`, `evtchn`); this module
+turns calls into core operations, core results into replies, and moves the
+bytes and descriptors the cores only talk about (page files, SCM_RIGHTS).
+
+Ownership follows Linux's device files: ports, grants and mappings belong to
+the link (an open "device") that made them.  When a link closes, its mappings
+are unmapped, its ports closed (their peers go back to unbound) and its grants
+ended where nobody maps them any more -- so a killed driver process leaks
+nothing.  Upcalls for a port go to the link that owns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from xenbed.hypervisor import gnttab as gt
+from xenbed.hypervisor.domains import DomainError
+from xenbed.hypervisor.evtchn import EventChannels, EvtchnError, Notify
+from xenbed.hypervisor.memory import GuestMemory, MemoryError_
+from xenbed.protocols import hypercall as hc
+
+log = logging.getLogger("xenbed.hypervisor.sharing")
+
+GNTST_NAMES = {value: name for name, value in vars(gt).items() if name.startswith("GNTST_") and isinstance(value, int)}
+MAX_PAGES_PER_CALL = 64
+
+
+class GrantRefused(DomainError):
+    """A grant-table call answered with a GNTST status other than okay."""
+
+    def __init__(self, status: int, what: str) -> None:
+        super().__init__(GNTST_NAMES.get(status, f"GNTST_{status}"), f"{what}: {gt.gntst_message(status)}")
+        self.status = status
+
+
+@dataclass
+class Reply:
+    """A call's result that carries descriptors too."""
+
+    body: dict
+    fds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LinkResources:
+    """What one link made, to be undone when it closes."""
+
+    ports: set[int] = field(default_factory=set)
+    grants: set[int] = field(default_factory=set)
+    mappings: set[int] = field(default_factory=set)
+
+
+def _port(body) -> int:
+    port = body["port"]
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise ValueError(f"port must be an integer, not {port!r}")
+    return port
+
+
+class Sharing:
+    def __init__(self, memory_root: str) -> None:
+        self.memory = GuestMemory(memory_root)
+        self.gnttab = gt.Gnttab()
+        self.evtchn = EventChannels(is_privileged=self._is_privileged)
+        self.port_owner: dict[tuple[int, int], object] = {}
+        self._privileged: set[int] = set()
+        self.deliver = None  # set by the server: deliver(link, frame)
+
+    # -- domain lifecycle --------------------------------------------------------
+    def add_domain(self, domid: int, memory_mb: int, privileged: bool) -> None:
+        self.memory.add_domain(domid, memory_mb)
+        self.gnttab.add_domain(domid, nr_pages=self.memory.max_pages(domid))
+        self.evtchn.add_domain(domid)
+        if privileged:
+            self._privileged.add(domid)
+
+    def _is_privileged(self, caller: int, target: int) -> bool:
+        return caller in self._privileged
+
+    def domain_dying(self, domid: int) -> None:
+        """Its ports close (peers see unbound), its grants can no longer be
+        mapped; pages others map stay valid until they unmap."""
+        self.gnttab.domain_dying(domid)
+        self.evtchn.domain_dying(domid)
+        for key in [k for k in self.port_owner if k[0] == domid]:
+            del self.port_owner[key]
+
+    def domain_destroyed(self, domid: int) -> None:
+        holders = self.gnttab.domain_destroyed(domid)
+        if holders:
+            log.info("dom%d destroyed while domains %s still map its pages", domid, list(holders))
+        self.evtchn.domain_destroyed(domid)
+        self.memory.remove_domain(domid)  # mapped pages live on in their mappers' fds
+        self._privileged.discard(domid)
+
+    def release_link(self, domid: int, resources: LinkResources) -> None:
+        for handle in sorted(resources.mappings):
+            self.gnttab.unmap(domid, handle)
+        for port in sorted(resources.ports):
+            try:
+                self.evtchn.close(domid, port)
+            except EvtchnError:
+                pass  # already closed with its domain
+            self.port_owner.pop((domid, port), None)
+        for gref in sorted(resources.grants):
+            try:
+                ended = self.gnttab.end_access(domid, gref)
+            except gt.GnttabUsageError:
+                continue  # the domain is gone already
+            if not ended.ok:
+                log.info("dom%d grant %d still mapped by %s after its link closed", domid, gref, ended.mappers)
+        resources.ports.clear()
+        resources.grants.clear()
+        resources.mappings.clear()
+
+    def _notify(self, notify: Notify | None) -> None:
+        if notify is None:
+            return
+        owner = self.port_owner.get((notify.domid, notify.port))
+        if owner is not None and self.deliver is not None:
+            self.deliver(owner, hc.upcall(hc.Call.UP_EVTCHN, {"port": notify.port}))
+
+    # -- memory --------------------------------------------------------------------
+    def mem_alloc(self, link, frame):
+        count = frame.body.get("count", 1)
+        if not isinstance(count, int) or not 1 <= count <= MAX_PAGES_PER_CALL:
+            raise DomainError("EINVAL", f"count must be 1..{MAX_PAGES_PER_CALL}, not {count!r}")
+        try:
+            pages = self.memory.alloc(link.domain.domid, count)
+        except MemoryError_ as exc:
+            raise DomainError(exc.code, exc.message) from None
+        return Reply({"gfns": [g for g, _ in pages]}, [fd for _, fd in pages])
+
+    def mem_map(self, link, frame):
+        try:
+            fd = self.memory.open_page(link.domain.domid, int(frame.body["gfn"]), writable=True)
+        except MemoryError_ as exc:
+            raise DomainError(exc.code, exc.message) from None
+        return Reply({}, [fd])
+
+    def mem_free(self, link, frame):
+        domid = link.domain.domid
+        gfns = [int(g) for g in frame.body["gfns"]]
+        table = self.gnttab.table(domid)
+        granted = {table.entry(r).frame for r in table.granted_refs()}
+        busy = sorted(set(gfns) & granted)
+        if busy:
+            raise DomainError("EBUSY", f"pages {busy} are still granted")
+        self.memory.free(domid, gfns)
+        return {}
+
+    # -- grant table ---------------------------------------------------------------
+    def grant(self, link, frame):
+        domid = link.domain.domid
+        gfn = int(frame.body["gfn"])
+        if not self.memory.has_page(domid, gfn):
+            raise GrantRefused(gt.GNTST_bad_page, f"dom{domid} has no page {gfn}")
+        granted = self.gnttab.table(domid).grant_access(int(frame.body["domid"]), gfn,
+                                                         bool(frame.body.get("readonly", False)))
+        if not granted.ok:
+            raise GrantRefused(granted.status, "grant")
+        link.resources.grants.add(granted.gref)
+        return {"gref": granted.gref}
+
+    def set_entry(self, link, frame):
+        b = frame.body
+        status = self.gnttab.table(link.domain.domid).set_entry(int(b["gref"]), int(b["flags"]), int(b["domid"]),
+                                                                int(b["frame"]))
+        if status != gt.GNTST_okay:
+            raise GrantRefused(status, "set entry")
+        link.resources.grants.add(int(b["gref"]))
+        return {}
+
+    def end(self, link, frame):
+        gref = int(frame.body["gref"])
+        ended = self.gnttab.end_access(link.domain.domid, gref)
+        if not ended.ok:
+            raise GrantRefused(ended.status, f"end access to gref {gref} (mapped by {list(ended.mappers)})")
+        link.resources.grants.discard(gref)
+        return {}
+
+    def map(self, link, frame):
+        mapper = link.domain.domid
+        granter, gref = int(frame.body["domid"]), int(frame.body["gref"])
+        readonly = bool(frame.body.get("readonly", False))
+        result = self.gnttab.map(mapper, granter, gref, readonly)
+        if not result.ok:
+            raise GrantRefused(result.status, f"map dom{granter} gref {gref}")
+        try:
+            fd = self.memory.open_page(granter, result.frame, writable=not readonly)
+        except (MemoryError_, OSError) as exc:
+            self.gnttab.unmap(mapper, result.handle)
+            raise GrantRefused(gt.GNTST_bad_page, f"map dom{granter} gref {gref}: {exc}") from None
+        link.resources.mappings.add(result.handle)
+        return Reply({"handle": result.handle, "gfn": result.frame}, [fd])
+
+    def unmap(self, link, frame):
+        handle = int(frame.body["handle"])
+        status = self.gnttab.unmap(link.domain.domid, handle)
+        if status != gt.GNTST_okay:
+            raise GrantRefused(status, f"unmap handle {handle}")
+        link.resources.mappings.discard(handle)
+        return {}
+
+    def copy(self, link, frame):
+        caller = link.domain.domid
+        statuses = []
+        for op in frame.body["ops"]:
+            source, dest = self._copy_end(caller, op["src"]), self._copy_end(caller, op["dst"])
+            length = int(op["len"])
+            result = self.gnttab.copy(caller, source, dest, length)
+            if result.ok:
+                try:
+                    data = self.memory.read(result.source.domid, result.source.frame, result.source.offset, length)
+                    self.memory.write(result.dest.domid, result.dest.frame, result.dest.offset, data)
+                except (MemoryError_, OSError):
+                    result = gt.CopyResult(gt.GNTST_bad_page, None, None, 0)
+            statuses.append(result.status)
+        return {"statuses": statuses}
+
+    @staticmethod
+    def _copy_end(caller: int, end: dict):
+        offset = int(end["offset"])
+        if "gref" in end:
+            return gt.ViaGrant(int(end["domid"]), int(end["gref"]), offset)
+        return gt.OwnFrame(int(end["gfn"]), offset)
+
+    def query_size(self, link, frame):
+        nr, most = self.gnttab.query_size(link.domain.domid)
+        return {"nr_frames": nr, "max_frames": most}
+
+    # -- event channels ------------------------------------------------------------
+    def _evtchn(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EvtchnError as exc:
+            raise DomainError(exc.code, str(exc)) from None
+
+    def alloc_unbound(self, link, frame):
+        domid = link.domain.domid
+        port = self._evtchn(self.evtchn.alloc_unbound, domid, int(frame.body["remote_dom"]))
+        link.resources.ports.add(port)
+        self.port_owner[(domid, port)] = link
+        return {"port": port}
+
+    def bind_interdomain(self, link, frame):
+        domid = link.domain.domid
+        bound = self._evtchn(self.evtchn.bind_interdomain, domid, int(frame.body["remote_dom"]),
+                             int(frame.body["remote_port"]))
+        link.resources.ports.add(bound.port)
+        self.port_owner[(domid, bound.port)] = link
+        # A newly bound port starts pending: the upcall follows the reply.
+        link.after_reply.append(lambda: self._notify(bound.notify))
+        return {"port": bound.port}
+
+    def send(self, link, frame):
+        self._notify(self._evtchn(self.evtchn.send, link.domain.domid, _port(frame.body)))
+        return {}
+
+    def clear(self, link, frame):
+        self._evtchn(self.evtchn.clear_pending, link.domain.domid, _port(frame.body))
+        return {}
+
+    def unmask(self, link, frame):
+        notify = self._evtchn(self.evtchn.unmask, link.domain.domid, _port(frame.body))
+        link.after_reply.append(lambda: self._notify(notify))
+        return {}
+
+    def mask(self, link, frame):
+        self._evtchn(self.evtchn.mask, link.domain.domid, _port(frame.body))
+        return {}
+
+    def close(self, link, frame):
+        domid, port = link.domain.domid, _port(frame.body)
+        self._evtchn(self.evtchn.close, domid, port)
+        link.resources.ports.discard(port)
+        self.port_owner.pop((domid, port), None)
+        return {}
+
+    def status(self, link, frame):
+        caller = link.domain.domid
+        target = int(frame.body.get("domid", caller))
+        return self._evtchn(self.evtchn.status, target, _port(frame.body), caller=caller)
+
+    HANDLERS = {
+        hc.Call.MEM_ALLOC: mem_alloc,
+        hc.Call.MEM_MAP: mem_map,
+        hc.Call.MEM_FREE: mem_free,
+        hc.Call.GNTTAB_GRANT: grant,
+        hc.Call.GNTTAB_SET_ENTRY: set_entry,
+        hc.Call.GNTTAB_END: end,
+        hc.Call.GNTTAB_MAP: map,
+        hc.Call.GNTTAB_UNMAP: unmap,
+        hc.Call.GNTTAB_COPY: copy,
+        hc.Call.GNTTAB_QUERY_SIZE: query_size,
+        hc.Call.EVTCHN_ALLOC_UNBOUND: alloc_unbound,
+        hc.Call.EVTCHN_BIND_INTERDOMAIN: bind_interdomain,
+        hc.Call.EVTCHN_SEND: send,
+        hc.Call.EVTCHN_CLEAR: clear,
+        hc.Call.EVTCHN_UNMASK: unmask,
+        hc.Call.EVTCHN_MASK: mask,
+        hc.Call.EVTCHN_CLOSE: close,
+        hc.Call.EVTCHN_STATUS: status,
+    }
+
