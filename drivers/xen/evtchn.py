@@ -35,9 +35,19 @@ The pattern every Xen driver follows, and the one that loses no event:
 Clearing *before* processing is what makes it safe: a send that lands after
 the clear raises a new upcall, and one that landed before it is covered by
 the processing that follows.  Clearing after processing would swallow a
-send that arrived in between.  `clear` is a oneway frame (no reply), sent
-on the same link before anything the driver sends next, so the hypervisor
-has cleared the bit before it sees our reply's notify.
+send that arrived in between.
+
+For that the clear must have *taken effect* before the ring is read, as
+clearing a bit in shared_info has in Xen.  So `clear(port)` is a call that
+waits for the hypervisor's reply (one round trip).  A oneway clear
+(`clear(port, oneway=True)`, one write, no reply) is not enough in general:
+the hypervisor may still see the peer's send before our clear, coalesce it
+into the event we already took, and by then we may have read the ring
+before the peer pushed -- a lost wakeup (the 1000-request ring test hits it
+within a few hundred requests).  The oneway clear is safe only when the peer
+cannot send before it has seen something we send after the clear on the
+same link (strict ping-pong: frames on one link are handled in order), which
+is what tests/bench/guest_evtchn.py measures.
 
 A newly bound port starts pending (Xen: events sent to the unbound port may
 have been lost), so the binder gets one event at once; drivers treat it like
@@ -51,8 +61,8 @@ Delivery to code
 * `on_event(port, callback)`: `callback(port)` on a dispatcher thread, in
   order, so it may call anything (status, unmask, grant maps).  With
   `inline=True` it runs on the link's reader thread instead -- lower latency,
-  but it must not make blocking calls on the link (`notify` and `clear` are
-  oneway and fine).
+  but it must not make blocking calls on the link (`notify` and
+  `clear(oneway=True)` are oneway and fine; plain `clear` is not).
 """
 
 from __future__ import annotations
@@ -129,12 +139,14 @@ class EventChannels:
         else:
             self.link.send_oneway(hc.Call.EVTCHN_SEND, {"port": int(port)})
 
-    def clear(self, port: int, *, checked: bool = False) -> None:
-        """Clear the port's pending bit: the next send raises a new upcall."""
-        if checked:
-            self._call(hc.Call.EVTCHN_CLEAR, {"port": int(port)})
-        else:
+    def clear(self, port: int, *, oneway: bool = False) -> None:
+        """Clear the port's pending bit: the next send raises a new upcall.
+        Waits until the hypervisor has done it (see "Pending and clearing");
+        `oneway=True` only sends the frame."""
+        if oneway:
             self.link.send_oneway(hc.Call.EVTCHN_CLEAR, {"port": int(port)})
+        else:
+            self._call(hc.Call.EVTCHN_CLEAR, {"port": int(port)})
 
     def mask(self, port: int) -> None:
         """Hold upcalls back; sends still set the pending bit."""
@@ -169,12 +181,14 @@ class EventChannels:
         return reply
 
     # -- delivery ------------------------------------------------------------------
-    def wait(self, port: int, timeout: float | None = None, *, clear: bool = True) -> bool:
+    def wait(self, port: int, timeout: float | None = None, *, clear: bool | str = True) -> bool:
         """Block until an upcall for `port` arrived since the last wait (True)
         or `timeout` passed (False).  With `clear` (the default) the pending
         bit is cleared before returning, i.e. before the caller processes the
-        ring -- step 1 of the pattern in the module docstring.  Raises
-        LinkClosed if the link goes away."""
+        ring -- step 1 of the pattern in the module docstring; `clear="oneway"`
+        sends the clear without waiting for it (see the docstring for when
+        that is safe); `clear=False` leaves the bit set.  Raises LinkClosed if
+        the link goes away."""
         port = int(port)
         with self._lock:
             state = self._state(port)
@@ -187,7 +201,7 @@ class EventChannels:
                 raise LinkClosed(f"link closed while waiting on port {port}: {self.link.close_reason}")
             return False
         if clear:
-            self.clear(port)
+            self.clear(port, oneway=clear == "oneway")
         return True
 
     def poll(self, port: int) -> bool:

@@ -183,11 +183,12 @@ BACKEND = """
             continue
         waits += 1
         assert evtchn.wait(port, 30), f"no event from the frontend after {answered} requests"
+    deliveries = evtchn.deliveries(port)
     back.release()
     gnttab.unmap(mapping)
     evtchn.close(port)
     out({"answered": answered, "notified": notified, "suppressed": suppressed, "waits": waits,
-         "deliveries": evtchn.deliveries(port)})
+         "deliveries": deliveries})
 """
 
 
