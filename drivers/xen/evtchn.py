@@ -58,6 +58,10 @@ Delivery to code
 * `wait(port, timeout)` -> True when at least one upcall arrived since the
   last wait (several coalesced upcalls count once); `deliveries(port)` counts
   every upcall ever delivered for the port.
+* With a link opened with `reader="inline"` (no reader thread), the thread
+  in `wait` reads the socket itself and handles the upcall directly: no
+  thread hand-off, the lowest latency (see drivers/xen/hypercall.py).
+  Callbacks then run only while some thread waits or calls `link.pump()`.
 * `on_event(port, callback)`: `callback(port)` on a dispatcher thread, in
   order, so it may call anything (status, unmask, grant maps).  With
   `inline=True` it runs on the link's reader thread instead -- lower latency,
@@ -192,8 +196,12 @@ class EventChannels:
         port = int(port)
         with self._lock:
             state = self._state(port)
-            if not state.unseen:
+            if not state.unseen and not self.link.inline:
                 state.cond.wait_for(lambda: state.unseen or self.link.closed.is_set(), timeout)
+        if self.link.inline and not state.unseen:
+            # no reader thread: read the link ourselves until the upcall comes
+            self.link._await(lambda: state.unseen > 0 or self.link.closed.is_set(), None, timeout)
+        with self._lock:
             got = state.unseen > 0
             state.unseen = 0
         if not got:
