@@ -481,8 +481,19 @@ class Disk:
     until the device is removed (xen_vbd_create .. xen_vbd_free).  A loop
     device gets AUTOCLEAR once open: our close -- or our death -- frees it."""
 
-    def __init__(self, path: str, major: int, minor: int, readonly: bool, discard: bool):
-        fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    def __init__(self, path: str, major: int, minor: int, readonly: bool, discard: bool, direct: bool = True):
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            # O_DIRECT: an acknowledged write has left our page cache for the loop driver (so it is in the
+            # image file's cache, visible to anyone reading the file); granted pages are 4 KiB aligned and
+            # segments 512-byte aligned, as direct I/O needs.
+            fd = os.open(path, flags | (os.O_DIRECT if direct else 0))
+            self.direct = direct
+        except OSError as exc:
+            if not direct or exc.errno != errno.EINVAL:
+                raise
+            fd = os.open(path, flags)
+            self.direct = False
         try:
             st = os.fstat(fd)
             if not stat.S_ISBLK(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (major, minor):
@@ -501,7 +512,7 @@ class Disk:
     @classmethod
     def from_fd_for_tests(cls, fd: int, sectors: int, readonly: bool = False, discard: bool = True) -> Disk:
         disk = cls.__new__(cls)
-        disk.path, disk.fd, disk.physical_device = f"fd:{fd}", fd, (0, 0)
+        disk.path, disk.fd, disk.physical_device, disk.direct = f"fd:{fd}", fd, (0, 0), False
         disk.geometry = DiskGeometry(sectors, readonly, discard and not readonly)
         return disk
 

@@ -177,3 +177,70 @@ class _Contig:
             for fd in dups:
                 os.close(fd)
         self.buf = self.pages.buf
+
+
+class InProcessXenstored:
+    """The pure xenstored core behind a Unix socket, one thread per client,
+    so the real XenStoreClient (and its watches) talk to it."""
+
+    def __init__(self, path: str):
+        import socket
+
+        from xenbed.hypervisor.xenstored import XenStore
+
+        self.store = XenStore()
+        self.lock = threading.Lock()
+        self.socks: dict[int, socket.socket] = {}  # id(conn) -> socket
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(16)
+        self.running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock) -> None:
+        from xenbed.protocols.xs_wire import PacketReader
+
+        with self.lock:
+            conn = self.store.connect(0)
+            self.socks[id(conn)] = sock
+        reader = PacketReader()
+        try:
+            while data := sock.recv(65536):
+                reader.feed(data)
+                while (packet := reader.next_packet()) is not None:
+                    with self.lock:
+                        reply = self.store.handle(conn, packet)
+                        sock.sendall(reply.encode())
+                        for target, packets in self.store.take_outgoing():
+                            out = self.socks.get(id(target))
+                            if out is not None:
+                                try:
+                                    out.sendall(b"".join(p.encode() for p in packets))
+                                except OSError:
+                                    pass
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.store.disconnect(conn)
+                self.socks.pop(id(conn), None)
+            sock.close()
+
+    def close(self) -> None:
+        self.running = False
+        self.listener.close()
+        with self.lock:
+            for sock in self.socks.values():
+                try:
+                    sock.shutdown(2)
+                except OSError:
+                    pass
