@@ -220,9 +220,13 @@ def dev_error(dev: XenbusDevice, err: object, msg: str) -> None:
 
 
 def dev_fatal(dev: XenbusDevice, err: object, msg: str) -> None:
-    """dev_error, then switch to Closing (Linux xenbus_dev_fatal)."""
+    """dev_error, then switch to Closing (Linux xenbus_dev_fatal).
+
+    Unlike Linux, a device already Closed stays Closed: Closed -> Closing
+    is not in the seed table, and there is nothing left to close."""
     dev_error(dev, err, msg)
-    switch_state(dev, XenbusState.Closing, _depth=1)
+    if dev.state != XenbusState.Closed:
+        switch_state(dev, XenbusState.Closing, _depth=1)
 
 
 def grant_ring(dev: XenbusDevice, frames: Sequence[int], readonly: bool = False) -> list[int]:
