@@ -23,6 +23,8 @@ from xenbed.drivers.xenbus import (
 )
 from xenbed.drivers.xenbus.client import XenbusFatal, error_path
 
+from xenbed.protocols.xs_wire import Op
+
 from .xenbus_store import StoreHub
 
 GUEST = 1
@@ -349,6 +351,18 @@ def test_switch_state_is_idempotent(host):
     assert len(host.guest_xs.requests) == before  # not even a transaction
 
 
+def test_switch_state_does_not_rewrite_what_the_store_already_holds(host):
+    fe, be = connect(host)
+    host.tools.unplug(be)  # the tools wrote Closing on the backend's node
+    bdev = host.back.device(be)
+    before = len(host.back_xs.requests)
+    assert bdev.switch_state(S.Closing) is False  # no write, so no watch fires
+    assert bdev.state == S.Closing
+    assert not any(p.op == Op.WRITE for p in host.back_xs.requests[before:])
+    host.pump()
+    assert host.transitions(be)[-2:] == [(S.Connected, S.Closing), (S.Closing, S.Closed)]
+
+
 def test_switch_state_never_resurrects_a_removed_device(host):
     fe, be = connect(host)
     fdev, bdev = host.front.device(fe), host.back.device(be)
@@ -469,8 +483,12 @@ def test_duplicate_and_stale_watch_events_do_not_repeat_callbacks(host):
         host.guest_xs.deliver(fe, f"xenbus-frontend:{host.front.base}/dummy")
     # A rewrite of the same value fires a real watch event: state unchanged, filtered.
     host.tools.xs.write(f"{be}/state", str(int(S.Connected)))
-    # An event for a path that is not the other end (stale details) is ignored.
+    # An event for a path that is not the other end (stale details) is
+    # ignored, even while the other end's state has changed.
+    host.tools.xs.write(f"{be}/state", str(int(S.Closing)))
     host.guest_xs.deliver("/local/domain/0/backend/dummy/1/99/state", fdev._token)
+    assert host.front_drv.calls == before[0]
+    host.tools.xs.write(f"{be}/state", str(int(S.Connected)))  # coalesces: no change seen
     # An event for a token whose watch was dropped is ignored.
     host.guest_xs.deliver(f"{be}/state", "xenbus-otherend:999:nothing")
     host.pump()
