@@ -120,8 +120,8 @@ def be_path(devid=0, guest=GUEST, backend=0):
 
 
 class Toolstack:
-    def __init__(self, hub, recorder):
-        self.xs = hub.connect(0)
+    def __init__(self, xs, recorder):
+        self.xs = xs  # a dom0 store client
         self.recorder = recorder
 
     def make_domain(self, domid):
@@ -178,7 +178,7 @@ class Host:
     def __init__(self, *, skip=False, backend=0):
         self.hub = StoreHub()
         self.recorder = TransitionRecorder()
-        self.tools = Toolstack(self.hub, self.recorder)
+        self.tools = Toolstack(self.hub.connect(0), self.recorder)
         self.tools.make_domain(GUEST)
         if backend:
             self.tools.make_domain(backend)
@@ -248,7 +248,7 @@ def test_driver_domain_backend_with_libxl_permissions():
 def test_devices_present_before_the_bus_starts_are_probed_in_order():
     hub = StoreHub()
     rec = TransitionRecorder()
-    tools = Toolstack(hub, rec)
+    tools = Toolstack(hub.connect(0), rec)
     tools.make_domain(GUEST)
     for devid in (10, 2, 1):
         tools.add(devid)
@@ -532,3 +532,56 @@ def test_close_stops_the_bus(host):
     host.pump()
     assert ("remove", be) not in host.back_drv.calls
     assert host.back.devices == {}
+
+
+# -- with the real client: sockets, reader and xenwatch threads ------------------------------
+def test_init_and_closedown_with_the_real_threaded_client(tmp_path):
+    import time
+
+    from xenbed.drivers.xen.store import XenStoreClient
+
+    from .xenbus_store import SocketStoreServer
+
+    server = SocketStoreServer(str(tmp_path))
+    paths = {d: server.listen(d) for d in (0, GUEST)}
+    clients = []
+
+    def client(domid):
+        clients.append(XenStoreClient(paths[domid], timeout=5))
+        return clients[-1]
+
+    try:
+        rec = TransitionRecorder(tmp_path / "transitions.jsonl")
+        tools = Toolstack(client(0), rec)
+        tools.make_domain(GUEST)
+        front_drv, back_drv = DummyFront(), DummyBack()
+        FrontendBus(client(GUEST), GUEST, [front_drv], recorder=rec).start()
+        BackendBus(client(0), 0, [back_drv], recorder=rec).start()
+        fe, be = tools.add()
+
+        def wait_for(fe_state, be_state):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                got = (S.parse(tools.xs.try_read(f"{fe}/state")), S.parse(tools.xs.try_read(f"{be}/state")))
+                if got == (fe_state, be_state):
+                    return
+                time.sleep(0.01)
+            raise AssertionError(f"stuck at {got}")
+
+        wait_for(S.Connected, S.Connected)
+        tools.unplug(be)
+        wait_for(S.Closed, S.Closed)
+        tools.destroy(fe, be)
+        deadline = time.monotonic() + 5
+        while ("remove", be) not in back_drv.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ("remove", be) in back_drv.calls
+        assert not tools.xs.exists(be)
+        from xenbed.protocols.xenbus_state import load_jsonl, violations
+
+        assert violations(load_jsonl(tmp_path / "transitions.jsonl")) == []
+        assert len(load_jsonl(tmp_path / "transitions.jsonl")) == len(rec) >= 8
+    finally:
+        for c in clients:
+            c.close()
+        server.close()

@@ -152,3 +152,12 @@ def test_rendering_draws_every_transition():
         for old, new in TRANSITIONS[role]:
             assert f"{old.name} --> {new.name}" in diagram
     assert len(render_text().splitlines()) == sum(len(t) for t in TRANSITIONS.values())
+
+
+def test_docs_draw_the_current_table():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "xenbus.md").read_text()
+    for role in Role:
+        assert render_mermaid(role) in doc, f"docs/xenbus.md is stale for {role.value}: regenerate it"
+    assert render_text() in doc

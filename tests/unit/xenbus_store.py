@@ -84,3 +84,72 @@ class StoreHub:
             n += 1
         self.delivered += n
         return n
+
+
+class SocketStoreServer:
+    """The same core behind real Unix sockets, one per domid, served by
+    threads: for tests that use the real `XenStoreClient` with its reader and
+    xenwatch threads (a minimal stand-in for the hypervisor's asyncio shell)."""
+
+    def __init__(self, directory: str, xs: XenStore | None = None) -> None:
+        import threading
+
+        self.xs = xs or XenStore()
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._socks: dict[int, object] = {}  # conn id -> socket
+        self._listeners = []
+
+    def listen(self, domid: int) -> str:
+        import os
+        import socket
+        import threading
+
+        path = os.path.join(self.directory, f"dom{domid}.sock")
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(path)
+        lsock.listen()
+        self._listeners.append(lsock)
+        threading.Thread(target=self._accept, args=(lsock, domid), daemon=True).start()
+        return path
+
+    def _accept(self, lsock, domid: int) -> None:
+        import threading
+
+        while True:
+            try:
+                sock, _ = lsock.accept()
+            except OSError:
+                return
+            with self._lock:
+                conn = self.xs.connect(domid)
+                self._socks[conn.id] = sock
+            threading.Thread(target=self._serve, args=(sock, conn), daemon=True).start()
+
+    def _serve(self, sock, conn) -> None:
+        from xenbed.protocols.xs_wire import PacketReader
+
+        reader = PacketReader()
+        try:
+            while data := sock.recv(65536):
+                reader.feed(data)
+                for packet in reader:
+                    with self._lock:
+                        sock.sendall(self.xs.handle(conn, packet).encode())
+                        for c, packets in self.xs.take_outgoing():
+                            out = self._socks.get(c.id)
+                            if out is not None:
+                                out.sendall(b"".join(p.encode() for p in packets))
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._socks.pop(conn.id, None)
+                self.xs.disconnect(conn)
+
+    def close(self) -> None:
+        for lsock in self._listeners:
+            lsock.close()
+        with self._lock:
+            for sock in self._socks.values():
+                sock.close()
