@@ -862,6 +862,7 @@ class BlkFront(XenbusDriver):
             return
         with self._lock:
             self.vbds.pop(dev.nodename, None)
+        self._unwatch_sectors(vbd)
         self._unexpose(vbd)
         vbd.engine.begin_close()
         vbd.engine.drain(min(self.drain_timeout, 5.0))
@@ -876,6 +877,7 @@ class BlkFront(XenbusDriver):
         vbd: Vbd | None = dev.priv
         if vbd is None:
             return
+        self._unwatch_sectors(vbd)  # its path names the old backend
         vbd.engine.detach()
         self._free_connection(vbd, backend_gone=True)
         self._talk_to_backend(vbd)
@@ -972,12 +974,41 @@ class BlkFront(XenbusDriver):
         # a response may have come before the handler could see the ring
         engine.handle_responses()
         self._expose(vbd)
+        self._watch_sectors(vbd)
         if resized:
             log.info("%s: size now %d sectors", vbd.name, info.sectors)
         log.info("%s: connected, %d sectors of %d bytes%s%s%s", vbd.name, info.sectors, info.sector_size,
                  ", read-only" if info.readonly else "", ", flush" if engine.flush_op is not None else "",
                  ", discard" if info.discard else "")
         dev.switch_state(XenbusState.Connected)
+
+    def _watch_sectors(self, vbd: Vbd) -> None:
+        """The bus delivers a state only when it changes, so a backend that
+        rewrites Connected after changing `sectors` (Linux's xen_vbd_resize)
+        is seen through a watch on `sectors` itself."""
+        if vbd.sectors_token:
+            return
+        token = f"blkfront-sectors:{vbd.dev.nodename}:{id(vbd)}"
+        path = f"{vbd.dev.otherend}/sectors"
+
+        def fired(_path: str, _token: str, vbd=vbd) -> None:
+            if vbd.sectors_token == _token and vbd.dev.state == XenbusState.Connected:
+                try:
+                    self._check_resize(vbd)
+                except Exception as exc:
+                    log.warning("%s: checking for a resize: %s", vbd.name, exc)
+
+        vbd.sectors_token = token
+        try:
+            vbd.dev.store.watch(path, token, fired)
+        except Exception as exc:
+            vbd.sectors_token = ""
+            log.warning("%s: cannot watch %s (no online resize): %s", vbd.name, path, exc)
+
+    def _unwatch_sectors(self, vbd: Vbd) -> None:
+        token, vbd.sectors_token = vbd.sectors_token, ""
+        if token:
+            _quietly(vbd.dev.store.unwatch, f"{vbd.dev.otherend}/sectors", token)
 
     def _check_resize(self, vbd: Vbd) -> None:
         """A repeated Connected: the backend may have changed `sectors`."""
@@ -997,6 +1028,8 @@ class BlkFront(XenbusDriver):
         dev = vbd.dev
         if dev.state == XenbusState.Closed:
             return
+        self._unwatch_sectors(vbd)
+        dev.switch_state(XenbusState.Closing)  # seed 000: Closing, flush, Closed
         vbd.engine.begin_close()
         if not vbd.engine.drain(self.drain_timeout):
             log.warning("%s: %d request(s) still in flight after %.0fs: failing them",
