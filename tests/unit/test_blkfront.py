@@ -10,6 +10,7 @@ import time
 import pytest
 
 from xenbed.drivers.blk.front import (
+    EXTENDED,
     MAX_SECTORS_PER_REQUEST,
     Chunk,
     DiskInfo,
@@ -38,15 +39,17 @@ from xenbed.protocols.blkif import (
 @pytest.mark.parametrize("devnum, name", [
     (51712, "xvda"), (51728, "xvdb"), (51713, "xvda1"), (51727, "xvda15"), (51952, "xvdp"),
     ((1 << 28) | (16 << 8), "xvdq"), ((1 << 28) | (26 << 8) | 3, "xvdaa3"), ((1 << 28) | (0 << 8) | 20, "xvda20"),
-    (768, "hda"), (832, "hdb"), (769, "hda1"), (5632, "hdc"), (5696, "hdd"), (22848, "hdp"),
-    (2048, "sda"), (2064, "sdb"), (2049, "sda1"), (2288, "sdp"), (65 << 8, "sdq"),
+    (768, "hda"), (832, "hdb"), (769, "hda1"), (5632, "hdc"), (5696, "hdd"), (5695, "hdc63"),
+    (2048, "sda"), (2064, "sdb"), (2049, "sda1"), (2303, "sdp15"),
+    # not in a format libxl writes: named in decimal, as the toolstack does
+    (7 << 8, "1792"), (202, "202"), (65 << 8, "16640"), (EXTENDED | (1 << 8), str(EXTENDED | (1 << 8))),
 ])
 def test_number_to_vdev(devnum, name):
     assert number_to_vdev(devnum) == name
 
 
 @pytest.mark.parametrize("name", ["xvda", "xvdz", "xvdaa", "xvdzz", "xvda1", "xvdq7", "xvdaaa255",
-                                  "hda", "hdb63", "hdp", "sda", "sdp15", "sdq", "sdaa"])
+                                  "hda", "hdb63", "hdd", "sda", "sdp15", "12345"])
 def test_vdev_round_trip(name):
     assert number_to_vdev(vdev_to_number(name)) == name
 
@@ -59,13 +62,13 @@ def test_vdev_numbering_matches_xen():
     assert vdev_to_number("hdc") == 22 << 8
 
 
-@pytest.mark.parametrize("devnum", [-1, 1 << 30, 7 << 8, 202])
+@pytest.mark.parametrize("devnum", [-1, 1 << 31])
 def test_number_to_vdev_rejects(devnum):
     with pytest.raises(ValueError):
         number_to_vdev(devnum)
 
 
-@pytest.mark.parametrize("name", ["", "xvd", "xvda0", "xvdA", "nvme0n1", "hdq", "xvda256", "sda16"])
+@pytest.mark.parametrize("name", ["", "xvd", "xvda0", "xvdA", "nvme0n1", "hde", "xvda256", "sda16", "sdq", "012"])
 def test_vdev_to_number_rejects(name):
     with pytest.raises(ValueError):
         vdev_to_number(name)
