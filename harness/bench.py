@@ -21,6 +21,7 @@ BENCH_DIR = Path(__file__).resolve().parent.parent / "tests" / "bench"
 GOALS = {
     "xenstore.read_rtt_ratio": ("<=", 2.0),
     "xenstore.ops_per_s": (">=", 50_000),
+    "evtchn.notify_rtt_ratio": ("<=", 2.5),
 }
 
 
@@ -42,7 +43,36 @@ def bench_xenstore(testbed: Testbed, guest: str = "domu1", samples: int = 3000, 
     }
 
 
-SUITES = {"xenstore": bench_xenstore}
+def bench_evtchn(testbed: Testbed, samples: int = 2000, seconds: float = 2.0) -> dict[str, dict]:
+    """Event channels and grants between domu1 (initiator) and domu2
+    (responder), both running tests/bench/guest_evtchn.py at once."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    d1, d2 = (int(testbed.exec("dom0", ["xl", "domid", name], check=True).stdout.strip()) for name in ("domu1", "domu2"))
+    tag = "bench-" + uuid.uuid4().hex[:8]
+    script = _guest_script("guest_evtchn.py")
+    with ThreadPoolExecutor(2) as pool:
+        responder = pool.submit(testbed.exec, "domu2", ["python3", "-c", script, "responder", str(d1), tag,
+                                                         str(samples), str(seconds)], check=True, timeout=600)
+        initiator = pool.submit(testbed.exec, "domu1", ["python3", "-c", script, "initiator", str(d2), tag,
+                                                         str(samples)], check=True, timeout=600)
+        front = json.loads(initiator.result().stdout.strip().splitlines()[-1])
+        back = json.loads(responder.result().stdout.strip().splitlines()[-1])
+    if not back["copy_ok"]:
+        raise AssertionError("grant copy delivered the wrong bytes")
+    return {
+        "evtchn.notify_rtt_us": {"value": round(front["notify_rtt_us"], 1), "unit": "us"},
+        "evtchn.notify_rtt_us_p99": {"value": round(front["notify_rtt_us_p99"], 1), "unit": "us"},
+        "evtchn.echo_rtt_us": {"value": round(front["echo_rtt_us"], 1), "unit": "us"},
+        "evtchn.notify_rtt_ratio": {"value": round(front["notify_rtt_us"] / front["echo_rtt_us"], 2), "unit": "x"},
+        "evtchn.notify_rtt_sync_clear_us": {"value": round(front["notify_rtt_sync_clear_us"], 1), "unit": "us"},
+        "gnttab.map_unmap_per_s": {"value": round(back["map_unmap"] / back["map_seconds"]), "unit": "pairs/s"},
+        "gnttab.copy_mb_per_s": {"value": round(back["copy_bytes"] / back["copy_seconds"] / 1e6, 1), "unit": "MB/s"},
+    }
+
+
+SUITES = {"xenstore": bench_xenstore, "evtchn": bench_evtchn}
 
 
 def run(testbed: Testbed, suites: list[str] | None = None, progress=print) -> dict:

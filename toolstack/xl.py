@@ -5,6 +5,9 @@
     xl destroy DOMAIN                destroy at once (no guest cooperation)
     xl pause DOMAIN / unpause DOMAIN
     xl domid NAME / domname ID
+    xl block-attach DOMAIN DISKSPEC...   add a disk (xl-disk-configuration(5) syntax)
+    xl block-detach DOMAIN VDEV          orderly closedown, forced after a timeout
+    xl block-list DOMAIN
 
 DOMAIN is a name or a domid.  `--if-absent` makes `create` succeed quietly
 when a domain of that name runs already (dom0's autostart uses it, so a
@@ -20,7 +23,8 @@ import time
 from xenbed.drivers.xen.hypercall import HypercallError, HypervisorLink
 from xenbed.drivers.xen.store import XenStoreClient
 from xenbed.protocols import hypercall as hc
-from xenbed.toolstack import domain_store
+from xenbed.toolstack import blk, domain_store
+from xenbed.toolstack.devices import DeviceError
 from xenbed.toolstack.config import ConfigError, DomainConfig
 
 
@@ -64,6 +68,10 @@ class Toolstack:
             # reaches xenstored through its hypervisor link, so they are
             # nominal (xenstored still insists on a non-zero port).
             self.store.introduce(domid, STORE_RING_GFN, STORE_EVTCHN_PORT)
+            for disk in config.disks:
+                # The guest's frontend connects once its container boots;
+                # creating the domain waits only for the backend side.
+                blk.attach(self.store, domid, disk, wait_connected=0)
         except BaseException:
             self._destroy(domid)
             raise
@@ -112,6 +120,13 @@ def main(argv=None) -> int:
     for name in ("destroy", "pause", "unpause"):
         sub.add_parser(name).add_argument("domain")
     sub.add_parser("domid").add_argument("name")
+    attach = sub.add_parser("block-attach", help="attach a disk to a domain")
+    attach.add_argument("domain")
+    attach.add_argument("spec", nargs="+", help="disk spec; several words are joined with commas, as xl does")
+    detach = sub.add_parser("block-detach", help="detach a disk")
+    detach.add_argument("domain")
+    detach.add_argument("vdev")
+    sub.add_parser("block-list", help="list a domain's disks").add_argument("domain")
     sub.add_parser("domname").add_argument("domid")
     args = parser.parse_args(argv)
 
@@ -122,7 +137,7 @@ def main(argv=None) -> int:
         return 1
     try:
         return _run(xl, args)
-    except (XlError, ConfigError, HypercallError) as exc:
+    except (XlError, ConfigError, HypercallError, DeviceError, ValueError) as exc:
         print(f"xl: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -153,6 +168,14 @@ def _run(xl: Toolstack, args) -> int:
         print(xl.resolve(args.name)["domid"])
     elif args.command == "domname":
         print(xl.resolve(args.domid)["name"])
+    elif args.command == "block-attach":
+        blk.attach(xl.store, xl.resolve(args.domain)["domid"], ",".join(args.spec))
+    elif args.command == "block-detach":
+        if not blk.detach(xl.store, xl.resolve(args.domain)["domid"], args.vdev):
+            print(f"xl: {args.vdev} did not close in time; removed by force", file=sys.stderr)
+    elif args.command == "block-list":
+        from xenbed.toolstack.devices import list_devices
+        print(blk.format_list(list_devices(xl.store, "vbd", xl.resolve(args.domain)["domid"])))
     return 0
 
 

@@ -9,8 +9,10 @@ kernel's Xen platform code does:
    the container, like Linux's /dev/xen/xenbus: each process that connects
    there has its socket handed to xenstored (SCM_RIGHTS), so the real
    `xenstore-*` tools talk to xenstored directly, as this domain;
-3. in dom0, with --autostart DIR, runs the toolstack's boot steps (dom0's own
-   store nodes, then `xl create` for each config in DIR not already running);
+3. starts the domain's driver modules (backends in dom0, frontends in guests:
+   see modules.py), then in dom0, with --autostart DIR, runs the toolstack's
+   boot steps (dom0's own store nodes, then `xl create` for each config in DIR
+   not already running);
 4. writes /run/xen/ready, and stays until SIGTERM or until its domain is
    destroyed.  If this process dies the domain dies with it (dom0 excepted).
 """
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import threading
 
+from xenbed.drivers.kernel.modules import ModuleSupervisor, default_modules
 from xenbed.drivers.xen.hypercall import HypercallError, HypervisorLink, LinkClosed, connect_with_retry
 from xenbed.protocols import hypercall as hc
 
@@ -72,6 +75,11 @@ def run_autostart(directory: str) -> None:
     subprocess.run([python, "-m", "xenbed.toolstack.init_dom0"], check=True)
     if not os.path.isdir(directory):
         return
+    # An executable `pre-start` there runs first (e.g. to create disk
+    # images), as xendomains users put such steps before their guests start.
+    hook = os.path.join(directory, "pre-start")
+    if os.path.isfile(hook):
+        subprocess.run(["sh", hook], check=True)
     for name in sorted(os.listdir(directory)):
         if not name.endswith(".cfg"):
             continue
@@ -120,6 +128,11 @@ def main(argv=None) -> int:
     device = XenbusDevice(link, args.xenstored_path)
     threading.Thread(target=device.serve_forever, name="xenbus-device", daemon=True).start()
 
+    # Drivers first: dom0's backends must be there before autostart's
+    # `xl create` waits for them to reach InitWait.
+    modules = ModuleSupervisor(default_modules(link.privilege))
+    modules.start()
+
     if args.autostart:
         run_autostart(args.autostart)
 
@@ -128,10 +141,13 @@ def main(argv=None) -> int:
         ready.write(f"{link.domid}\n")
     log.info("ready: xenstore at %s", args.xenstored_path)
 
-    while not stop.wait(0.5):
-        if link.closed.is_set():
-            log.error("lost the hypervisor: %s", link.close_reason)
-            return 1
+    try:
+        while not stop.wait(0.5):
+            if link.closed.is_set():
+                log.error("lost the hypervisor: %s", link.close_reason)
+                return 1
+    finally:
+        modules.stop()
     link.close()
     return 0
 

@@ -1,0 +1,281 @@
+"""Event channels from inside a domain: the guest's half of Xen's
+EVTCHNOP_* and of the upcall that delivers an event.
+
+Ports belong to the link that allocated or bound them (like an open
+/dev/xen/evtchn): events for them arrive as UP_EVTCHN upcalls on that link's
+reader thread.  One `EventChannels` per link.
+
+    evtchn = EventChannels(link)
+    port = evtchn.alloc_unbound(backend_domid)   # frontend: offer a port
+    port = evtchn.bind_interdomain(front, fport)  # backend: take the offer
+    evtchn.notify(port)                           # kick the other end
+    if evtchn.wait(port, timeout=1.0): ...        # an event came (and is cleared)
+
+Pending and clearing
+--------------------
+Xen keeps a pending bit per port.  A send sets the peer's bit and raises an
+upcall only when the bit was clear and the port unmasked, so sends coalesce
+while an event is pending: one upcall may stand for many sends.  Here the
+bit lives in the hypervisor and stays set after the upcall until the guest
+clears it (`clear(port)`, EVTCHN_CLEAR, like clearing evtchn_pending in
+shared_info).  A port that is never cleared gets no further upcalls.
+
+The pattern every Xen driver follows, and the one that loses no event:
+
+    while running:
+        evtchn.wait(port)               # 1. an upcall came; wait() clears the
+                                        #    pending bit first (clear=True)
+        while True:
+            while ring.unconsumed_...:  # 2. process everything on the ring
+                handle(ring.take_...())
+            if not ring.final_check_for_...():  # 3. re-arm the event index and
+                break                          #    re-check: a message pushed
+                                               #    meanwhile is handled now
+
+Clearing *before* processing is what makes it safe: a send that lands after
+the clear raises a new upcall, and one that landed before it is covered by
+the processing that follows.  Clearing after processing would swallow a
+send that arrived in between.
+
+For that the clear must have *taken effect* before the ring is read, as
+clearing a bit in shared_info has in Xen.  So `clear(port)` is a call that
+waits for the hypervisor's reply (one round trip).  A oneway clear
+(`clear(port, oneway=True)`, one write, no reply) is not enough in general:
+the hypervisor may still see the peer's send before our clear, coalesce it
+into the event we already took, and by then we may have read the ring
+before the peer pushed -- a lost wakeup (the 1000-request ring test hits it
+within a few hundred requests).  The oneway clear is safe only when the peer
+cannot send before it has seen something we send after the clear on the
+same link (strict ping-pong: frames on one link are handled in order), which
+is what tests/bench/guest_evtchn.py measures.
+
+A newly bound port starts pending (Xen: events sent to the unbound port may
+have been lost), so the binder gets one event at once; drivers treat it like
+any other (check the ring, find nothing or something).
+
+Delivery to code
+----------------
+* `wait(port, timeout)` -> True when at least one upcall arrived since the
+  last wait (several coalesced upcalls count once); `deliveries(port)` counts
+  every upcall ever delivered for the port.
+* With a link opened with `reader="inline"` (no reader thread), the thread
+  in `wait` reads the socket itself and handles the upcall directly: no
+  thread hand-off, the lowest latency (see drivers/xen/hypercall.py).
+  Callbacks then run only while some thread waits or calls `link.pump()`.
+* `on_event(port, callback)`: `callback(port)` on a dispatcher thread, in
+  order, so it may call anything (status, unmask, grant maps).  With
+  `inline=True` it runs on the link's reader thread instead -- lower latency,
+  but it must not make blocking calls on the link (`notify` and
+  `clear(oneway=True)` are oneway and fine; plain `clear` is not).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+from xenbed.protocols import hypercall as hc
+
+from .hypercall import HypercallError, HypervisorLink, LinkClosed
+
+DOMID_SELF = 0x7FF0
+
+# evtchn_status_t.status (event_channel.h)
+EVTCHNSTAT_NAMES = {0: "closed", 1: "unbound", 2: "interdomain", 3: "pirq", 4: "virq", 5: "ipi"}
+
+
+class EvtchnError(HypercallError):
+    """The hypervisor refused an event-channel call (`code`: EINVAL, ESRCH, ...)."""
+
+
+EventCallback = Callable[[int], None]
+
+
+class _PortState:
+    __slots__ = ("cond", "unseen", "delivered", "callbacks")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.cond = threading.Condition(lock)
+        self.unseen = 0  # upcalls since the last wait() consumed them
+        self.delivered = 0  # upcalls ever
+        self.callbacks: list[tuple[EventCallback, bool]] = []
+
+
+class EventChannels:
+    def __init__(self, link: HypervisorLink) -> None:
+        self.link = link
+        self._lock = threading.Lock()
+        self._ports: dict[int, _PortState] = {}
+        self._dispatch_queue: queue.SimpleQueue | None = None
+        link.on_upcall(hc.Call.UP_EVTCHN, self._on_upcall)
+        link.on_close(self._on_link_closed)
+
+    # -- calls ---------------------------------------------------------------------
+    def _call(self, op: hc.Call, body: dict) -> dict:
+        try:
+            return self.link.call(op, body)
+        except HypercallError as exc:
+            raise EvtchnError(exc.op, exc.code, exc.message) from None
+
+    def alloc_unbound(self, remote_dom: int) -> int:
+        """A fresh port offered to `remote_dom` (EVTCHNOP_alloc_unbound)."""
+        port = int(self._call(hc.Call.EVTCHN_ALLOC_UNBOUND, {"remote_dom": int(remote_dom)})["port"])
+        with self._lock:  # a port number may be reused: forget what an old one saw
+            self._ports.pop(port, None)
+        return port
+
+    def bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
+        """Bind to `remote_dom`'s unbound port offered to us; our new local port
+        starts pending, so one event arrives at once."""
+        reply = self._call(hc.Call.EVTCHN_BIND_INTERDOMAIN,
+                           {"remote_dom": int(remote_dom), "remote_port": int(remote_port)})
+        # Not reset here: the new port's first upcall may already have been
+        # counted (the reader thread handles it right after the reply).
+        return int(reply["port"])
+
+    def notify(self, port: int, *, checked: bool = False) -> None:
+        """Send an event to the other end (EVTCHNOP_send).  The fast path is
+        oneway: no reply, so a refused send (closed port: EINVAL) is silent.
+        `checked=True` waits for the hypervisor's answer and raises it."""
+        if checked:
+            self._call(hc.Call.EVTCHN_SEND, {"port": int(port)})
+        else:
+            self.link.send_oneway(hc.Call.EVTCHN_SEND, {"port": int(port)})
+
+    def clear(self, port: int, *, oneway: bool = False) -> None:
+        """Clear the port's pending bit: the next send raises a new upcall.
+        Waits until the hypervisor has done it (see "Pending and clearing");
+        `oneway=True` only sends the frame."""
+        if oneway:
+            self.link.send_oneway(hc.Call.EVTCHN_CLEAR, {"port": int(port)})
+        else:
+            self._call(hc.Call.EVTCHN_CLEAR, {"port": int(port)})
+
+    def mask(self, port: int) -> None:
+        """Hold upcalls back; sends still set the pending bit."""
+        self._call(hc.Call.EVTCHN_MASK, {"port": int(port)})
+
+    def unmask(self, port: int) -> None:
+        """Let upcalls through again; one pending while masked is delivered now."""
+        self._call(hc.Call.EVTCHN_UNMASK, {"port": int(port)})
+
+    def close(self, port: int) -> None:
+        """Close our port (EVTCHNOP_close); an interdomain peer's port goes back
+        to unbound, offered to us again."""
+        self._call(hc.Call.EVTCHN_CLOSE, {"port": int(port)})
+        with self._lock:
+            state = self._ports.pop(port, None)
+            if state is not None:
+                state.cond.notify_all()
+
+    def status(self, port: int, domid: int | None = None) -> dict:
+        """EVTCHNOP_status of our port (or, if privileged, `domid`'s):
+        {"status": "closed"|"unbound"|"interdomain", "remote_dom",
+        "remote_port", "pending", "masked"}; `status` is always a name."""
+        body = {"port": int(port)}
+        if domid is not None:
+            body["domid"] = int(domid)
+        reply = dict(self._call(hc.Call.EVTCHN_STATUS, body))
+        status = reply.get("status")
+        if isinstance(status, int) and not isinstance(status, bool):
+            reply["status"] = EVTCHNSTAT_NAMES.get(status, str(status))
+        elif isinstance(status, str) and status.startswith("EVTCHNSTAT_"):
+            reply["status"] = status[len("EVTCHNSTAT_"):]
+        return reply
+
+    # -- delivery ------------------------------------------------------------------
+    def wait(self, port: int, timeout: float | None = None, *, clear: bool | str = True) -> bool:
+        """Block until an upcall for `port` arrived since the last wait (True)
+        or `timeout` passed (False).  With `clear` (the default) the pending
+        bit is cleared before returning, i.e. before the caller processes the
+        ring -- step 1 of the pattern in the module docstring; `clear="oneway"`
+        sends the clear without waiting for it (see the docstring for when
+        that is safe); `clear=False` leaves the bit set.  Raises LinkClosed if
+        the link goes away."""
+        port = int(port)
+        with self._lock:
+            state = self._state(port)
+            if not state.unseen and not self.link.inline:
+                state.cond.wait_for(lambda: state.unseen or self.link.closed.is_set(), timeout)
+        if self.link.inline and not state.unseen:
+            # no reader thread: read the link ourselves until the upcall comes
+            self.link._await(lambda: state.unseen > 0 or self.link.closed.is_set(), None, timeout)
+        with self._lock:
+            got = state.unseen > 0
+            state.unseen = 0
+        if not got:
+            if self.link.closed.is_set():
+                raise LinkClosed(f"link closed while waiting on port {port}: {self.link.close_reason}")
+            return False
+        if clear:
+            self.clear(port, oneway=clear == "oneway")
+        return True
+
+    def poll(self, port: int) -> bool:
+        """Like wait(port, 0, clear=False): has an upcall arrived since the
+        last wait?  Consumes it."""
+        return self.wait(port, 0, clear=False)
+
+    def deliveries(self, port: int) -> int:
+        """How many upcalls this port has had (each may stand for many sends)."""
+        with self._lock:
+            return self._state(int(port)).delivered
+
+    def on_event(self, port: int, callback: EventCallback, *, inline: bool = False) -> None:
+        """Call `callback(port)` for each upcall on `port` (see module docstring
+        for threads).  The callback clears the port itself (or not)."""
+        with self._lock:
+            self._state(int(port)).callbacks.append((callback, inline))
+            if not inline and self._dispatch_queue is None:
+                self._dispatch_queue = queue.SimpleQueue()
+                threading.Thread(target=self._dispatch_loop, args=(self._dispatch_queue,),
+                                 name="evtchn-dispatch", daemon=True).start()
+
+    def remove_callbacks(self, port: int) -> None:
+        with self._lock:
+            state = self._ports.get(int(port))
+            if state is not None:
+                state.callbacks.clear()
+
+    # -- plumbing ------------------------------------------------------------------
+    def _state(self, port: int) -> _PortState:
+        state = self._ports.get(port)
+        if state is None:
+            state = self._ports[port] = _PortState(self._lock)
+        return state
+
+    def _on_upcall(self, frame: hc.Frame) -> None:  # reader thread
+        port = frame.body.get("port")
+        if not isinstance(port, int):
+            return
+        with self._lock:
+            state = self._state(port)
+            state.unseen += 1
+            state.delivered += 1
+            state.cond.notify_all()
+            callbacks = list(state.callbacks)
+        for callback, inline in callbacks:
+            if inline:
+                callback(port)
+            else:
+                self._dispatch_queue.put((callback, port))
+
+    def _dispatch_loop(self, q: queue.SimpleQueue) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            callback, port = item
+            try:
+                callback(port)
+            except Exception:  # like an upcall handler: a bug must not stop delivery
+                import logging
+                logging.getLogger("xenbed.evtchn").exception("event callback for port %d failed", port)
+
+    def _on_link_closed(self) -> None:
+        with self._lock:
+            for state in self._ports.values():
+                state.cond.notify_all()
+        if self._dispatch_queue is not None:
+            self._dispatch_queue.put(None)

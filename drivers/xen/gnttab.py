@@ -1,0 +1,223 @@
+"""Grant tables from inside a domain: offer pages, map and copy others' pages.
+
+As in a Linux guest (gnttab_grant_foreign_access, gnttab_map_refs,
+gnttab_batch_copy):
+
+* the granter calls `grant(domid, page)` -> gref, and `end(gref)` when done;
+  `end` is refused with GNTST_eagain while the grantee still has it mapped
+  (Xen's "still in use"), so a driver ends after the peer unmapped;
+* the grantee calls `map(domid, gref)` -> Mapping and `unmap(mapping)`.  The
+  page arrives as a descriptor (read-only when the grant or the map is
+  read-only), so the kernel enforces the permission: a writable mapping of
+  a read-only grant cannot even be created (PermissionError);
+* `copy(ops)` moves bytes between grant refs and one's own frames without
+  mapping (GNTTABOP_copy), each op getting its own status.
+
+Refusals raise `GrantError` named by Xen's GNTST_* status (`.status` holds
+the name, e.g. "GNTST_eagain"; `.code` the number); errno-style refusals
+that are not about a grant (EINVAL arguments, ESRCH) stay HypercallError.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+
+from xenbed.protocols import hypercall as hc
+
+from .hypercall import HypercallError, HypervisorLink, _close_all
+from .memory import Page, map_page_fd
+
+# grant_table.h: GNTST_* (status of a grant operation), as numbers and names.
+GNTST_okay = 0
+GNTST_general_error = -1
+GNTST_bad_domain = -2
+GNTST_bad_gntref = -3
+GNTST_bad_handle = -4
+GNTST_bad_virt_addr = -5
+GNTST_bad_dev_addr = -6
+GNTST_no_device_space = -7
+GNTST_permission_denied = -8
+GNTST_bad_page = -9
+GNTST_bad_copy_arg = -10
+GNTST_address_too_big = -11
+GNTST_eagain = -12
+GNTST_no_space = -13
+
+GNTST_NAMES = {value: name for name, value in globals().items() if name.startswith("GNTST_")}
+GNTST_VALUES = {name: value for value, name in GNTST_NAMES.items()}
+
+
+def gntst_name(status) -> str:
+    """'GNTST_eagain' for -12 or 'GNTST_eagain'; unknown numbers read 'GNTST_<n>'."""
+    if isinstance(status, str):
+        return status if status.startswith("GNTST_") else f"GNTST_{status}"
+    return GNTST_NAMES.get(int(status), f"GNTST_{int(status)}")
+
+
+class GrantError(Exception):
+    """The hypervisor refused a grant operation with a GNTST_* status."""
+
+    def __init__(self, status: str, op: str = "", message: str = "") -> None:
+        self.status = gntst_name(status)
+        self.code = GNTST_VALUES.get(self.status)
+        self.op = op
+        self.message = message
+        super().__init__(f"{op}: {self.status}: {message}" if op else f"{self.status}: {message}")
+
+
+def _gnttab_call(link: HypervisorLink, op: hc.Call, body: dict, with_fds: bool = False):
+    """A grant call; GNTST refusals become GrantError.  The hypervisor reports
+    them as an error reply whose `error` is the GNTST name (or number), or as
+    a reply whose body carries a non-zero `status`; both are accepted."""
+    try:
+        if with_fds:
+            reply, fds = link.call_with_fds(op, body)
+        else:
+            reply, fds = link.call(op, body), []
+    except HypercallError as exc:
+        status = _status_of(exc.code)
+        if status is None:
+            raise
+        raise GrantError(status, exc.op, exc.message) from None
+    status = _status_of(reply.get("status", GNTST_okay))
+    if status is not None and status != "GNTST_okay":
+        _close_all(fds)
+        raise GrantError(status, op.name, str(reply.get("message", "")))
+    return (reply, fds) if with_fds else reply
+
+
+def _status_of(value) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return gntst_name(value)
+    if isinstance(value, str):
+        if value.startswith("GNTST_"):
+            return value
+        try:
+            return gntst_name(int(value))
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(eq=False)
+class Mapping:
+    """Another domain's granted page, mapped here.  `mmap` is PROT_READ only
+    for a read-only mapping."""
+
+    handle: int
+    mmap: mmap.mmap
+    domid: int
+    gref: int
+    readonly: bool
+    gfn: int | None = None
+
+
+@dataclass(frozen=True)
+class GrantRef:
+    """A copy end in someone's grant: (granter domid, gref, byte offset)."""
+
+    domid: int
+    gref: int
+    offset: int = 0
+
+    def wire(self) -> dict:
+        return {"domid": self.domid, "gref": self.gref, "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class LocalFrame:
+    """A copy end in one's own memory: (gfn, byte offset)."""
+
+    gfn: int
+    offset: int = 0
+
+    def wire(self) -> dict:
+        return {"gfn": self.gfn, "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class CopyOp:
+    """Copy `length` bytes from `src` to `dst` (neither may cross its page)."""
+
+    src: GrantRef | LocalFrame
+    dst: GrantRef | LocalFrame
+    length: int
+
+    def wire(self) -> dict:
+        return {"src": self.src.wire(), "dst": self.dst.wire(), "len": self.length}
+
+
+class GrantTable:
+    def __init__(self, link: HypervisorLink) -> None:
+        self.link = link
+
+    # -- granter -----------------------------------------------------------------
+    def grant(self, domid: int, page: Page | int, readonly: bool = False) -> int:
+        """Let `domid` map or copy our page (a Page or a gfn): the gref to tell it."""
+        gfn = page.gfn if isinstance(page, Page) else int(page)
+        reply = _gnttab_call(self.link, hc.Call.GNTTAB_GRANT,
+                             {"domid": int(domid), "gfn": gfn, "readonly": bool(readonly)})
+        return int(reply["gref"])
+
+    def end(self, gref: int) -> None:
+        """Revoke a grant.  GrantError("GNTST_eagain") while it is mapped."""
+        _gnttab_call(self.link, hc.Call.GNTTAB_END, {"gref": int(gref)})
+
+    # -- grantee -----------------------------------------------------------------
+    def map_fd(self, domid: int, gref: int, readonly: bool = False) -> tuple[int, int | None, int]:
+        """Map a grant and keep the raw page descriptor: (handle, gfn, fd).
+        The caller owns fd (a read-only descriptor when readonly) and must
+        still unmap the handle (`unmap_handle`)."""
+        reply, fds = _gnttab_call(self.link, hc.Call.GNTTAB_MAP,
+                                  {"domid": int(domid), "gref": int(gref), "readonly": bool(readonly)},
+                                  with_fds=True)
+        handle = int(reply["handle"])
+        if len(fds) != 1:
+            _close_all(fds)
+            self.unmap_handle(handle)
+            raise RuntimeError(f"GNTTAB_MAP answered {len(fds)} descriptors, not one")
+        gfn = reply.get("gfn")
+        return handle, None if gfn is None else int(gfn), fds[0]
+
+    def map(self, domid: int, gref: int, readonly: bool = False) -> Mapping:
+        """Map `domid`'s grant `gref` (GNTTAB_MAP) -> Mapping(handle, mmap)."""
+        handle, gfn, fd = self.map_fd(domid, gref, readonly)
+        try:
+            view = map_page_fd(fd, readonly)
+        except BaseException:
+            self.unmap_handle(handle)
+            raise
+        return Mapping(handle, view, int(domid), int(gref), bool(readonly), gfn)
+
+    def unmap(self, mapping: Mapping) -> None:
+        """Drop our mapping, then tell the hypervisor (so the granter may end
+        the grant).  Views into the mmap (a ring) must be released first."""
+        if not mapping.mmap.closed:
+            mapping.mmap.close()  # BufferError while a ring still holds a view of it
+        self.unmap_handle(mapping.handle)
+
+    def unmap_handle(self, handle: int) -> None:
+        _gnttab_call(self.link, hc.Call.GNTTAB_UNMAP, {"handle": int(handle)})
+
+    # -- copy --------------------------------------------------------------------
+    def copy(self, ops: list[CopyOp], check: bool = True) -> list[str]:
+        """GNTTABOP_copy: one status name per op ("GNTST_okay", ...).  With
+        `check`, the first failed op raises GrantError (the others ran)."""
+        if not ops:
+            return []
+        reply = _gnttab_call(self.link, hc.Call.GNTTAB_COPY, {"ops": [op.wire() for op in ops]})
+        statuses = [(_status_of(s) or f"GNTST_{s}") for s in reply.get("statuses", ())]
+        if len(statuses) != len(ops):
+            raise RuntimeError(f"GNTTAB_COPY answered {len(statuses)} statuses for {len(ops)} ops")
+        if check:
+            for i, status in enumerate(statuses):
+                if status != "GNTST_okay":
+                    raise GrantError(status, "GNTTAB_COPY", f"op {i} of {len(ops)}: {ops[i]}")
+        return statuses
+
+    def query_size(self) -> dict:
+        """{"nr_frames", "max_frames"} of our own grant table."""
+        return _gnttab_call(self.link, hc.Call.GNTTAB_QUERY_SIZE, {})

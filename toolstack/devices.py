@@ -1,0 +1,141 @@
+"""Adding and removing split devices the way libxl does, for any device type.
+
+Add (seed 000, "Device Initialisation"): the frontend and backend directories
+are written in ONE transaction, each with libxl's ownership -- the frontend
+directory owned by the guest and readable by the backend domain, the backend
+directory owned by the backend domain and readable by the guest -- then the
+toolstack waits for the backend's InitWait and runs the hotplug step.
+
+Remove (libxl__initiate_device_generic_remove): `online=0` and state Closing
+on the backend, wait for Closed, force the removal after a timeout, run the
+hotplug removal, remove both directories.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from xenbed.drivers.xen.store import XenStoreClient, XenStoreError
+
+XENBUS_INITIALISING = 1
+XENBUS_INITWAIT = 2
+XENBUS_CONNECTED = 4
+XENBUS_CLOSING = 5
+XENBUS_CLOSED = 6
+
+
+class DeviceError(Exception):
+    pass
+
+
+@dataclass
+class Device:
+    kind: str  # "vbd", "vif"
+    frontend_domid: int
+    backend_domid: int
+    devid: int
+    frontend_keys: dict[str, str] = field(default_factory=dict)
+    backend_keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def frontend_path(self) -> str:
+        return f"/local/domain/{self.frontend_domid}/device/{self.kind}/{self.devid}"
+
+    @property
+    def backend_path(self) -> str:
+        return f"/local/domain/{self.backend_domid}/backend/{self.kind}/{self.frontend_domid}/{self.devid}"
+
+
+def wait_for_state(store: XenStoreClient, path: str, wanted: set[int], timeout: float, what: str) -> int:
+    """Poll `<path>/state` until it is one of `wanted`; on timeout say what
+    was awaited and every state seen on the way."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        value = store.try_read(f"{path}/state")
+        if not seen or seen[-1] != value:
+            seen.append(value)
+        if value is not None and value.isdigit() and int(value) in wanted:
+            return int(value)
+        if time.monotonic() > deadline:
+            raise DeviceError(f"timed out after {timeout:.0f}s waiting for {what} ({path}/state in "
+                              f"{sorted(wanted)}); states seen: {' -> '.join(str(s) for s in seen)}")
+        time.sleep(0.05)
+
+
+def write_device(store: XenStoreClient, device: Device) -> None:
+    front, back = device.frontend_path, device.backend_path
+    fe, be = device.frontend_domid, device.backend_domid
+
+    def body(tx: int) -> None:
+        if store.exists(front, tx) or store.exists(back, tx):
+            raise DeviceError(f"{device.kind} {device.devid} of dom{fe} exists already")
+        frontend = {"backend": back, "backend-id": str(be), "state": str(XENBUS_INITIALISING),
+                    **device.frontend_keys}
+        backend = {"frontend": front, "frontend-id": str(fe), "online": "1", "state": str(XENBUS_INITIALISING),
+                   **device.backend_keys}
+        # Parents first, with the backend domain's ownership where libxl
+        # gives it (backend/<kind>/<fe> belongs to the backend domain).
+        for path in (f"/local/domain/{be}/backend/{device.kind}", f"/local/domain/{be}/backend/{device.kind}/{fe}"):
+            if not store.exists(path, tx):
+                store.mkdir(path, tx)
+                store.set_perms(path, [f"n{be}"], tx)
+        store.mkdir(front, tx)
+        store.set_perms(front, [f"n{fe}", f"r{be}"], tx)
+        for key, value in frontend.items():
+            store.write(f"{front}/{key}", value, tx)
+        store.mkdir(back, tx)
+        store.set_perms(back, [f"n{be}", f"r{fe}"], tx)
+        for key, value in backend.items():
+            store.write(f"{back}/{key}", value, tx)
+
+    store.run_transaction(body)
+
+
+def request_close(store: XenStoreClient, device: Device) -> None:
+    back = device.backend_path
+
+    def body(tx: int) -> None:
+        if not store.exists(back, tx):
+            raise DeviceError(f"no backend at {back}")
+        store.write(f"{back}/online", "0", tx)
+        store.write(f"{back}/state", str(XENBUS_CLOSING), tx)
+
+    store.run_transaction(body)
+
+
+def remove_directories(store: XenStoreClient, device: Device) -> None:
+    def body(tx: int) -> None:
+        for path in (device.frontend_path, device.backend_path):
+            try:
+                store.rm(path, tx)
+            except XenStoreError as exc:
+                if exc.errno_name != "ENOENT":
+                    raise
+
+    store.run_transaction(body)
+
+
+def list_devices(store: XenStoreClient, kind: str, frontend_domid: int) -> list[dict]:
+    base = f"/local/domain/{frontend_domid}/device/{kind}"
+    rows = []
+    try:
+        devids = store.directory(base)
+    except XenStoreError as exc:
+        if exc.errno_name == "ENOENT":
+            return []
+        raise
+    for devid in sorted(devids, key=lambda d: int(d) if d.isdigit() else d):
+        front = f"{base}/{devid}"
+        backend = store.try_read(f"{front}/backend", default="")
+        rows.append({
+            "devid": devid,
+            "backend_id": store.try_read(f"{front}/backend-id", default="-"),
+            "state": store.try_read(f"{front}/state", default="-"),
+            "backend_state": store.try_read(f"{backend}/state", default="-") if backend else "-",
+            "event_channel": store.try_read(f"{front}/event-channel", default="-"),
+            "ring_ref": store.try_read(f"{front}/ring-ref", default="-"),
+            "backend": backend,
+        })
+    return rows
