@@ -1122,11 +1122,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from xenbed.drivers.xen.hypercall import connect_with_retry
     from xenbed.drivers.xen.store import XenStoreClient
-    from xenbed.drivers.xenbus import FrontendBus, TransitionRecorder, XenbusHooks
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        from xenbed.drivers.xenbus import FrontendBus, TransitionRecorder, XenbusHooks
+    except ImportError as exc:  # the kernel restarts a module that exits: idle instead
+        log.error("no XenBus in this image (%s): blkfront idles until SIGTERM", exc)
+        stop.wait()
+        return 0
 
     credential = os.environ.get("XENBED_CREDENTIAL", "")
     link = connect_with_retry(credential, "device", report=log.info, stop=stop)
