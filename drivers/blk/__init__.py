@@ -1,0 +1,1 @@
+"""Block devices: blkfront (front.py, fuse_disk.py) in guests, blkback in dom0."""
