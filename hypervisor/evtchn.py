@@ -101,6 +101,10 @@ class _Port:
     remote_port: int | None = None  # interdomain only
     pending: bool = False
     masked: bool = False
+    # An event coalesced into one already delivered.  The guest's clear
+    # travels over a socket, so it can arrive after a later send; that send
+    # must not be lost in the earlier upcall (see clear_pending).
+    merged: bool = False
 
 
 class _Domain:
@@ -260,11 +264,22 @@ class EventChannels:
         if port in d.ports:
             chn.masked = True
 
-    def clear_pending(self, dom: int, port: int) -> None:
-        """The guest consumed the event (clears its pending bit)."""
+    def clear_pending(self, dom: int, port: int) -> Notify | None:
+        """The guest consumed the event (clears its pending bit).
+
+        In Xen the guest clears the bit in shared memory *before* it looks at
+        the ring, so a send after that point raises a new upcall.  Here the
+        clear is a message and may be overtaken by a peer's send that was
+        coalesced into the event being cleared; then the port stays pending
+        and the guest gets another upcall, so no wake-up is ever lost."""
         d = self._caller(dom)
         chn = d.port(port)
+        if chn.merged and chn.pending:
+            chn.merged = False
+            return None if chn.masked else Notify(d.domid, port)
         chn.pending = False
+        chn.merged = False
+        return None
 
     def status(self, dom: int, port: int, *, caller: int | None = None) -> dict:
         """EVTCHNOP_status, as a dict: status name, remote end, bits."""
@@ -348,6 +363,7 @@ class EventChannels:
     def _set_pending(d: _Domain, port: int) -> Notify | None:
         chn = d.ports[port]
         if chn.pending:
+            chn.merged = True
             return None  # coalesced
         chn.pending = True
         return None if chn.masked else Notify(d.domid, port)

@@ -263,7 +263,8 @@ class Sharing:
         return {}
 
     def clear(self, link, frame):
-        self._evtchn(self.evtchn.clear_pending, link.domain.domid, _port(frame.body))
+        notify = self._evtchn(self.evtchn.clear_pending, link.domain.domid, _port(frame.body))
+        link.after_reply.append(lambda: self._notify(notify))
         return {}
 
     def unmask(self, link, frame):

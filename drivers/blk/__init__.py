@@ -1,2 +1,2 @@
-"""The PV block device: blkback (dom0, `back`), its hotplug step
-(`hotplug`), loop devices (`loop`), and blkfront (domU, `front`)."""
+"""Block devices: blkfront (front.py, fuse_disk.py) in guests; blkback
+(back.py), its hotplug step (hotplug.py) and loop devices (loop.py) in dom0."""

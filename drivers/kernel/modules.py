@@ -33,7 +33,14 @@ def default_modules(privilege: str) -> list[str]:
         return [m.strip() for m in configured.split(",") if m.strip()]
     wanted = BACKENDS if privilege in ("control", "backend") else FRONTENDS
     # Only the modules this image ships (a role image copies the rooms it runs).
-    return [m for m in wanted if importlib.util.find_spec(m) is not None]
+    return [m for m in wanted if _available(m)]
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is not there at all
+        return False
 
 
 class ModuleSupervisor:

@@ -60,6 +60,9 @@ CONNECT = [
     ("bind-twice", lambda e, s: e.bind_interdomain(2, 1, 1), "EINVAL"),
     # frontend notifies: the backend's port is already pending, so the notification coalesces
     ("coalesced", lambda e, s: e.send(1, 1), None),
+    # the backend's clear arrives after that coalesced send: it is not lost,
+    # the port stays pending and upcalls again (the clear is a message)
+    ("consume-merged", lambda e, s: e.clear_pending(2, 1), Notify(2, 1)),
     # the backend consumes the event; the next send upcalls again
     ("consume", lambda e, s: e.clear_pending(2, 1), None),
     ("send", lambda e, s: e.send(1, 1), Notify(2, 1)),
@@ -285,3 +288,19 @@ def test_random_operations_keep_invariants(sequence):
         if e.status(d, p)["status"] != "closed":  # may have closed with its loopback peer
             e.close(d, p)
     assert e.open_ports() == []
+
+
+def test_a_send_overtaking_the_guests_clear_is_not_lost():
+    # The clear is a message: a peer's send coalesced into the event being
+    # cleared must raise a new upcall when the clear arrives.
+    e = fresh()
+    a = e.alloc_unbound(1, 2)
+    bound = e.bind_interdomain(2, 1, a)
+    b = bound.port
+    assert e.clear_pending(2, b) is None          # the bind's initial event, consumed
+    assert e.send(1, a) == Notify(2, b)           # upcall delivered...
+    assert e.send(1, a) is None                   # ...a second send coalesces into it
+    assert e.clear_pending(2, b) == Notify(2, b)  # the clear re-raises: still pending
+    assert e.status(2, b)["pending"] is True
+    assert e.clear_pending(2, b) is None          # nothing merged since: really cleared
+    assert e.status(2, b)["pending"] is False

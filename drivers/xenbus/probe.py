@@ -1,0 +1,303 @@
+"""The bus: device discovery and lifecycle (Linux's xenbus_probe*.c).
+
+A bus watches `<domain>/<root>/<type>` for each driver's device type
+(frontend: root `device`, devices at `device/<type>/<devid>`; backend: root
+`backend`, devices at `backend/<type>/<frontend-domid>/<devid>`).  For every
+watch event it does what xenbus_dev_changed() does:
+
+* the event path is gone: every device at or under it is removed
+  (driver.remove), its other-end watch dropped;
+* it names (something inside) a device dir not yet known: the device is
+  probed if its own `state` reads Initialising (anything else is a device
+  going away or one this bus already gave up on); probing reads the other
+  end's path and domid (`backend`/`backend-id` for a frontend,
+  `frontend`/`frontend-id` for a backend; missing or unreadable is
+  dev_fatal), calls driver.probe, then watches `<otherend>/state`;
+* it names a level above the devices (the type dir itself, which fires
+  when the watch is registered, or `backend/<type>/<domid>`): the devices
+  under it are enumerated and new ones probed.
+
+Other-end watch events are filtered before reaching the driver: events
+for a device already removed or for a path outside the current other end
+(stale after a resume) are ignored, as in Linux; then the state is re-read
+and delivered only if it differs from the last one delivered, so duplicate
+and coalesced events never produce duplicate callbacks.
+
+Threading: watch callbacks come from the store client's single xenwatch
+thread; driver callbacks run there and no bus lock is held while they run.
+A driver callback that raises is logged and turned into dev_fatal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Iterable
+
+from xenbed.drivers.xen.store import StoreClosed, XenStoreError
+from xenbed.protocols.xenbus_state import Role, TransitionRecorder, XenbusState
+
+from .client import XenbusDevice, XenbusDriver, XenbusFatal, XenbusHooks, dev_fatal
+
+log = logging.getLogger("xenbed.xenbus")
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+class XenBus:
+    """Shared machinery; use FrontendBus or BackendBus."""
+
+    role: Role
+    root: str  # "device" or "backend"
+    levels: int  # path components below root that name a device
+    otherend_keys: tuple[str, str]  # (id key, path key)
+
+    def __init__(self, store, domid: int, drivers: Iterable[XenbusDriver], *,
+                 recorder: TransitionRecorder | None = None, hooks: XenbusHooks | None = None,
+                 domain_path: str | None = None) -> None:
+        self.store = store
+        self.domid = domid
+        self.domain_path = (domain_path or f"/local/domain/{domid}").rstrip("/")
+        self.drivers: dict[str, XenbusDriver] = {}
+        for d in drivers:
+            if not d.devicetype or "/" in d.devicetype:
+                raise ValueError(f"driver {d!r} needs a devicetype like 'vbd'")
+            if d.devicetype in self.drivers:
+                raise ValueError(f"two drivers for device type {d.devicetype!r}")
+            self.drivers[d.devicetype] = d
+        self.recorder = recorder if recorder is not None else TransitionRecorder()
+        self.hooks = hooks or XenbusHooks()
+        self.devices: dict[str, XenbusDevice] = {}
+        self._by_token: dict[str, XenbusDevice] = {}
+        self._bus_watches: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        self.base = f"{self.domain_path}/{self.root}"
+
+    # -- life of the bus -------------------------------------------------------------
+    def start(self) -> XenBus:
+        for devicetype in self.drivers:
+            path = f"{self.base}/{devicetype}"
+            token = f"xenbus-{self.role.value}:{path}"
+            self.store.watch(path, token, self._bus_event)
+            self._bus_watches.append((path, token))
+        return self
+
+    def close(self) -> None:
+        """Stop watching; devices are forgotten without callbacks (the
+        domain is going away, as opposed to its devices)."""
+        watches, self._bus_watches = self._bus_watches, []
+        with self._lock:
+            devs = list(self.devices.values())
+            self.devices.clear()
+            self._by_token.clear()
+        for dev in devs:
+            dev.removed = True
+            watches.append((f"{dev.otherend}/state", dev._token))
+        for path, token in watches:
+            self._unwatch(path, token)
+
+    def __enter__(self) -> XenBus:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def device(self, nodename: str) -> XenbusDevice | None:
+        return self.devices.get(nodename)
+
+    def _unwatch(self, path: str, token: str) -> None:
+        try:
+            self.store.unwatch(path, token)
+        except (XenStoreError, StoreClosed, OSError, TimeoutError) as exc:
+            log.debug("unwatch %s %s: %s", path, token, exc)
+
+    # -- device discovery (xenbus_dev_changed) -----------------------------------------
+    def _bus_event(self, path: str, token: str) -> None:
+        try:
+            self._dev_changed(path)
+        except Exception:
+            log.exception("xenbus %s: handling watch event %s", self.role.value, path)
+
+    def _dev_changed(self, path: str) -> None:
+        if not _under(path, self.base) or path == self.base:
+            return
+        parts = path[len(self.base) + 1:].split("/")
+        if parts[0] not in self.drivers:
+            return
+        if not self.store.exists(path):
+            self._cleanup(path)
+            return
+        if len(parts) < self.levels:
+            self._enumerate(path, self.levels - len(parts))
+            return
+        nodename = f"{self.base}/{'/'.join(parts[:self.levels])}"
+        if nodename not in self.devices:
+            self._probe_node(parts[0], nodename)
+
+    def _enumerate(self, path: str, depth: int) -> None:
+        try:
+            children = self.store.directory(path)
+        except XenStoreError as exc:
+            if exc.errno_name == "ENOENT":
+                self._cleanup(path)
+                return
+            raise
+        for child in sorted(children, key=_natural):
+            sub = f"{path}/{child}"
+            if depth > 1:
+                self._enumerate(sub, depth - 1)
+            elif sub not in self.devices:
+                self._probe_node(sub[len(self.base) + 1:].split("/")[0], sub)
+
+    def _cleanup(self, prefix: str) -> None:
+        with self._lock:
+            gone = [d for n, d in self.devices.items() if _under(n, prefix)]
+            for dev in gone:
+                del self.devices[dev.nodename]
+                self._by_token.pop(dev._token, None)
+                dev.removed = True
+        for dev in gone:
+            if dev._token:
+                self._unwatch(f"{dev.otherend}/state", dev._token)
+            if dev.driver is not None:
+                try:
+                    dev.driver.remove(dev)
+                except Exception:
+                    log.exception("%s: driver remove failed", dev.nodename)
+
+    def _probe_node(self, devicetype: str, nodename: str) -> None:
+        state = XenbusState.parse(self.store.try_read(f"{nodename}/state"))
+        if state != XenbusState.Initialising:
+            # "Device is not new, so ignore it.  This can happen if a device
+            # is going away after switching to Closed." (xenbus_probe_node)
+            return
+        dev = XenbusDevice(self, devicetype, nodename, state=XenbusState.Initialising)
+        with self._lock:
+            if nodename in self.devices:
+                return
+            self.devices[nodename] = dev
+        if not self._read_otherend_details(dev):
+            return  # registered but unbound, like a Linux device whose probe failed
+        driver = self.drivers[devicetype]
+        try:
+            driver.probe(dev)
+        except Exception as exc:
+            log.exception("%s: probe failed", nodename)
+            if not isinstance(exc, XenbusFatal):
+                dev_fatal(dev, exc, f"xenbus_dev_probe on {nodename}")
+            return
+        dev.driver = driver
+        self._watch_otherend(dev)
+
+    def _read_otherend_details(self, dev: XenbusDevice) -> bool:
+        id_key, path_key = self.otherend_keys
+        try:
+            id_text = self.store.try_read(f"{dev.nodename}/{id_key}")
+            otherend = self.store.try_read(f"{dev.nodename}/{path_key}")
+            ok = (id_text is not None and id_text.isascii() and id_text.isdigit()
+                  and bool(otherend) and otherend.startswith("/")
+                  and self.store.exists(otherend))
+        except XenStoreError as exc:
+            if exc.errno_name != "EACCES":
+                raise
+            ok = False
+        if not ok:
+            dev_fatal(dev, "ENOENT", f"unable to read other end from {dev.nodename}.  "
+                                     "missing or inaccessible.")
+            return False
+        dev.otherend_id = int(id_text)
+        dev.otherend = otherend.rstrip("/")
+        return True
+
+    def _watch_otherend(self, dev: XenbusDevice) -> None:
+        token = f"xenbus-otherend:{next(self._tokens)}:{dev.nodename}"
+        with self._lock:
+            if dev.removed:
+                return
+            dev._token = token
+            dev.otherend_state = None
+            self._by_token[token] = dev
+        try:
+            self.store.watch(f"{dev.otherend}/state", token, self._otherend_event)
+        except XenStoreError as exc:
+            with self._lock:
+                self._by_token.pop(token, None)
+            dev_fatal(dev, exc, f"watching {dev.otherend}/state")
+
+    # -- the other end's state (xenbus_otherend_changed) ---------------------------------
+    def _otherend_event(self, path: str, token: str) -> None:
+        dev = self._by_token.get(token)
+        if dev is None or dev.removed or dev.driver is None:
+            return  # a watch already dropped; its events may still be queued
+        # "Protect us against watches firing on old details when the otherend
+        # details change, say immediately after a resume."
+        if not _under(path, dev.otherend):
+            return
+        try:
+            state = XenbusState.parse(self.store.try_read(f"{dev.otherend}/state"))
+        except (XenStoreError, StoreClosed, TimeoutError) as exc:
+            log.warning("%s: reading %s/state: %s", dev.nodename, dev.otherend, exc)
+            return
+        with dev._lock:
+            if state == dev.otherend_state or dev.removed:
+                return
+            dev.otherend_state = state
+        try:
+            dev.driver.otherend_changed(dev, state)
+        except Exception as exc:
+            log.exception("%s: otherend_changed(%s) failed", dev.nodename, state.name)
+            if not isinstance(exc, XenbusFatal):
+                dev_fatal(dev, exc, f"otherend_changed {state.name}")
+
+    # -- migration (xenbus_dev_resume) -------------------------------------------------
+    def resume(self) -> None:
+        """After the domain was migrated or restored: for every bound device,
+        re-read the other end (it is a new backend now), reset `dev.state`
+        to Initialising without writing (the toolstack created the dirs
+        afresh), call driver.resume, and watch the new other end."""
+        with self._lock:
+            devs = [d for d in self.devices.values() if d.driver is not None]
+        for dev in devs:
+            with self._lock:
+                self._by_token.pop(dev._token, None)
+            if dev._token:
+                self._unwatch(f"{dev.otherend}/state", dev._token)
+            dev._token = ""
+            if not self._read_otherend_details(dev):
+                continue
+            dev.state = XenbusState.Initialising
+            try:
+                dev.driver.resume(dev)
+            except Exception as exc:
+                log.exception("%s: resume failed", dev.nodename)
+                if not isinstance(exc, XenbusFatal):
+                    dev_fatal(dev, exc, "xenbus_dev_resume")
+                continue
+            self._watch_otherend(dev)
+
+
+def _natural(name: str):
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+class FrontendBus(XenBus):
+    """In a guest: devices at /local/domain/<domid>/device/<type>/<devid>."""
+
+    role = Role.FRONTEND
+    root = "device"
+    levels = 2
+    otherend_keys = ("backend-id", "backend")
+
+
+class BackendBus(XenBus):
+    """In dom0 or a driver domain: devices at
+    /local/domain/<domid>/backend/<type>/<frontend-domid>/<devid>."""
+
+    role = Role.BACKEND
+    root = "backend"
+    levels = 3
+    otherend_keys = ("frontend-id", "frontend")
