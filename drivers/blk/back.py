@@ -11,27 +11,28 @@ to stdout, each naming the backend path, and exits cleanly on SIGTERM/SIGINT
 closed -- autoclear then frees the loops).
 
 What it watches, as Linux's xen-blkback does (seed 000, Device Initialisation
-and Closedown):
+and Closedown).  `Blkback` is a `XenbusDriver` for type "vbd" on a
+`BackendBus` (drivers/xenbus), which watches `/local/domain/<self>/backend/vbd`,
+probes each new `<frontend-domid>/<devid>` dir in state Initialising, and
+watches the frontend's `state`:
 
-* `/local/domain/<self>/backend/vbd` -- a new `<frontend-domid>/<devid>` dir
-  with `frontend` and `frontend-id` is probed: the backend writes
-  `max-ring-page-order` and `feature-max-indirect-segments`, goes
-  Initialising -> InitWait, and watches the frontend's `state`.  Changes to
-  `physical-device` (written by the hotplug step), `online` and `state`
-  (the toolstack writes `online=0` + Closing to unplug) come through the
-  same watch; a removed dir unregisters the device.
-* `<frontend>/state` -- when the frontend is Initialised (or Connected) AND
-  the hotplug step has written `physical-device`, in either order, the
-  backend reads and validates `ring-ref` (or `ring-page-order` +
-  `ring-ref0..N`), `event-channel`, `protocol`, `feature-persistent`, maps
-  the ring, binds the event channel, opens the loop device and turns on its
-  autoclear, writes `sectors`, `info`, `sector-size`,
-  `physical-sector-size`, `feature-flush-cache`, `feature-discard` (+
-  granularity/alignment), `feature-persistent` in ONE transaction, then goes
-  Connected.  Bad frontend keys: `<backend>/error` and Closing.
-  Frontend Closing -> drain and disconnect, Closing; frontend Closed ->
-  Closed (and unregister when `online` is 0); frontend Initialising again
-  after Closed (reconnect, migration) -> InitWait.
+* probe: write `max-ring-page-order` and `feature-max-indirect-segments`,
+  Initialising -> InitWait, watch `<backend>/physical-device` (the hotplug
+  step writes it; the device is then opened, O_DIRECT, and a loop device's
+  autoclear turned on, until the device is removed or unplugged) and
+  `<backend>/state` (the toolstack writes `online=0` + Closing to unplug).
+* when the frontend is Initialised (or Connected) AND `physical-device` is
+  there, in either order: read and validate `ring-ref` (or
+  `ring-page-order` + `ring-ref0..N`), `event-channel`, `protocol`,
+  `feature-persistent`; map the ring, bind the event channel, write
+  `sectors`, `info`, `sector-size`, `physical-sector-size`,
+  `feature-flush-cache`, `feature-discard` (+ granularity/alignment),
+  `feature-persistent` in ONE transaction, then Connected.  Bad keys:
+  dev_fatal (`<domain>/error/<nodename>/error`, as Linux) and Closing.
+* frontend Closing -> drain, unmap, unbind, Closing; frontend Closed ->
+  Closed, and with `online=0` the disk is closed (autoclear frees the loop);
+  frontend Initialising/Initialised after Closed (reset, migration) ->
+  InitWait and connect again; backend dir removed -> remove().
 
 The hotplug step (`xenbed.drivers.blk.hotplug add`) is run by the toolstack
 after InitWait, as libxl does; `--run-hotplug` makes the daemon run it itself
@@ -66,6 +67,7 @@ from xenbed.protocols.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, SECTORS_PER_PAGE, BlkifRequest, BlkifRequestDiscard,
     BlkifRequestIndirect, BlkifResponse, Segment,
 )
+from xenbed.drivers.xenbus import XenbusDevice, XenbusDriver, XenbusState
 from xenbed.protocols.ring import XEN_PAGE_SIZE, BackRing, MalformedRequest, RingOverflow
 
 from . import loop
@@ -633,153 +635,195 @@ class Connection:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(eq=False)
-class VbdDevice:
-    """What the bus knows of one backend dir (xenbus_device)."""
+class BackendInfo:
+    """blkback's private data for one device (Linux's struct backend_info), in dev.priv."""
 
-    nodename: str  # /local/domain/0/backend/vbd/<fe>/<devid>
-    otherend: str  # the frontend dir
-    otherend_id: int
-    devid: int
-    state: int = UNKNOWN  # last state we wrote
     lock: threading.RLock = field(default_factory=threading.RLock)
-    # blkback's private data (be->blkif in Linux)
     frontend_state: int = UNKNOWN
     connection: Connection | None = None
     disk: Disk | None = None
+    watches: list = field(default_factory=list)  # (path, token)
     hotplug_ran: bool = False
 
 
-class Blkback:
-    """The vbd backend driver, XenbusDriver-shaped: probe / otherend_changed /
-    backend_changed / remove, with the bus's switch_state and dev_fatal."""
+class Blkback(XenbusDriver):
+    """The vbd backend driver for a `BackendBus` (Linux's xen-blkback/xenbus.c).
 
-    device_type = "vbd"
+    Callbacks run on the bus's xenwatch thread; each device's ring runs on
+    its own thread (Connection)."""
 
-    def __init__(self, bus, grants, evtchn, *, run_hotplug: bool = False):
-        self.bus = bus
-        self.store = bus.store
+    devicetype = "vbd"
+
+    def __init__(self, grants, evtchn, *, run_hotplug: bool = False):
         self.grants = grants
         self.evtchn = evtchn
         self.run_hotplug = run_hotplug
-
-    def _read(self, dev: VbdDevice, key: str) -> str | None:
-        return self.store.try_read(f"{dev.nodename}/{key}")
+        self._devices: dict[str, XenbusDevice] = {}
+        self._lock = threading.Lock()
 
     # -- XenbusDriver ---------------------------------------------------------
-    def probe(self, dev: VbdDevice) -> None:
-        with dev.lock:
-            self.store.write(f"{dev.nodename}/feature-max-indirect-segments", str(MAX_INDIRECT_SEGMENTS))
-            self.store.write(f"{dev.nodename}/max-ring-page-order", str(MAX_RING_PAGE_ORDER))
-            self.bus.switch_state(dev, INITWAIT)
+    def probe(self, dev: XenbusDevice) -> None:
+        be = dev.priv = BackendInfo()
+        with self._lock:
+            self._devices[dev.nodename] = dev
+        with be.lock:
+            dev.write("feature-max-indirect-segments", str(MAX_INDIRECT_SEGMENTS))
+            dev.write("max-ring-page-order", str(MAX_RING_PAGE_ORDER))
+            dev.switch_state(XenbusState.InitWait)
             if self.run_hotplug:
                 self._hotplug("add", dev)
-            self._open_disk(dev)  # the hotplug step may have run already
-        # physical-device is watched through the bus's backend-dir watch (backend_changed)
+        # backend_changed: the hotplug step's physical-device (fires at once: it may be there already);
+        # our own state: the toolstack writes Closing (with online=0) to unplug
+        for key, callback in (("physical-device", self._physical_device_changed),
+                              ("state", self._own_state_changed)):
+            token = f"blkback:{key}:{dev.nodename}"
+            dev.store.watch(f"{dev.nodename}/{key}", token, lambda _p, _t, cb=callback: cb(dev))
+            be.watches.append((f"{dev.nodename}/{key}", token))
+        log.info("%s: probed (frontend %s)", dev.nodename, dev.otherend)
 
-    def backend_changed(self, dev: VbdDevice, path: str) -> None:
-        """A node under our backend dir changed (hotplug, online, state)."""
-        key = path[len(dev.nodename) + 1:] if path.startswith(dev.nodename + "/") else ""
-        if key in ("physical-device", "hotplug-status"):
-            with dev.lock:
-                if self._open_disk(dev):
-                    self._maybe_connect(dev)
-        elif key in ("state", "online"):
-            with dev.lock:
-                # the toolstack wrote online=0 + Closing: the frontend follows and we go Closed when it is
-                state = _parse_state(self._read(dev, "state"))
-                if state == CLOSING and dev.state != CLOSING:
-                    log.info("%s: toolstack asked to close", dev.nodename)
-                    dev.state = CLOSING
-                    if dev.frontend_state in (CLOSED, UNKNOWN):
-                        self._disconnect(dev)
-                        self.bus.switch_state(dev, CLOSED)
-                        self._maybe_unregister(dev)
-
-    def otherend_changed(self, dev: VbdDevice, state: int) -> None:
-        with dev.lock:
-            dev.frontend_state = state
-            log.info("%s: frontend %s is %s (we are %s)", dev.nodename, dev.otherend, STATE_NAMES.get(state, state),
-                     STATE_NAMES.get(dev.state, dev.state))
-            if state == INITIALISING:
-                if dev.state == CLOSED:  # reconnect after a close (migration, frontend reset)
-                    self.bus.switch_state(dev, INITWAIT)
-            elif state in (INITIALISED, CONNECTED):
-                if dev.state == CONNECTED:
+    def otherend_changed(self, dev: XenbusDevice, state: XenbusState) -> None:
+        be: BackendInfo = dev.priv
+        with be.lock:
+            be.frontend_state = state
+            log.info("%s: frontend is %s (we are %s)", dev.nodename, _name(state), _name(dev.state))
+            if state == XenbusState.Initialising:
+                if dev.state == XenbusState.Closed:  # reconnect (migration, frontend reset)
+                    self._reopen(dev)
+            elif state in (XenbusState.Initialised, XenbusState.Connected):
+                if dev.state == XenbusState.Connected:
                     return  # two watches in quick succession: already connected
-                if dev.state == CLOSED:
-                    self.bus.switch_state(dev, INITWAIT)
+                if dev.state == XenbusState.Closed:
+                    self._reopen(dev)
                 self._maybe_connect(dev)
-            elif state == CLOSING:
+            elif state == XenbusState.Closing:
                 self._disconnect(dev)
-                if dev.state not in (CLOSING, CLOSED):
-                    self.bus.switch_state(dev, CLOSING)
-            elif state in (CLOSED, UNKNOWN):
+                if dev.state != XenbusState.Closed:
+                    dev.switch_state(XenbusState.Closing)
+            elif state in (XenbusState.Closed, XenbusState.Unknown):
                 self._disconnect(dev)
-                if dev.state != CLOSED:
-                    self.bus.switch_state(dev, CLOSED)
-                if state == UNKNOWN or self._read(dev, "online") == "0":
-                    self._maybe_unregister(dev, force=state == UNKNOWN)
+                dev.switch_state(XenbusState.Closed)
+                if state == XenbusState.Unknown or dev.read("online") == "0":
+                    self._unregister(dev)
 
-    def remove(self, dev: VbdDevice) -> None:
-        with dev.lock:
+    def remove(self, dev: XenbusDevice) -> None:
+        be: BackendInfo | None = dev.priv
+        if be is None:
+            return
+        with be.lock:
+            self._drop_watches(dev)
             self._disconnect(dev)
             self._close_disk(dev)
-            if self.run_hotplug and dev.hotplug_ran:
+            if self.run_hotplug and be.hotplug_ran:
                 self._hotplug("remove", dev)
+        with self._lock:
+            self._devices.pop(dev.nodename, None)
         log.info("%s: removed", dev.nodename)
 
-    # -- connect / disconnect -------------------------------------------------
-    def _open_disk(self, dev: VbdDevice) -> bool:
-        """backend_changed: open the device the hotplug step named, once.
+    # -- backend watches ----------------------------------------------------------------
+    def _physical_device_changed(self, dev: XenbusDevice) -> None:
+        be: BackendInfo = dev.priv
+        try:
+            with be.lock:
+                if not dev.removed and self._open_disk(dev):
+                    self._maybe_connect(dev)
+        except Exception as exc:
+            log.exception("%s: handling physical-device", dev.nodename)
+            dev.dev_fatal(exc, f"handling physical-device: {exc}")
+
+    def _own_state_changed(self, dev: XenbusDevice) -> None:
+        """The toolstack wrote Closing on our node: the frontend is asked to
+        close (it sees our Closing) and we follow it to Closed.  If it is
+        already gone or closed, nothing will follow: go Closed now."""
+        be: BackendInfo = dev.priv
+        with be.lock:
+            if dev.removed:
+                return
+            state = XenbusState.parse(dev.read("state"))
+            if state != XenbusState.Closing or dev.state in (XenbusState.Closing, XenbusState.Closed):
+                return
+            log.info("%s: the toolstack asked to close", dev.nodename)
+            dev.state = XenbusState.Closing  # as written by the toolstack; the frontend follows
+            if be.frontend_state in (XenbusState.Closed, XenbusState.Unknown):
+                self._disconnect(dev)
+                dev.switch_state(XenbusState.Closed)
+                if dev.read("online") == "0":
+                    self._unregister(dev)
+
+    def _drop_watches(self, dev: XenbusDevice) -> None:
+        be: BackendInfo = dev.priv
+        watches, be.watches = be.watches, []
+        for path, token in watches:
+            try:
+                dev.store.unwatch(path, token)
+            except Exception as exc:
+                log.debug("%s: unwatch %s: %s", dev.nodename, path, exc)
+
+    # -- disk ------------------------------------------------------------------------------
+    def _open_disk(self, dev: XenbusDevice) -> bool:
+        """Open the device the hotplug step named, once (xen_vbd_create).
         True when a disk is open."""
-        if dev.disk is not None:
+        be: BackendInfo = dev.priv
+        if be.disk is not None:
             return True
-        if dev.state not in (INITIALISING, INITWAIT, CLOSED):
+        if dev.state not in (XenbusState.Initialising, XenbusState.InitWait):
             return False
-        physdev = self._read(dev, "physical-device")
+        physdev = dev.read("physical-device")
         if physdev is None:
             return False
         try:
             major, minor = loop.parse_physical_device(physdev)
-            path = self._read(dev, "physical-device-path") or _node_for(major, minor)
-            mode = (self._read(dev, "mode") or "w").strip()
-            dev.disk = Disk(path, major, minor, readonly=mode.startswith("r"),
-                            discard=self._read(dev, "discard-enable") != "0")
+            path = dev.read("physical-device-path") or _node_for(major, minor)
+            mode = (dev.read("mode") or "w").strip()
+            be.disk = Disk(path, major, minor, readonly=mode.startswith("r"),
+                           discard=dev.read("discard-enable") != "0")
         except (OSError, ValueError) as exc:
-            self.bus.dev_fatal(dev, getattr(exc, "errno", None) or errno.EINVAL,
-                               f"opening physical-device {physdev}: {exc}")
+            dev.dev_fatal(exc, f"opening physical-device {physdev}: {exc}")
             return False
-        log.info("%s: opened %s (%s, %d sectors%s)", dev.nodename, dev.disk.path, physdev,
-                 dev.disk.geometry.sectors, ", read-only" if dev.disk.geometry.readonly else "")
+        log.info("%s: opened %s (%s, %d sectors%s%s)", dev.nodename, be.disk.path, physdev,
+                 be.disk.geometry.sectors, ", read-only" if be.disk.geometry.readonly else "",
+                 ", O_DIRECT" if be.disk.direct else "")
         return True
 
-    def _close_disk(self, dev: VbdDevice) -> None:
-        disk, dev.disk = dev.disk, None
+    def _close_disk(self, dev: XenbusDevice) -> None:
+        be: BackendInfo = dev.priv
+        disk, be.disk = be.disk, None
         if disk is not None:
-            disk.close()
+            disk.close()  # a loop device's autoclear frees it now
             log.info("%s: closed %s", dev.nodename, disk.path)
 
-    def _maybe_connect(self, dev: VbdDevice) -> None:
-        if dev.connection is not None or dev.state not in (INITWAIT,):
+    def _unregister(self, dev: XenbusDevice) -> None:
+        """device_unregister after a toolstack unplug: release the disk now
+        (the dirs stay until the toolstack removes them)."""
+        self._close_disk(dev)
+
+    def _reopen(self, dev: XenbusDevice) -> None:
+        dev.switch_state(XenbusState.InitWait)
+        self._open_disk(dev)
+
+    # -- connect / disconnect -------------------------------------------------------------
+    def _maybe_connect(self, dev: XenbusDevice) -> None:
+        be: BackendInfo = dev.priv
+        if be.connection is not None or dev.state != XenbusState.InitWait:
             return
-        if dev.frontend_state not in (INITIALISED, CONNECTED):
+        if be.frontend_state not in (XenbusState.Initialised, XenbusState.Connected):
             return
-        if dev.disk is None and not self._open_disk(dev):
+        if be.disk is None and not self._open_disk(dev):
             log.info("%s: frontend ready, waiting for the hotplug step", dev.nodename)
             return
         try:
             self._connect(dev)
         except FrontendConfigError as exc:
-            self.bus.dev_fatal(dev, exc.err, str(exc))
+            dev.dev_fatal(exc.err, str(exc))
         except Exception as exc:
             log.exception("%s: connect failed", dev.nodename)
-            self.bus.dev_fatal(dev, getattr(exc, "errno", None) or errno.EIO, f"connecting: {exc}")
+            dev.dev_fatal(exc, f"connecting: {exc}")
 
-    def _connect(self, dev: VbdDevice) -> None:
-        disk = dev.disk
+    def _connect(self, dev: XenbusDevice) -> None:
+        be: BackendInfo = dev.priv
+        disk = be.disk
         readonly = disk.geometry.readonly
-        cdrom = self._read(dev, "device-type") == "cdrom"
-        config = parse_frontend_config(lambda key: self.store.try_read(f"{dev.otherend}/{key}"))
+        cdrom = dev.read("device-type") == "cdrom"
+        config = parse_frontend_config(lambda key: dev.otherend_read(key))
         conn = Connection(dev.nodename, self.grants, self.evtchn, dev.otherend_id, config, disk,
                           lambda err, msg: self._fatal_from_ring(dev, err, msg))
         try:
@@ -803,231 +847,70 @@ class Blkback:
 
             def publish(tx: int) -> None:
                 for key, value in details.items():
-                    self.store.write(f"{dev.nodename}/{key}", value, tx)
+                    dev.write(key, value, tx)
 
-            self.store.run_transaction(publish)
+            dev.store.run_transaction(publish)
         except BaseException:
             conn.close()
             raise
-        dev.connection = conn
+        be.connection = conn
         conn.start()
         log.info("%s: connected to dom%d: %s (%s sectors, %s, ring order %d, port %d, persistent %s)",
                  dev.nodename, dev.otherend_id, disk.path, geometry.sectors, "ro" if readonly else "rw",
                  config.ring_page_order, conn.port, config.persistent)
-        self.bus.switch_state(dev, CONNECTED)
+        dev.switch_state(XenbusState.Connected)
 
-    def _disconnect(self, dev: VbdDevice) -> None:
-        conn, dev.connection = dev.connection, None
+    def _disconnect(self, dev: XenbusDevice) -> None:
+        be: BackendInfo = dev.priv
+        conn, be.connection = be.connection, None
         if conn is not None:
             stats = conn.server.stats if conn.server else {}
             conn.close()
             log.info("%s: disconnected (%s)", dev.nodename, stats)
 
-    def _fatal_from_ring(self, dev: VbdDevice, err: int, message: str) -> None:
+    def _fatal_from_ring(self, dev: XenbusDevice, err: int, message: str) -> None:
         # on the ring thread: Connection.close must not join itself, so tear down from another thread
         def fatal() -> None:
-            with dev.lock:
+            with dev.priv.lock:
                 self._disconnect(dev)
-                self.bus.dev_fatal(dev, err, message)
-        threading.Thread(target=fatal, name=f"blkif-fatal-{dev.devid}", daemon=True).start()
+                dev.dev_fatal(err, message)
+        threading.Thread(target=fatal, name="blkif-fatal", daemon=True).start()
 
-    def _maybe_unregister(self, dev: VbdDevice, force: bool = False) -> None:
-        if force or self._read(dev, "online") == "0":
-            self.bus.unregister(dev)
-
-    def _hotplug(self, action: str, dev: VbdDevice) -> None:
+    def _hotplug(self, action: str, dev: XenbusDevice) -> None:
         from . import hotplug
         try:
             if action == "add":
-                hotplug.add(self.store, dev.nodename)
-                dev.hotplug_ran = True
+                hotplug.add(dev.store, dev.nodename)
+                dev.priv.hotplug_ran = True
             else:
-                hotplug.remove(self.store, dev.nodename)
+                hotplug.remove(dev.store, dev.nodename)
         except Exception as exc:
             log.error("%s: hotplug %s failed: %s", dev.nodename, action, exc)
 
-    def shutdown(self, devices) -> None:
+    # -- daemon --------------------------------------------------------------------------
+    def connection(self, nodename: str) -> Connection | None:
+        dev = self._devices.get(nodename)
+        return dev.priv.connection if dev is not None and dev.priv is not None else None
+
+    def shutdown(self) -> None:
+        """SIGTERM: tear every device down (rings, ports, disks); states are left as they are."""
+        with self._lock:
+            devices = list(self._devices.values())
         for dev in devices:
-            with dev.lock:
+            with dev.priv.lock:
+                self._drop_watches(dev)
                 self._disconnect(dev)
                 self._close_disk(dev)
 
 
-def _parse_state(text: str | None) -> int:
-    text = (text or "").strip()
-    return int(text) if text.isdigit() and int(text) <= 8 else UNKNOWN
+def _name(state) -> str:
+    return STATE_NAMES.get(int(state), str(state))
 
 
 def _node_for(major: int, minor: int) -> str:
     if major == loop.LOOP_MAJOR:
         return loop.ensure_node(minor)
     raise OSError(errno.ENODEV, f"no device node known for {major}:{minor}")
-
-
-# ---------------------------------------------------------------------------------------------
-# A thin backend bus (until drivers/xenbus's BackendBus is wired in)
-# ---------------------------------------------------------------------------------------------
-
-class VbdBackendBus:
-    """Watches `/local/domain/<domid>/backend/vbd`, turns dirs into
-    VbdDevices and calls the driver as xenbus_probe_backend does; offers
-    the driver `switch_state`, `dev_fatal` and `unregister`."""
-
-    def __init__(self, store, domid: int):
-        self.store = store
-        self.domid = domid
-        self.base = f"/local/domain/{domid}/backend/vbd"
-        self.devices: dict[str, VbdDevice] = {}
-        self.unregistered: set[str] = set()
-        self.driver: Blkback | None = None
-        self._lock = threading.RLock()
-
-    def start(self, driver: Blkback) -> None:
-        self.driver = driver
-        self.store.watch(self.base, "blkback", self._on_backend_event)  # fires at once: initial scan
-
-    def stop(self) -> None:
-        try:
-            self.store.unwatch(self.base, "blkback")
-        except Exception:
-            pass
-        with self._lock:
-            devices = list(self.devices.values())
-        self.driver.shutdown(devices)
-
-    # -- bus services -----------------------------------------------------------
-    def switch_state(self, dev: VbdDevice, state: int) -> None:
-        """xenbus_switch_state: write our state unless the dir is gone."""
-        def body(tx: int) -> bool:
-            current = self.store.try_read(f"{dev.nodename}/state", tx)
-            if current is None:
-                return False
-            if _parse_state(current) != state:
-                self.store.write(f"{dev.nodename}/state", str(state), tx)
-            return True
-
-        old = dev.state
-        dev.state = state
-        if self.store.run_transaction(body):
-            log.info("%s: %s -> %s", dev.nodename, STATE_NAMES.get(old, old), STATE_NAMES.get(state, state))
-
-    def dev_fatal(self, dev: VbdDevice, err: int, message: str) -> None:
-        """xenbus_dev_fatal: record the error, then Closing."""
-        text = f"{err} {message}"
-        log.error("%s: fatal: %s", dev.nodename, text)
-        try:
-            self.store.write(f"{dev.nodename}/error", text)
-        except Exception as exc:
-            log.warning("%s: could not write the error node: %s", dev.nodename, exc)
-        if dev.state not in (CLOSING, CLOSED):
-            self.switch_state(dev, CLOSING)
-
-    def unregister(self, dev: VbdDevice) -> None:
-        """device_unregister: forget the device (the dir stays for the toolstack to remove)."""
-        with self._lock:
-            if self.devices.get(dev.nodename) is dev:
-                del self.devices[dev.nodename]
-                self.unregistered.add(dev.nodename)
-        self._unwatch_frontend(dev)
-        self.driver.remove(dev)
-
-    # -- watches ------------------------------------------------------------------
-    def _on_backend_event(self, path: str, _token: str) -> None:
-        try:
-            self._backend_event(path)
-        except Exception:
-            log.exception("handling %s", path)
-
-    def _backend_event(self, path: str) -> None:
-        if path != self.base and not path.startswith(self.base + "/"):
-            return
-        parts = path[len(self.base):].strip("/").split("/") if path != self.base else []
-        if len(parts) < 2:
-            self._scan(path)
-            return
-        nodename = f"{self.base}/{parts[0]}/{parts[1]}"
-        with self._lock:
-            dev = self.devices.get(nodename)
-        if dev is None:
-            self._consider(nodename)
-        elif not self.store.exists(nodename):
-            self._gone(dev)
-        else:
-            self.driver.backend_changed(dev, path)
-
-    def _scan(self, path: str) -> None:
-        """A watch event at or above a device dir: look at every device below."""
-        found = set()
-        for fe in self._dir(self.base):
-            for devid in self._dir(f"{self.base}/{fe}"):
-                nodename = f"{self.base}/{fe}/{devid}"
-                found.add(nodename)
-                if nodename not in self.devices:
-                    self._consider(nodename)
-        with self._lock:
-            gone = [dev for name, dev in self.devices.items() if name not in found]
-        for dev in gone:
-            self._gone(dev)
-        self.unregistered &= found
-
-    def _dir(self, path: str) -> list[str]:
-        try:
-            return self.store.directory(path)
-        except Exception as exc:
-            if getattr(exc, "errno_name", None) == "ENOENT":
-                return []
-            raise
-
-    def _consider(self, nodename: str) -> None:
-        """A dir we do not know: probe it once frontend and frontend-id are there."""
-        if nodename in self.unregistered:
-            return
-        tail = nodename[len(self.base) + 1:].split("/")
-        if len(tail) != 2 or not tail[1].isdigit() or not tail[0].isdigit():
-            return
-        frontend = self.store.try_read(f"{nodename}/frontend")
-        frontend_id = self.store.try_read(f"{nodename}/frontend-id")
-        state = self.store.try_read(f"{nodename}/state")
-        if frontend is None or frontend_id is None or state is None:
-            return  # not fully written yet (the toolstack writes it in one transaction, but be lenient)
-        if not frontend_id.isdigit() or frontend_id != tail[0]:
-            log.error("%s: frontend-id %r does not match the dir", nodename, frontend_id)
-            return
-        dev = VbdDevice(nodename, frontend, int(frontend_id), int(tail[1]), state=_parse_state(state))
-        with self._lock:
-            if nodename in self.devices:
-                return
-            self.devices[nodename] = dev
-        log.info("%s: probing (frontend %s)", nodename, frontend)
-        with dev.lock:
-            self.driver.probe(dev)
-        self.store.watch(f"{frontend}/state", f"fe:{nodename}", self._on_frontend_event)
-
-    def _on_frontend_event(self, _path: str, token: str) -> None:
-        nodename = token[3:]
-        with self._lock:
-            dev = self.devices.get(nodename)
-        if dev is None:
-            return
-        try:
-            state = _parse_state(self.store.try_read(f"{dev.otherend}/state"))
-            self.driver.otherend_changed(dev, state)
-        except Exception:
-            log.exception("%s: handling the frontend's state", nodename)
-
-    def _unwatch_frontend(self, dev: VbdDevice) -> None:
-        try:
-            self.store.unwatch(f"{dev.otherend}/state", f"fe:{dev.nodename}")
-        except Exception:
-            pass
-
-    def _gone(self, dev: VbdDevice) -> None:
-        with self._lock:
-            if self.devices.pop(dev.nodename, None) is None:
-                return
-        log.info("%s: backend dir removed", dev.nodename)
-        self._unwatch_frontend(dev)
-        self.driver.remove(dev)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1039,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domid", type=int, default=None, help="our domid (default: the link's)")
     parser.add_argument("--run-hotplug", action="store_true",
                         help="run the block hotplug step on probe/remove (default: the toolstack runs it)")
+    parser.add_argument("--transitions", default=os.environ.get("XENBED_TRANSITIONS"),
+                        help="append every state transition to this JSONL file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s blkback %(levelname)s %(message)s")
@@ -1046,23 +931,26 @@ def main(argv: list[str] | None = None) -> int:
     from xenbed.drivers.xen.gnttab import GrantTable
     from xenbed.drivers.xen.hypercall import HypervisorLink
     from xenbed.drivers.xen.store import XenStoreClient
+    from xenbed.drivers.xenbus import BackendBus, TransitionRecorder
 
     link = HypervisorLink.open(role="device")
     store = XenStoreClient()
     domid = args.domid if args.domid is not None else link.domid
-    bus = VbdBackendBus(store, domid)
-    driver = Blkback(bus, GrantTable(link), EventChannels(link), run_hotplug=args.run_hotplug)
+    driver = Blkback(GrantTable(link), EventChannels(link), run_hotplug=args.run_hotplug)
+    recorder = TransitionRecorder(args.transitions) if args.transitions else None
+    bus = BackendBus(store, domid, [driver], recorder=recorder)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    bus.start(driver)
-    log.info("blkback for dom%d watching %s", domid, bus.base)
+    bus.start()
+    log.info("blkback for dom%d watching %s/vbd", domid, bus.base)
     while not done.wait(1.0):
         if store.closed.is_set() or link.closed.is_set():
             log.error("lost %s", "the store" if store.closed.is_set() else "the hypervisor link")
             break
     log.info("shutting down")
-    bus.stop()
+    bus.close()
+    driver.shutdown()
     store.close()
     link.close()
     return 0 if done.is_set() else 1

@@ -11,8 +11,9 @@ import time
 import pytest
 
 from xenbed.drivers.blk import hotplug, loop
-from xenbed.drivers.blk.back import Blkback, VbdBackendBus
+from xenbed.drivers.blk.back import Blkback
 from xenbed.drivers.xen.store import XenStoreClient
+from xenbed.drivers.xenbus import BackendBus
 from xenbed.protocols.blkif import BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY, BlkifRequest, Segment
 
 from .test_blkback_support import FakeEvtchn, FakeFront, FakeGrants, InProcessXenstored
@@ -27,14 +28,14 @@ class World:
         self.xsd = InProcessXenstored(str(tmp_path / "xs.sock"))
         self.store = XenStoreClient(self.xsd.path)  # toolstack + frontend
         self.grants, self.evtchn = FakeGrants(domid=1), FakeEvtchn()
-        self.bus = VbdBackendBus(XenStoreClient(self.xsd.path), 0)
-        self.driver = Blkback(self.bus, self.grants, self.evtchn)
+        self.driver = Blkback(self.grants, self.evtchn)
+        self.bus = BackendBus(XenStoreClient(self.xsd.path), 0, [self.driver])
         self.image = str(tmp_path / "disk.img")
         with open(self.image, "wb") as f:
             f.truncate(4 << 20)
         self.backend_states: list[str] = []
         self.store.watch(f"{BACK}/state", "states", lambda *_: self._record())
-        self.bus.start(self.driver)
+        self.bus.start()
 
     def _record(self):
         value = self.store.try_read(f"{BACK}/state")
@@ -68,8 +69,7 @@ class World:
                              f"backend went {self.backend_states}")
 
     def port(self):
-        dev = self.bus.devices[BACK]
-        return dev.connection.port
+        return self.driver.connection(BACK).port
 
     def io(self, req):
         port = self.port()
@@ -84,13 +84,20 @@ class World:
     def loops(self):
         return loop.find_by_backing_file(self.image)
 
+    def disk_open(self):
+        dev = self.bus.devices.get(BACK)
+        return dev is not None and dev.priv is not None and dev.priv.disk is not None
+
     def close(self):
-        self.bus.stop()
+        violations = self.bus.recorder.check()
+        self.bus.close()
+        self.driver.shutdown()
         for dev, _ in self.loops():
             loop.detach(dev)
         self.store.close()
         self.bus.store.close()
         self.xsd.close()
+        assert not violations, violations
 
 
 @pytest.fixture
@@ -154,7 +161,7 @@ def test_toolstack_initiated_closedown_frees_the_loop(world):
     while world.loops() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert world.loops() == []  # unregistered: disk closed, autoclear freed the loop
-    assert BACK not in world.bus.devices and not world.grants.live
+    assert not world.disk_open() and not world.grants.live
     assert world.evtchn.closed
     assert hotplug.remove(world.store, BACK) is False  # nothing left to detach
     assert world.store.try_read(f"{BACK}/physical-device") is None
@@ -168,7 +175,7 @@ def test_frontend_initiated_close_then_reconnect(world):
     assert not world.grants.live  # drained and unmapped before Closing
     world.store.write(f"{FRONT}/state", "6")
     world.wait_state(BACK, "6")
-    assert BACK in world.bus.devices and len(world.loops()) == 1  # online: the device and its disk stay
+    assert world.disk_open() and len(world.loops()) == 1  # online: the device and its disk stay
     world.store.write(f"{FRONT}/state", "1")  # frontend resets (migration / reconnect)
     world.wait_state(BACK, "2")
     world.frontend_initialise()
@@ -184,7 +191,7 @@ def test_bad_frontend_protocol_is_fatal(world):
     hotplug.add(world.store, BACK)
     world.frontend_initialise(protocol="x86_32-abi")
     world.wait_state(BACK, "5")
-    assert "x86_32-abi" in world.store.read(f"{BACK}/error")
+    assert "x86_32-abi" in world.store.read(world.bus.devices[BACK].error_path)  # Linux: <domain>/error/<nodename>/error
     assert not world.grants.live  # nothing mapped
 
 
@@ -207,6 +214,7 @@ def test_removed_backend_dir_unregisters(world):
     while (BACK in world.bus.devices or world.loops()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert BACK not in world.bus.devices and world.loops() == [] and not world.grants.live
+    assert BACK not in world.driver._devices
 
 
 def test_hotplug_error_is_reported(world):
