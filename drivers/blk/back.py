@@ -443,7 +443,13 @@ class BlkifServer:
                 return mapping
             if len(self.persistent_maps) < MAX_PERSISTENT_GRANTS:
                 # persistent grants are granted read-write by the frontend, and mapped so
-                mapping = self.grants.map(self.domid, gref, False)
+                try:
+                    mapping = self.grants.map(self.domid, gref, False)
+                except Exception:
+                    if not readonly:
+                        raise
+                    # a read-only grant after all (an indirect page, say): map it for this request only
+                    return self.grants.map(self.domid, gref, True)
                 self.persistent_maps[gref] = mapping
                 return mapping
         return self.grants.map(self.domid, gref, readonly)

@@ -245,3 +245,14 @@ def test_connection_reports_ring_overflow_as_fatal(disk_fd):
     conn.close()
     disk.close()
     assert not grants.live
+
+
+def test_persistent_backend_still_takes_a_read_only_grant_for_a_write(disk_fd):
+    grants = FakeGrants()
+    front, server = make(grants, disk_fd, persistent=True)
+    g, _ = page_with(grants, b"Q" * 4096, readonly=True)
+    front.push(BlkifRequest(BLKIF_OP_WRITE, 0, 1, 0, (Segment(g, 0, 7),)))
+    server.process()
+    assert front.responses() == [BlkifResponse(1, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)]
+    assert os.pread(disk_fd, 4096, 0) == b"Q" * 4096
+    assert g not in server.persistent_maps and len(grants.live) == 1
