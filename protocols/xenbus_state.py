@@ -245,6 +245,8 @@ class TransitionRecorder:
             self._sink = sink
         else:
             path = os.fspath(sink)
+            # The file's folder may be on a tmpfs made at boot: make it here.
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
             def append(t: Transition) -> None:
                 with open(path, "a", encoding="utf-8") as f:
