@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import secrets
 from typing import Iterator
 
@@ -39,6 +40,7 @@ def testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
     bed = Testbed.from_compose(compose_file, session_project_name(config), client=docker_client, keep=keep,
                                env=run_environment(docker_client, compose_file))
     config.stash[TESTBED_KEY] = bed
+    loops_before = host_loop_devices()
     try:
         bed.up(progress=_progress_writer(config))
         yield bed
@@ -48,10 +50,26 @@ def testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
                                      f"`xenbed down -p {bed.project_name}`")
         else:
             bed.down()
-            leaked = bed.leftovers()
+            leaked = bed.leftovers() + [
+                f"loop device {name} -> {backing}" for name, backing in host_loop_devices().items()
+                if loops_before.get(name) != backing]
             if leaked:
                 pytest.fail(f"testbed {bed.project_name} leaked after down:\n  " + "\n  ".join(leaked),
                             pytrace=False)
+
+
+def host_loop_devices() -> dict[str, str]:
+    """Attached loop devices of this host's kernel (global: containers share
+    them), as {"loop3": backing file as its attacher named it}.  blkback sets
+    autoclear, so a run's loops must be gone once its containers are."""
+    found = {}
+    for entry in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(entry) as f:
+                found[entry.split("/")[3]] = f.read().strip()
+        except OSError:
+            continue  # detached meanwhile
+    return found
 
 
 def _progress_writer(config: pytest.Config):
