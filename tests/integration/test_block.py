@@ -130,3 +130,33 @@ def test_a_read_only_disk_is_read_only_to_the_guest(testbed, domu1):
     sh(testbed, "dom0", "xl block-detach domu1 xvdc")
     assert "ro.img" not in sh(testbed, "dom0", "losetup -a || true")
 
+
+
+def test_frontend_initiated_closedown_when_the_guest_shuts_its_disks(testbed):
+    """Seed 000's second closedown: the frontend goes Closing first (here the
+    guest's blkfront stops, as at guest shutdown), the backend follows."""
+    domid = testbed.create_domain("closer", memory_mb=16)
+    try:
+        sh(testbed, "dom0", "truncate -s 8M /var/lib/xen/images/closer.img")
+        sh(testbed, "dom0", "xl block-attach closer 'vdev=xvda, target=/var/lib/xen/images/closer.img'")
+        wait_until(lambda: testbed.exec("closer", ["test", "-e", "/run/xen/vbd/xvda"]).exit_code == 0,
+                   "/run/xen/vbd/xvda in closer")
+        sh(testbed, "closer", "pkill -TERM -f '[x]enbed.drivers.blk.front'")
+        backend = f"/local/domain/0/backend/vbd/{domid}/{XVDA}"
+        wait_until(lambda: run(testbed, "dom0", f"xenstore-read {backend}/state").stdout.strip() == "6",
+                   f"{backend} to reach Closed")
+        front = sequence(transitions(testbed, "closer"), f"/device/vbd/{XVDA}")
+        back = sequence(transitions(testbed, "dom0"), f"/backend/vbd/{domid}/{XVDA}")
+        assert front == [("Initialising", "Initialised"), ("Initialised", "Connected"),
+                         ("Connected", "Closing"), ("Closing", "Closed")], front
+        assert back == [("Initialising", "InitWait"), ("InitWait", "Connected"),
+                        ("Connected", "Closing"), ("Closing", "Closed")], back
+        first_closing = {t.role.value: t.timestamp for t in
+                         transitions(testbed, "closer") + transitions(testbed, "dom0")
+                         if t.new.name == "Closing" and t.path.endswith(f"/{XVDA}") and
+                         (f"/{domid}/" in t.path)}
+        assert first_closing["frontend"] < first_closing["backend"], first_closing
+        sh(testbed, "dom0", "xl block-detach closer xvda")
+        assert "closer.img" not in sh(testbed, "dom0", "losetup -a || true")
+    finally:
+        testbed.destroy_domain("closer")
