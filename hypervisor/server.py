@@ -217,7 +217,7 @@ class HypervisorServer:
             self._drop_link(link, f"protocol violation: {exc}")
 
     def _handle_frame(self, link: DomainLink, frame: hc.Frame) -> None:
-        if frame.flags & (hc.Flag.REPLY | hc.Flag.UPCALL):
+        if frame.flags & (hc.REPLY | hc.UPCALL):
             self._close_fds(frame.fds)
             self._send(link, hc.error(frame, "EINVAL", "domains send calls, not replies or upcalls"))
             return

@@ -81,6 +81,13 @@ class Flag(enum.IntFlag):
     CARRIES_FDS = 8
 
 
+# The same flags as plain ints, for the per-frame path (IntFlag's operators
+# build enum members and cost microseconds on every event-channel send).
+REPLY, UPCALL, ERROR, CARRIES_FDS = 1, 2, 4, 8
+_encoder = json.JSONEncoder(separators=(",", ":"))
+_decoder = json.JSONDecoder()
+
+
 class FrameProtocolError(Exception):
     """The peer sent bytes that are not frames of this protocol."""
 
@@ -88,13 +95,13 @@ class FrameProtocolError(Exception):
 @dataclass(slots=True)
 class Frame:
     op: int
-    flags: Flag
+    flags: int  # Flag bits
     seq: int
     body: dict
     fds: list[int] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        body = json.dumps(self.body, separators=(",", ":")).encode()
+        body = _encoder.encode(self.body).encode()
         if len(body) > BODY_MAX:
             raise ValueError(f"frame body of {len(body)} bytes exceeds {BODY_MAX}")
         return FRAME_HEADER.pack(len(body), int(self.op), int(self.flags), self.seq) + body
@@ -109,29 +116,29 @@ class Frame:
 
 def call(op: Call, seq: int, body: dict | None = None, fds: list[int] | None = None) -> Frame:
     body = dict(body or {})
-    flags = Flag.NONE
+    flags = 0
     if fds:
-        flags |= Flag.CARRIES_FDS
+        flags |= CARRIES_FDS
         body["nfds"] = len(fds)
     return Frame(op, flags, seq, body, list(fds or []))
 
 
 def reply(to: Frame, body: dict | None = None, fds: list[int] | None = None) -> Frame:
     body = dict(body or {})
-    flags = Flag.REPLY
+    flags = REPLY
     if fds:
-        flags |= Flag.CARRIES_FDS
+        flags |= CARRIES_FDS
         body["nfds"] = len(fds)
     return Frame(to.op, flags, to.seq, body, list(fds or []))
 
 
 def error(to: Frame, code: str, message: str) -> Frame:
     """An error reply: `code` is an errno name (EACCES, ENOENT, EBUSY, ...)."""
-    return Frame(to.op, Flag.REPLY | Flag.ERROR, to.seq, {"error": code, "message": message})
+    return Frame(to.op, REPLY | ERROR, to.seq, {"error": code, "message": message})
 
 
 def upcall(op: Call, body: dict | None = None) -> Frame:
-    return Frame(op, Flag.UPCALL, 0, dict(body or {}))
+    return Frame(op, UPCALL, 0, dict(body or {}))
 
 
 class FrameReader:
@@ -158,20 +165,20 @@ class FrameReader:
         raw = bytes(self._buffer[FRAME_HEADER.size:end])
         del self._buffer[:end]
         try:
-            body = json.loads(raw) if raw else {}
-        except ValueError as exc:
+            body = _decoder.decode(raw.decode()) if raw else {}
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
             raise FrameProtocolError(f"frame body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise FrameProtocolError("frame body is not a JSON object")
         fds: list[int] = []
-        if flags & Flag.CARRIES_FDS:
+        if flags & CARRIES_FDS:
             wanted = body.get("nfds")
             if not isinstance(wanted, int) or wanted < 1 or wanted > len(self._fds):
                 raise FrameProtocolError(
                     f"frame says it carries {wanted!r} descriptors, {len(self._fds)} arrived"
                 )
             fds, self._fds = self._fds[:wanted], self._fds[wanted:]
-        return Frame(op, Flag(flags), seq, body, fds)
+        return Frame(op, flags, seq, body, fds)
 
     def take_stray_fds(self) -> list[int]:
         """Descriptors no frame claimed (to be closed by the owner)."""

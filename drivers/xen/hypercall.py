@@ -203,7 +203,7 @@ class HypervisorLink:
         reply = pending.frame
         if reply is None:
             raise LinkClosed(f"link closed while waiting for {_op_name(op)}: {self.close_reason}")
-        if reply.flags & hc.Flag.ERROR:
+        if reply.flags & hc.ERROR:
             _close_all(reply.fds)
             raise HypercallError(_op_name(op), reply.body.get("error", "EIO"), reply.body.get("message", ""))
         return reply
@@ -292,7 +292,7 @@ class HypervisorLink:
                     self._read_lock.release()
 
     def _dispatch(self, frame: hc.Frame) -> None:
-        if frame.flags & hc.Flag.UPCALL:
+        if frame.flags & hc.UPCALL:
             handler = self._handlers.get(frame.op)
             if handler is None:
                 log.debug("ignored upcall %s", frame.op_name)
