@@ -78,3 +78,35 @@ def _progress_writer(config: pytest.Config):
     if reporter is None:
         return print
     return lambda line: reporter.write_line(line)
+
+
+TRANSITIONS_FILE = "/run/xen/transitions.jsonl"  # where every domain's XenBus records (XENBED_TRANSITIONS)
+_SEEN_TRANSITIONS = pytest.StashKey[dict]()
+
+
+@pytest.fixture(autouse=True)
+def xenbus_invariant(request: pytest.FixtureRequest):
+    """After every test that used the testbed: every XenBus state change any
+    domain made during it must be one the seeds allow (DESIGN.md: a
+    transition the seeds do not allow is a test failure, not a log line)."""
+    yield
+    if "testbed" not in request.fixturenames:
+        return
+    bed = request.config.stash.get(TESTBED_KEY, None)
+    if bed is None:
+        return
+    from xenbed.protocols.xenbus_state import Transition, violations
+
+    seen = request.config.stash.setdefault(_SEEN_TRANSITIONS, {})
+    new = []
+    for row in bed.status():
+        service = row["service"]
+        if row.get("state") != "running":
+            continue
+        result = bed.exec(service, ["sh", "-c", f"cat {TRANSITIONS_FILE} 2>/dev/null || true"])
+        lines = [line for line in result.stdout.splitlines() if line.strip()]
+        new += [Transition.from_json(line) for line in lines[seen.get(service, 0):]]
+        seen[service] = len(lines)
+    bad = violations(new)
+    if bad:
+        pytest.fail("XenBus transitions the seeds do not allow:\n  " + "\n  ".join(map(str, bad)), pytrace=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from .fixtures import TESTBED_KEY, docker_client, testbed  # noqa: F401  (registers the fixtures)
+from .fixtures import TESTBED_KEY, docker_client, testbed, xenbus_invariant  # noqa: F401  (registers the fixtures)
 
 MARKERS = {
     "integration": "needs a Docker engine and the testbed images",
