@@ -50,14 +50,14 @@ def wait_key(store, path, timeout):
     raise TimeoutError(f"nobody wrote {path} within {timeout:.0f}s")
 
 
-def connected_vbd(driver, nodename, timeout):
+def connected_vbd(driver, devid, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        vbd = driver.vbds.get(nodename)
-        if vbd is not None and vbd.disk is not None and vbd.dev.state == XenbusState.Connected:
-            return vbd
+        for vbd in list(driver.vbds.values()):
+            if vbd.devnum == devid and vbd.disk is not None and vbd.dev.state == XenbusState.Connected:
+                return vbd
         time.sleep(0.01)
-    raise TimeoutError(f"{nodename} did not connect within {timeout:.0f}s")
+    raise TimeoutError(f"vbd {devid} did not connect within {timeout:.0f}s (have {list(driver.vbds)})")
 
 
 def sequential(engine, size_mb):
@@ -120,7 +120,7 @@ def main():
     try:
         store.write(f"{data}/ready", "1")
         wait_key(store, f"{data}/go", timeout)
-        vbd = connected_vbd(driver, f"device/vbd/{devid}", 30)
+        vbd = connected_vbd(driver, devid, 30)
         engine = vbd.engine
         if vbd.info.size < size_mb * MIB:
             raise ValueError(f"disk has {vbd.info.size} bytes, fewer than {size_mb} MiB")
