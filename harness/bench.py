@@ -103,6 +103,7 @@ def bench_blk(testbed: Testbed, cycles: int = 8, size_mb: int = 48, rand_seconds
                                      str(cycles), str(size_mb), str(rand_seconds), str(depth)], check=True, timeout=300)
         back = json.loads(dom0.stdout.strip().splitlines()[-1])
         front = json.loads(guest.result(timeout=300).stdout.strip().splitlines()[-1])
+        _check_transitions(testbed, name, domid)
     finally:
         # on failure the guest may still wait for `go`: removing its domain ends it
         testbed.destroy_domain(name)
@@ -127,6 +128,23 @@ def bench_blk(testbed: Testbed, cycles: int = 8, size_mb: int = 48, rand_seconds
         "blk.rand4k_read_ratio": {"value": round(iops / loop["rand4k_read_iops"], 3), "unit": "x"},
         "blk.fuse_seq_read_mb_s": {"value": round(fuse_bytes / fuse_s / mb, 1), "unit": "MB/s"},
     }
+
+
+def _check_transitions(testbed: Testbed, guest: str, domid: int,
+                       path: str = "/run/xen/transitions.jsonl") -> None:
+    """Every attach/detach of the bench went as the seeds allow, at both ends."""
+    from xenbed.protocols.xenbus_state import Transition, violations
+
+    seen = []
+    for service in ("dom0", guest):
+        text = testbed.exec(service, ["sh", "-c", f"cat {path} 2>/dev/null || true"]).stdout
+        seen += [t for t in map(Transition.from_json, filter(str.strip, text.splitlines()))
+                 if f"/backend/vbd/{domid}/" in t.path or t.path.startswith(f"/local/domain/{domid}/")]
+    if not seen:
+        raise AssertionError("no XenBus transitions recorded for the bench disk")
+    bad = violations(seen)
+    if bad:
+        raise AssertionError(f"the bench disk broke the seed's state table: {bad[:5]}")
 
 
 def vdev_devid(vdev: str) -> int:

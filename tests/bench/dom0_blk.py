@@ -12,7 +12,8 @@ tests/bench/guest_blk.py runs in the bench domain.
    `xl block-detach` (timed until the command returns).  A last attach stays.
 4. The same I/O as the guest, directly on that attachment's loop device
    (`physical-device`, 7:<minor hex>) with O_DIRECT, through fio: 1 MiB
-   sequential write then read over `size_mb` MiB one at a time (psync), and
+   sequential write then read over `size_mb` MiB one at a time (psync; for
+   1.5 s each, over that extent again and again: a pass takes milliseconds), and
    4 KiB random reads at queue depth `depth` (libaio) for `rand_seconds`.
 5. Writes the guest's `data/blkbench/go` and prints one JSON object.
 """
@@ -103,10 +104,12 @@ def fio(name, device, *args):
     return side["io_bytes"], side["runtime"] / 1000.0, side["total_ios"]
 
 
-def loop_bench(device, size_mb, rand_seconds, depth):
-    wbytes, wsec, _ = fio("seqwrite", device, "--rw=write", "--bs=1M", f"--size={size_mb}M",
-                          "--ioengine=psync", "--end_fsync=1")
-    rbytes, rsec, _ = fio("seqread", device, "--rw=read", "--bs=1M", f"--size={size_mb}M", "--ioengine=psync")
+def loop_bench(device, size_mb, rand_seconds, depth, seq_seconds=1.5):
+    # time-based, over the same `size_mb` MiB again and again: one pass takes
+    # milliseconds here, and fio counts its runtime in whole milliseconds
+    seq = ("--bs=1M", f"--size={size_mb}M", "--ioengine=psync", "--time_based", f"--runtime={seq_seconds}")
+    wbytes, wsec, _ = fio("seqwrite", device, "--rw=write", *seq)
+    rbytes, rsec, _ = fio("seqread", device, "--rw=read", *seq)
     try:
         _, qsec, ops = fio("randread", device, "--rw=randread", "--bs=4k", f"--size={size_mb}M",
                            "--ioengine=libaio", f"--iodepth={depth}", f"--runtime={rand_seconds}",
