@@ -22,6 +22,8 @@ GOALS = {
     "xenstore.read_rtt_ratio": ("<=", 2.0),
     "xenstore.ops_per_s": (">=", 50_000),
     "evtchn.notify_rtt_ratio": ("<=", 2.5),
+    "blk.seq_read_ratio": (">=", 0.5),
+    "blk.seq_write_ratio": (">=", 0.5),
 }
 
 
@@ -72,7 +74,99 @@ def bench_evtchn(testbed: Testbed, samples: int = 2000, seconds: float = 2.0) ->
     }
 
 
-SUITES = {"xenstore": bench_xenstore, "evtchn": bench_evtchn}
+def _p50(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def bench_blk(testbed: Testbed, cycles: int = 8, size_mb: int = 48, rand_seconds: float = 3.0,
+              depth: int = 16, vdev: str = "xvdd") -> dict[str, dict]:
+    """Block I/O through blkfront's ring against the loop device under it.
+
+    A bench domain boots from domu1's image without the blkfront daemon
+    (XENBED_MODULES empty); tests/bench/guest_blk.py in it runs blkfront's
+    own driver and I/O engine (no FUSE) while tests/bench/dom0_blk.py in dom0
+    attaches and detaches a disk to time the connection, then runs the same
+    I/O with fio straight on the loop device that blkback serves.  The FUSE
+    figure is dd on domu1's /run/xen/vbd/xvda (its daemon, the usual path).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    fuse_bytes, fuse_s = _fuse_seq_read(testbed, size_mb)
+    name = "blkbench"
+    domid = testbed.create_domain(name, memory_mb=64, environment={"XENBED_MODULES": ""})
+    pool = ThreadPoolExecutor(1)
+    try:
+        guest = pool.submit(testbed.exec, name, ["python3", "-c", _guest_script("guest_blk.py"), str(vdev_devid(vdev)),
+                                                 str(size_mb), str(rand_seconds), str(depth)], check=True, timeout=300)
+        dom0 = testbed.exec("dom0", ["python3", "-c", _guest_script("dom0_blk.py"), str(domid), vdev,
+                                     str(cycles), str(size_mb), str(rand_seconds), str(depth)], check=True, timeout=300)
+        back = json.loads(dom0.stdout.strip().splitlines()[-1])
+        front = json.loads(guest.result(timeout=300).stdout.strip().splitlines()[-1])
+        _check_transitions(testbed, name, domid)
+    finally:
+        # on failure the guest may still wait for `go`: removing its domain ends it
+        testbed.destroy_domain(name)
+        testbed.exec("dom0", ["rm", "-f", "/var/lib/xen/images/bench.img"])
+        pool.shutdown(wait=False)
+    loop = back["loop"]
+    mb = 1e6
+    seq_read = front["bytes"] / front["seq_read_s"] / mb
+    seq_write = front["bytes"] / front["seq_write_s"] / mb
+    iops = front["rand_ops"] / front["rand_s"]
+    return {
+        "blk.connect_ms_p50": {"value": round(_p50(back["connect_ms"]), 1), "unit": "ms"},
+        "blk.detach_ms_p50": {"value": round(_p50(back["detach_ms"]), 1), "unit": "ms"},
+        "blk.seq_read_mb_s": {"value": round(seq_read, 1), "unit": "MB/s"},
+        "blk.loop_seq_read_mb_s": {"value": round(loop["seq_read_mb_s"], 1), "unit": "MB/s"},
+        "blk.seq_read_ratio": {"value": round(seq_read / loop["seq_read_mb_s"], 2), "unit": "x"},
+        "blk.seq_write_mb_s": {"value": round(seq_write, 1), "unit": "MB/s"},
+        "blk.loop_seq_write_mb_s": {"value": round(loop["seq_write_mb_s"], 1), "unit": "MB/s"},
+        "blk.seq_write_ratio": {"value": round(seq_write / loop["seq_write_mb_s"], 2), "unit": "x"},
+        "blk.rand4k_read_iops": {"value": round(iops), "unit": f"IOPS@qd{depth}"},
+        "blk.loop_rand4k_read_iops": {"value": round(loop["rand4k_read_iops"]), "unit": f"IOPS@qd{depth}"},
+        "blk.rand4k_read_ratio": {"value": round(iops / loop["rand4k_read_iops"], 3), "unit": "x"},
+        "blk.fuse_seq_read_mb_s": {"value": round(fuse_bytes / fuse_s / mb, 1), "unit": "MB/s"},
+    }
+
+
+def _check_transitions(testbed: Testbed, guest: str, domid: int,
+                       path: str = "/run/xen/transitions.jsonl") -> None:
+    """Every attach/detach of the bench went as the seeds allow, at both ends."""
+    from xenbed.protocols.xenbus_state import Transition, violations
+
+    seen = []
+    for service in ("dom0", guest):
+        text = testbed.exec(service, ["sh", "-c", f"cat {path} 2>/dev/null || true"]).stdout
+        seen += [t for t in map(Transition.from_json, filter(str.strip, text.splitlines()))
+                 if f"/backend/vbd/{domid}/" in t.path or t.path.startswith(f"/local/domain/{domid}/")]
+    if not seen:
+        raise AssertionError("no XenBus transitions recorded for the bench disk")
+    bad = violations(seen)
+    if bad:
+        raise AssertionError(f"the bench disk broke the seed's state table: {bad[:5]}")
+
+
+def vdev_devid(vdev: str) -> int:
+    from xenbed.drivers.blk.front import vdev_to_number
+    return vdev_to_number(vdev)
+
+
+def _fuse_seq_read(testbed: Testbed, size_mb: int, guest: str = "domu1") -> tuple[int, float]:
+    """dd of `size_mb` MiB, 1 MiB blocks, from the guest's FUSE disk file
+    (direct_io: no page cache in between); (bytes, seconds)."""
+    from .waits import wait_for
+
+    wait_for(lambda: testbed.exec(guest, ["test", "-e", "/run/xen/vbd/xvda"]).exit_code == 0,
+             what=f"/run/xen/vbd/xvda in {guest}", timeout=30, interval=0.2)
+    result = testbed.exec(guest, ["dd", "if=/run/xen/vbd/xvda", "of=/dev/null", "bs=1M", f"count={size_mb}"],
+                          environment={"LC_ALL": "C"}, check=True)
+    # "50331648 bytes (50 MB, 48 MiB) copied, 0.41 s, 122 MB/s"
+    line = [ln for ln in (result.stderr or result.stdout).splitlines() if " copied, " in ln][-1]
+    return int(line.split()[0]), float(line.split(" copied, ")[1].split()[0])
+
+
+SUITES = {"xenstore": bench_xenstore, "evtchn": bench_evtchn, "blk": bench_blk}
 
 
 def run(testbed: Testbed, suites: list[str] | None = None, progress=print) -> dict:

@@ -186,12 +186,15 @@ class Testbed:
     # ------------------------------------------------------------------ domains
 
     def create_domain(self, name: str, *, template: str = "domu1", memory_mb: int = 16,
-                      timeout: float = 60, progress: Callable[[str], None] = lambda line: None) -> int:
+                      timeout: float = 60, environment: dict[str, str] | None = None,
+                      progress: Callable[[str], None] = lambda line: None) -> int:
         """A new guest at run time, as a toolstack user makes one: `xl create`
         in dom0 (which returns the domain's fresh credential), then a
         container like `template`'s that boots with that credential.  Returns
         the domid.  The container carries the run's labels, so `down` and the
-        leak audit know it."""
+        leak audit know it.  `environment` overrides the template's, e.g.
+        `{"XENBED_MODULES": ""}` for a guest whose kernel starts no driver
+        daemon (a program of one's own is then its frontend)."""
         from dataclasses import replace
 
         if self.project is None:
@@ -203,7 +206,8 @@ class Testbed:
                                                  f"xl create --print-credential /tmp/{name}.cfg"], check=True)
         credential = created.stdout.strip().splitlines()[-1]
         template_service = self.project.services[template]
-        environment = {**template_service.environment, "XENBED_DOMAIN_NAME": name, "XENBED_CREDENTIAL": credential}
+        environment = {**template_service.environment, **(environment or {}),
+                       "XENBED_DOMAIN_NAME": name, "XENBED_CREDENTIAL": credential}
         self.project.services[name] = replace(template_service, name=name, environment=environment, depends_on={})
         self._start_service(name)
         self._await(name, "service_healthy", time.monotonic() + timeout, progress, needed_by=None)
