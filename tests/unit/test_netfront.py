@@ -274,3 +274,47 @@ def test_ip_addr_json():
             '"prefixlen":24},{"family":"inet","local":"10.0.0.1","prefixlen":8}]}]')
     assert parse_ip_addr_json(text) == ["172.30.0.130", "10.0.0.1"]
     assert parse_ip_addr_json("") == [] and parse_ip_addr_json("garbage") == []
+
+
+# -- checksum completion (a backend that sets NETRXF_csum_blank anyway) -------------------
+def _udp4_frame(payload=b"hello, world!", csum=None):
+    import socket
+    import struct
+    udp = struct.pack("!HHHH", 5555, 6666, 8 + len(payload), 0 if csum is None else csum) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                     socket.inet_aton("192.0.2.8"), socket.inet_aton("192.0.2.7"))
+    return bytes(6) + bytes(6) + b"\x08\x00" + ip + udp
+
+
+def test_inet_checksum_rfc1071_example():
+    from xenbed.drivers.net.front import inet_checksum
+    # RFC 1071 section 3: the words 0001 f203 f4f5 f6f7 sum to ddf2 (checksum 220d)
+    assert inet_checksum(bytes.fromhex("0001f203f4f5f6f7")) == 0x220D
+    assert inet_checksum(b"\x01") == ~0x0100 & 0xFFFF
+
+
+def test_complete_checksum_udp4_verifies():
+    from xenbed.drivers.net.front import complete_checksum, inet_checksum
+    out = complete_checksum(_udp4_frame())
+    ip, udp = out[14:34], out[34:]
+    pseudo = ip[12:20] + bytes([0, 17]) + len(udp).to_bytes(2, "big")
+    assert inet_checksum(pseudo, udp) == 0  # a correct checksum sums to zero
+    assert out[:40] == _udp4_frame()[:40] and out[42:] == _udp4_frame()[42:]
+
+
+def test_complete_checksum_tcp6_verifies():
+    import struct
+    from xenbed.drivers.net.front import complete_checksum, inet_checksum
+    tcp = struct.pack("!HHIIBBHHH", 80, 443, 1, 0, 5 << 4, 0x02, 65535, 0x1234, 0) + b"payload"
+    src, dst = bytes.fromhex("20010db8" + "00" * 11 + "01"), bytes.fromhex("20010db8" + "00" * 11 + "02")
+    ip6 = struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + src + dst
+    out = complete_checksum(bytes(12) + b"\x86\xdd" + ip6 + tcp)
+    seg = out[54:]
+    assert inet_checksum(src, dst, struct.pack("!I", len(seg)), bytes([0, 0, 0, 6]), seg) == 0
+
+
+def test_complete_checksum_leaves_other_frames():
+    from xenbed.drivers.net.front import complete_checksum, gratuitous_arp
+    arp = gratuitous_arp("00:16:3e:00:00:01", "192.0.2.1")
+    assert complete_checksum(arp) == arp
+    assert complete_checksum(b"short") == b"short"

@@ -371,3 +371,17 @@ def test_wait_running(world):
     assert world.engine.wait_running(0)
     world.engine.detach()
     assert not world.engine.wait_running(0.05)
+
+
+def test_rx_csum_blank_frames_get_their_checksum(world):
+    from xenbed.drivers.net.front import complete_checksum
+    from xenbed.protocols.netif import NETRXF_csum_blank
+    from .test_netfront import _udp4_frame
+    f = _udp4_frame()
+    req = NetifRxRequest.decode(world.back.rx.take_request())
+    world.wire.grants[req.gref][:len(f)] = f
+    world.back.rx.put_response(NetifRxResponse(req.id, 0, NETRXF_csum_blank, len(f)).encode())
+    world.back.rx.push_responses()
+    world.engine.handle_rx_responses()
+    assert world.delivered == [complete_checksum(f)] and world.delivered[0] != f
+    assert world.engine.counters.rx_csum_blank == 1
