@@ -74,7 +74,6 @@ from dataclasses import asdict, dataclass, field
 
 from xenbed.protocols.netif import (
     NETIF_RSP_DROPPED,
-    NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
     NETRXF_csum_blank,
