@@ -23,7 +23,7 @@ import time
 log = logging.getLogger("xenbed.kernel.modules")
 
 BACKENDS = ("xenbed.drivers.blk.back",)
-FRONTENDS = ("xenbed.drivers.blk.front",)
+FRONTENDS = ("xenbed.drivers.blk.front", "xenbed.drivers.net.front")
 RESTART_DELAY = 1.0
 
 
