@@ -75,7 +75,7 @@ class Step:
 def steps(records: list[dict], device: str) -> list[Step]:
     """The rows of `device`'s picture, in time order (chaos records included)."""
     device = device_of(device)
-    mine = sorted((r for r in records if _concerns(r, device)), key=lambda r: r["ts"])
+    mine = sorted((r for r in records if concerns(r, device)), key=lambda r: r["ts"])
     ends = [_end(r) if r["kind"] != "chaos" else None for r in mine]
     out = []
     for i, r in enumerate(mine):
@@ -100,7 +100,7 @@ def steps(records: list[dict], device: str) -> list[Step]:
 
 def participants(records: list[dict], device: str) -> list[str]:
     device = device_of(device)
-    hotplug = any(r.get("kind") == "hotplug" and _concerns(r, device) for r in records)
+    hotplug = any(r.get("kind") == "hotplug" and concerns(r, device) for r in records)
     return ([HOTPLUG] if hotplug else []) + [BACKEND, FRONTEND]
 
 
@@ -198,7 +198,8 @@ def _svg_device(records: list[dict], device: str) -> tuple[str, int]:
 
 # -- helpers ------------------------------------------------------------------------
 
-def _concerns(record: dict, device: str) -> bool:
+def concerns(record: dict, device: str) -> bool:
+    """Whether a record belongs in `device`'s picture (chaos records belong in every one)."""
     if record.get("kind") == "chaos":
         return True
     return record.get("kind") in ("transition", "hotplug") and device_of(record.get("path", "")) == device
