@@ -183,13 +183,12 @@ def _svg_device(records: list[dict], device: str) -> tuple[str, int]:
                        f'class="chaos">{escape(s.label)}</text>\n')
             continue
         x = _COLUMN_X[s.at]
-        if s.to is not None:
-            tx = _COLUMN_X[s.to]
-            gap = 50 if s.at != HOTPLUG else 24
-            sx = x + (gap if tx > x else -gap)
-            ex = tx - (6 if tx > x else -6)
-            out.append(f'<line x1="{sx}" y1="{y}" x2="{ex}" y2="{y}" stroke="black" marker-end="url(#arrow)"/>\n')
         width = 7.5 * len(s.label) + 8
+        if s.to is not None:  # from the label's edge to the other lifeline
+            tx = _COLUMN_X[s.to]
+            sx = x + (width / 2 + 2) * (1 if tx > x else -1)
+            ex = tx - (6 if tx > x else -6)
+            out.append(f'<line x1="{sx:.1f}" y1="{y}" x2="{ex}" y2="{y}" stroke="black" marker-end="url(#arrow)"/>\n')
         css = "bad" if s.label.endswith("(not allowed)") else s.kind
         out.append(f'<rect x="{x - width / 2:.1f}" y="{y - 12}" width="{width:.1f}" height="17" fill="white"/>\n'
                    f'<text x="{x}" y="{y + 2}" text-anchor="middle" class="{css}">{escape(s.label)}</text>\n')
