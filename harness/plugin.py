@@ -62,6 +62,12 @@ def _link_trace(item: pytest.Item, report: pytest.TestReport) -> None:
             if link not in properties:
                 properties.append(link)
     report.sections.append(("xenbed trace", "\n".join(f"{name}: {path}" for name, path in links)))
+    trace_file = trace.trace_path(item.nodeid, folder)
+    if trace_file.exists() and not svg.exists():  # failed after its trace was written (a later teardown)
+        try:
+            trace.write_diagrams(item.nodeid, trace.read(trace_file), folder)
+        except (OSError, ValueError) as error:
+            report.sections.append(("xenbed trace", f"could not draw the diagrams: {error!r}"))
 
 
 def _attach_logs(report: pytest.TestReport, testbed) -> None:

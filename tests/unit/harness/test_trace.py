@@ -96,3 +96,13 @@ def test_every_testbed_test_writes_its_trace_and_a_failing_one_links_its_diagram
              for case in junit.iter("testcase") if case.get("name") == "test_fails" for p in case.iter("property")}
     assert {name for name, _ in props} == {"xenbed_trace", "xenbed_diagram", "xenbed_diagram_mermaid"}
     assert all("test_fails" in value for _, value in props)
+
+
+def test_a_test_failing_after_its_trace_was_written_still_gets_its_diagrams(pytester):
+    # e.g. the session's leak audit failing at the last test's teardown
+    pytester.makeconftest(FAKE_CONFTEST.replace("    return bed\n", "    yield bed\n    raise RuntimeError('leaked')\n"))
+    pytester.makepyfile("def test_last(testbed):\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    names = sorted(p.name.rsplit(".", 1)[1] for p in (pytester.path / "out" / "traces").iterdir())
+    assert names == ["jsonl", "md", "svg"]
