@@ -1,4 +1,4 @@
-"""The `xenbed` command: up, down, status, logs for a testbed run.
+"""The `xenbed` command: up, down, status, logs, trace, xl for a testbed run.
 
 `down`, `status` and `logs` find a run by its compose project label, so they
 work without the compose file and also on a run docker-compose started.
@@ -56,7 +56,63 @@ def _parser() -> argparse.ArgumentParser:
                        help="measure the running testbed of --project instead of a fresh one")
     bench.add_argument("--suite", action="append", choices=sorted(bench_suites()), help="only this suite (repeatable)")
     bench.add_argument("--output", default="out/bench.json", help="where the JSON report goes")
+    trace = command("trace", _trace, "draw a device's negotiation from a trace (out/traces/*.jsonl) "
+                                     "or a domain's transitions.jsonl")
+    trace.add_argument("file", help="JSONL trace file")
+    trace.add_argument("--device", help="the device's backend or frontend dir (default: every device)")
+    trace.add_argument("--format", choices=("mermaid", "svg", "markdown"), default="mermaid",
+                       help="mermaid: one sequenceDiagram (needs --device when there are several); "
+                            "svg: seed 000's layout; markdown: a Mermaid block per device (default: mermaid)")
+    trace.add_argument("-o", "--output", help="write here instead of standard output")
+    xl = command("xl", _xl, "run xl in dom0 of the run, with these arguments")
+    xl.add_argument("xl_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments of xl (e.g. list)")
     return parser
+
+
+def _trace(args) -> int:
+    from . import diagram, trace
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            records = trace.transition_records(f, service="")  # a trace's own kinds are kept
+    except OSError as error:
+        print(f"xenbed trace: {error}", file=sys.stderr)
+        return 1
+    found = diagram.devices(records)
+    device = diagram.device_of(args.device) if args.device else None
+    if device is not None and device not in found:
+        print(f"xenbed trace: no transitions of {args.device} in {args.file}; devices: {', '.join(found) or 'none'}",
+              file=sys.stderr)
+        return 1
+    if args.format == "svg":
+        text = diagram.render_svg(records, device)
+    elif args.format == "markdown":
+        text = diagram.render_markdown([r for r in records if device is None or diagram.concerns(r, device)],
+                                       args.file)
+    else:
+        if device is None and len(found) != 1:
+            print(f"xenbed trace: {len(found)} devices in {args.file}, say which with --device: "
+                  f"{', '.join(found) or 'none'} (or use --format markdown)", file=sys.stderr)
+            return 2
+        text = diagram.render_mermaid(records, device or found[0])
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _xl(args) -> int:
+    """`xl ARGS` in dom0: its output and its exit status, as if run there."""
+    testbed = Testbed(args.project, client=connect())
+    try:
+        result = testbed.exec("dom0", ["xl", *args.xl_args])
+    except LookupError as error:
+        print(f"xenbed xl: {error}", file=sys.stderr)
+        return 1
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result.exit_code
 
 
 def bench_suites():

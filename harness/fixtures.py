@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import glob
 import secrets
+import warnings
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from . import trace
 from .resources import DockerUnavailable, connect
 from .runenv import run_environment
 from .testbed import Testbed
@@ -80,33 +83,43 @@ def _progress_writer(config: pytest.Config):
     return lambda line: reporter.write_line(line)
 
 
-TRANSITIONS_FILE = "/run/xen/transitions.jsonl"  # where every domain's XenBus records (XENBED_TRANSITIONS)
-_SEEN_TRANSITIONS = pytest.StashKey[dict]()
+TRANSITIONS_FILE = trace.TRANSITIONS_FILE  # where every domain's XenBus records (XENBED_TRANSITIONS)
+_READER = pytest.StashKey[trace.TranscriptReader]()
+FAILED = pytest.StashKey[bool]()  # set on an item by the plugin when a phase of it failed
+
+
+def trace_dir(config: pytest.Config) -> Path:
+    return Path(config.rootpath, config.getoption("--trace-dir", default=str(trace.TRACE_DIR)))
 
 
 @pytest.fixture(autouse=True)
 def xenbus_invariant(request: pytest.FixtureRequest):
-    """After every test that used the testbed: every XenBus state change any
-    domain made during it must be one the seeds allow (DESIGN.md: a
-    transition the seeds do not allow is a test failure, not a log line)."""
+    """After every test that used the testbed: its trace (the XenBus
+    transitions every domain made during it, and the chaos history) goes to
+    out/traces/<test>.jsonl, with its diagrams when the test failed; and every
+    transition must be one the seeds allow (DESIGN.md: a transition the seeds
+    do not allow is a test failure, not a log line)."""
+    before = request.config.stash.get(TESTBED_KEY, None)
+    history_start = len(before.history) if isinstance(before, Testbed) else 0
     yield
     if "testbed" not in request.fixturenames:
         return
     bed = request.config.stash.get(TESTBED_KEY, None)
     if not isinstance(bed, Testbed):  # not up (or a stand-in in the plugin's own tests)
         return
-    from xenbed.protocols.xenbus_state import Transition, violations
+    from xenbed.protocols.xenbus_state import violations
 
-    seen = request.config.stash.setdefault(_SEEN_TRANSITIONS, {})
-    new = []
-    for row in bed.status():
-        service = row["service"]
-        if row.get("state") != "running":
-            continue
-        result = bed.exec(service, ["sh", "-c", f"cat {TRANSITIONS_FILE} 2>/dev/null || true"])
-        lines = [line for line in result.stdout.splitlines() if line.strip()]
-        new += [Transition.from_json(line) for line in lines[seen.get(service, 0):]]
-        seen[service] = len(lines)
-    bad = violations(new)
+    reader = request.config.stash.setdefault(_READER, trace.TranscriptReader())
+    try:
+        new = reader.new_transitions(bed)
+    except Exception as error:  # the engine may be what failed; say so, do not hide the test's own failure
+        warnings.warn(f"xenbed: no trace for {request.node.nodeid}: {error!r}")
+        return
+    records = trace.merge(new, trace.chaos_records(bed.history.since(history_start)))
+    nodeid, folder = request.node.nodeid, trace_dir(request.config)
+    trace.write(trace.trace_path(nodeid, folder), records)
+    bad = violations(trace.transitions_of(new))
+    if bad or request.node.stash.get(FAILED, False):
+        trace.write_diagrams(nodeid, records, folder)
     if bad:
         pytest.fail("XenBus transitions the seeds do not allow:\n  " + "\n  ".join(map(str, bad)), pytrace=False)

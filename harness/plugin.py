@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from .fixtures import TESTBED_KEY, docker_client, testbed, xenbus_invariant  # noqa: F401  (registers the fixtures)
+from . import trace
+from .fixtures import FAILED, TESTBED_KEY, docker_client, testbed, trace_dir, xenbus_invariant  # noqa: F401  (registers the fixtures)
 
 MARKERS = {
     "integration": "needs a Docker engine and the testbed images",
@@ -26,6 +27,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="compose project name of the run (default: a fresh xenbed-<hex> per session)")
     group.addoption("--keep-testbed", action="store_true", default=False,
                     help="leave the testbed running after the session (remove it with `xenbed down -p NAME`)")
+    group.addoption("--trace-dir", default=str(trace.TRACE_DIR),
+                    help="where each testbed test's trace (JSONL) and a failed test's diagrams go, "
+                         "relative to the rootdir (default: out/traces)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,7 +44,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         testbed = item.config.stash.get(TESTBED_KEY, None)
         if testbed is not None:
             _attach_logs(report, testbed)
+            _link_trace(item, report)
     return report
+
+
+def _link_trace(item: pytest.Item, report: pytest.TestReport) -> None:
+    """A failing test links its trace and diagrams: a report section, and JUnit
+    properties (user_properties; JUnit writes those of the teardown report,
+    which copies the item's).  The files are written at the test's teardown."""
+    item.stash[FAILED] = True
+    folder = trace_dir(item.config)
+    markdown, svg = trace.diagram_paths(item.nodeid, folder)
+    links = [("xenbed_trace", str(trace.trace_path(item.nodeid, folder))),
+             ("xenbed_diagram", str(svg)), ("xenbed_diagram_mermaid", str(markdown))]
+    for link in links:
+        for properties in (item.user_properties, report.user_properties):
+            if link not in properties:
+                properties.append(link)
+    report.sections.append(("xenbed trace", "\n".join(f"{name}: {path}" for name, path in links)))
+    trace_file = trace.trace_path(item.nodeid, folder)
+    if trace_file.exists() and not svg.exists():  # failed after its trace was written (a later teardown)
+        try:
+            trace.write_diagrams(item.nodeid, trace.read(trace_file), folder)
+        except (OSError, ValueError) as error:
+            report.sections.append(("xenbed trace", f"could not draw the diagrams: {error!r}"))
 
 
 def _attach_logs(report: pytest.TestReport, testbed) -> None:

@@ -18,8 +18,9 @@ import docker
 from docker.errors import APIError, ImageNotFound, NotFound
 
 from . import resources
+from .chaos import History
 from .compose import Project, load_project
-from .container_spec import container_spec, network_kwargs, volume_kwargs
+from .container_spec import container_spec, network_kwargs, network_name, volume_kwargs
 from .execs import ExecError, ExecResult, run_exec
 from .resources import PROJECT, SERVICE, connect, reap_stale_runs, remove_project
 from .status import rows_from_containers, status_row
@@ -61,6 +62,7 @@ class Testbed:
         self.project = project
         self.keep = keep  # labels the run so the reaper leaves it alone after we exit
         self._client = client
+        self.history = History()  # every chaos operation, invoke and outcome (chaos.py)
 
     @classmethod
     def from_compose(cls, path: str | Path = DEFAULT_COMPOSE, project: str | None = None,
@@ -162,24 +164,44 @@ class Testbed:
                 rows.append(status_row(name, None))
         return rows
 
-    # thin controls, for chaos hooks
-    def kill(self, service: str, signal: str = "SIGKILL") -> None:
-        self.container(service).kill(signal=signal)
+    # chaos hooks: thin controls, each an operation in self.history (chaos.py)
+    def kill(self, service: str, signal: str | int = "SIGKILL") -> None:
+        self.history.run("kill", service, {"signal": signal},
+                         lambda: self.container(service).kill(signal=signal))
 
     def stop(self, service: str, timeout: float = 10) -> None:
-        self.container(service).stop(timeout=int(timeout))
+        self.history.run("stop", service, {"timeout": timeout},
+                         lambda: self.container(service).stop(timeout=int(timeout)))
 
     def start(self, service: str) -> None:
-        self.container(service).start()
+        self.history.run("start", service, {}, lambda: self.container(service).start())
 
     def restart(self, service: str, timeout: float = 10) -> None:
-        self.container(service).restart(timeout=int(timeout))
+        self.history.run("restart", service, {"timeout": timeout},
+                         lambda: self.container(service).restart(timeout=int(timeout)))
 
     def pause(self, service: str) -> None:
-        self.container(service).pause()
+        self.history.run("pause", service, {}, lambda: self.container(service).pause())
 
     def unpause(self, service: str) -> None:
-        self.container(service).unpause()
+        self.history.run("unpause", service, {}, lambda: self.container(service).unpause())
+
+    def disconnect(self, service: str, network: str) -> None:
+        """Unplug the service's container from compose network `network` (its short name)."""
+        self.history.run("disconnect", service, {"network": network},
+                         lambda: self.client.networks.get(network_name(self.project_name, network))
+                         .disconnect(self.container(service)))
+
+    def reconnect(self, service: str, network: str) -> None:
+        """Plug it back in, with the aliases (and static address) its compose file gives it."""
+        def plug() -> None:
+            engine_name = network_name(self.project_name, network)
+            endpoint = {"aliases": [service]}
+            if self.project is not None and service in self.project.services:
+                spec = container_spec(self.project_name, self.project, self.project.services[service])
+                endpoint = spec.networks.get(engine_name, endpoint)
+            self.client.networks.get(engine_name).connect(self.container(service), **endpoint)
+        self.history.run("reconnect", service, {"network": network}, plug)
 
     # ------------------------------------------------------------------ up, step by step
 
