@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import secrets
 import warnings
 from pathlib import Path
@@ -43,7 +44,6 @@ def testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
     bed = Testbed.from_compose(compose_file, session_project_name(config), client=docker_client, keep=keep,
                                env=run_environment(docker_client, compose_file))
     config.stash[TESTBED_KEY] = bed
-    loops_before = host_loop_devices()
     try:
         bed.up(progress=_progress_writer(config))
         yield bed
@@ -52,26 +52,50 @@ def testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
             _progress_writer(config)(f"kept testbed {bed.project_name}; remove it with "
                                      f"`xenbed down -p {bed.project_name}`")
         else:
+            run_files = volume_file_ids(bed)
             bed.down()
             leaked = bed.leftovers() + [
-                f"loop device {name} -> {backing}" for name, backing in host_loop_devices().items()
-                if loops_before.get(name) != backing]
+                f"loop device {name} -> {backing}" for name, (backing, file_id) in host_loop_devices().items()
+                if file_id in run_files]
             if leaked:
                 pytest.fail(f"testbed {bed.project_name} leaked after down:\n  " + "\n  ".join(leaked),
                             pytrace=False)
 
 
-def host_loop_devices() -> dict[str, str]:
-    """Attached loop devices of this host's kernel (global: containers share
-    them), as {"loop3": backing file as its attacher named it}.  blkback sets
-    autoclear, so a run's loops must be gone once its containers are."""
+def volume_file_ids(bed: Testbed) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file in the run's volumes, as this host sees
+    them: what a loop device the run attached must point at."""
+    ids = set()
+    for volume in bed.client.volumes.list(filters={"label": bed.label}):
+        for folder, _, files in os.walk(volume.attrs.get("Mountpoint") or "/nonexistent"):
+            for name in files:
+                try:
+                    st = os.stat(os.path.join(folder, name))
+                except OSError:
+                    continue
+                ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
+def host_loop_devices() -> dict[str, tuple[str, tuple[int, int]]]:
+    """Attached loop devices of this host's kernel (global: every container
+    and every run shares them), as {"loop3": (backing file as its attacher
+    named it, (st_dev, st_ino) of that file)}.  Paths look alike across runs
+    (every dom0 has /var/lib/xen/images/domu1.img), so a run's loops are told
+    apart by the backing file's identity.  blkback sets autoclear: a run's
+    loops must be gone once its containers are."""
+    from xenbed.drivers.blk.loop import LoopError, get_status
+
     found = {}
     for entry in glob.glob("/sys/block/loop*/loop/backing_file"):
+        name = entry.split("/")[3]
         try:
             with open(entry) as f:
-                found[entry.split("/")[3]] = f.read().strip()
-        except OSError:
-            continue  # detached meanwhile
+                backing = f.read().strip()
+            status = get_status(f"/dev/{name}")
+        except (OSError, LoopError):
+            continue  # detached meanwhile, or no node for it on this host
+        found[name] = (backing, (status.device, status.inode))
     return found
 
 
