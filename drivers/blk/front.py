@@ -30,14 +30,22 @@ toolstack deleted the device dir) frees the ring, the grants, the port.
 The I/O engine (`BlkRing`)
 --------------------------
 A pool of data pages granted to the backend once and reused for every
-request (persistent grants): ring-size x 11 pages, so a free ring slot always
-finds its pages.  Each READ/WRITE carries up to 11 segments of one page each
-(44 KiB); larger I/O is split by `split_io` and the pieces are in flight
-together.  A request's id is its index in the shadow table (`IdAllocator`);
-responses are matched by id.  The shadow keeps each request's operation,
-sectors, caller buffers and completion, so after a migration (`resume`) the
-requests still in flight are put again on the new ring (blkif_recover) while
-the FUSE file stays open and its callers keep waiting.
+request (persistent grants).  Without indirect requests: ring-size x 11
+pages, and each READ/WRITE carries up to 11 segments of one page each
+(44 KiB).  When the backend offers `feature-max-indirect-segments`, a
+READ/WRITE of more than 11 pages goes as BLKIF_OP_INDIRECT with up to
+N = min(offered, 256) segments (1 MiB), listed in indirect pages that are
+themselves persistent pool pages (one set per ring slot); the pool is then
+sized to blkback's persistent-grant budget (1056 pages: 1024 data, 32
+indirect), so every grant stays mapped.  Larger I/O is split by `split_io`
+and the pieces are in flight together; a request waits for a ring slot and
+for its pages.  A request's id is its index in the shadow table
+(`IdAllocator`); responses are matched by id.  The shadow keeps each
+request's operation, sectors, caller buffers and completion, so after a
+migration (`resume`) the requests still in flight are put again on the new
+ring (blkif_recover) -- cut into smaller pieces if the new backend takes
+fewer segments -- while the FUSE file stays open and its callers keep
+waiting.
 Data are copied into the pool pages for writes and out of them, in the
 response handler, for reads -- so no caller ever holds pages while waiting,
 and the pool cannot deadlock.
@@ -77,8 +85,11 @@ from xenbed.protocols.blkif import (
     VDISK_REMOVABLE,
     BlkifRequest,
     BlkifRequestDiscard,
+    BlkifRequestIndirect,
     BlkifResponse,
     Segment,
+    encode_indirect_page,
+    indirect_pages_needed,
 )
 from xenbed.protocols.ring import XEN_PAGE_SIZE, FrontRing, MalformedResponse, RingError, SharedRing
 
@@ -103,6 +114,33 @@ log = logging.getLogger("xenbed.blkfront")
 
 DEFAULT_MOUNTPOINT = "/run/xen/vbd"
 MAX_SECTORS_PER_REQUEST = BLKIF_MAX_SEGMENTS_PER_REQUEST * SECTORS_PER_PAGE  # 88: 44 KiB
+# Indirect requests (feature-max-indirect-segments): we use min(offered, this).
+# Linux's default is 32 (xen_blkif_max_segments); blkback offers 256.
+MAX_INDIRECT_SEGMENTS = 256
+# Persistent grants: the backend keeps at most this many mapped
+# (xen_blkif_max_pgrants); with indirect requests the pool (data pages plus
+# indirect pages) is sized to it, so every grant stays persistent.
+PERSISTENT_GRANTS = 1056
+
+
+def indirect_segments_to_use(offered: int) -> int:
+    """Segments per indirect request for a backend's
+    `feature-max-indirect-segments` (0: no indirect requests).  Like Linux,
+    indirect is only worth it above the 11 a direct request carries."""
+    n = min(max(offered, 0), MAX_INDIRECT_SEGMENTS)
+    return n if n > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+
+
+def pool_layout(ring_size: int, indirect_segments: int) -> tuple[int, int]:
+    """(data pages, indirect pages) of a ring's persistent pool.  Direct:
+    ring-size x 11 data pages.  Indirect: one set of indirect pages per ring
+    slot, and data pages for the rest of the persistent-grant budget (never
+    fewer than the direct pool, never fewer than one full request)."""
+    direct = ring_size * BLKIF_MAX_SEGMENTS_PER_REQUEST
+    if not indirect_segments:
+        return direct, 0
+    ipages = ring_size * indirect_pages_needed(indirect_segments)
+    return max(direct, indirect_segments, PERSISTENT_GRANTS - ipages), ipages
 
 
 # ---------------------------------------------------------------------------------
@@ -430,8 +468,34 @@ class Shadow:
     discard_flag: int = 0
     id: int = -1
     pages: list[int] = field(default_factory=list)  # pool indexes while on a ring
+    indirect: list[int] = field(default_factory=list)  # indirect-pool indexes while on a ring (INDIRECT)
     status: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    # A request too large for a new ring (replayed after a migration to a
+    # backend with fewer indirect segments) is put again as pieces: each
+    # piece names it as `parent`; it completes when `pending` reaches 0.
+    parent: Shadow | None = None
+    pending: int = 0
+
+    @property
+    def npages(self) -> int:
+        """Data pages (= segments) the request needs."""
+        if self.operation not in (BLKIF_OP_READ, BLKIF_OP_WRITE) or not self.nr_sectors:
+            return 0
+        return -(-self.nr_sectors // SECTORS_PER_PAGE)
+
+    def split(self, max_segments: int) -> list[Shadow]:
+        """This READ/WRITE as pieces of at most `max_segments` segments,
+        each with its share of the caller's buffer; `self` becomes their parent."""
+        pieces = []
+        for c in split_io(self.sector, self.nr_sectors, max_segments):
+            sl = slice(c.offset, c.offset + c.nbytes)
+            pieces.append(Shadow(self.operation, c.sector, c.nr_sectors,
+                                 write_data=None if self.write_data is None else self.write_data[sl],
+                                 read_into=None if self.read_into is None else self.read_into[sl],
+                                 parent=self))
+        self.pending = len(pieces)
+        return pieces
 
 
 class EngineState:
@@ -447,6 +511,12 @@ class BlkRing:
     `attach(ring, pages, kick)` gives it a ring, a pool of granted pages
     (ring.size x 11) and the function that notifies the backend; requests
     still in flight from an earlier ring are put again at once.
+    With `indirect_segments` N > 11 (the backend offers
+    feature-max-indirect-segments) and `indirect_pool` (granted pages for
+    the segment arrays, one set per ring slot), a READ/WRITE of more than
+    11 pages goes as one BLKIF_OP_INDIRECT request of up to N segments;
+    `split_io` cuts I/O at `max_segments`.  A request waits for a ring slot
+    and for its data pages, so any pool size is deadlock-free.
     `handle_responses()` is called after each event (port already cleared).
     """
 
@@ -457,6 +527,9 @@ class BlkRing:
         self.ring: FrontRing | None = None
         self.pool: list[GrantedPage] = []
         self._free_pages: list[int] = []
+        self.indirect_pool: list[GrantedPage] = []
+        self._free_indirect: list[int] = []
+        self.indirect_segments = 0  # segments per INDIRECT request; 0: direct requests only
         self._kick: Callable[[], None] = lambda: None
         self.ids: IdAllocator | None = None
         self.shadow: dict[int, Shadow] = {}  # id -> in-flight request on the current ring
@@ -465,24 +538,55 @@ class BlkRing:
         self.discard_ok = False
         self.requests = 0  # counters, for tests and status
         self.responses = 0
+        self.indirect_requests = 0
+
+    @property
+    def max_segments(self) -> int:
+        """Segments (pages) one ring request may carry on the current ring."""
+        return self.indirect_segments or BLKIF_MAX_SEGMENTS_PER_REQUEST
 
     # -- lifecycle ---------------------------------------------------------------
-    def attach(self, ring: FrontRing, pool: list[GrantedPage], kick: Callable[[], None]) -> None:
+    def attach(self, ring: FrontRing, pool: list[GrantedPage], kick: Callable[[], None],
+               indirect_pool: Sequence[GrantedPage] = (), indirect_segments: int = 0) -> None:
         with self._cond:
             if self.state in (EngineState.CLOSING, EngineState.CLOSED):
                 raise RuntimeError(f"cannot attach a {self.state} engine")
+            if indirect_segments and not indirect_pool:
+                raise ValueError("indirect requests need an indirect pool")
             self.ring, self.pool, self._kick = ring, list(pool), kick
             self._free_pages = list(range(len(pool)))
+            self.indirect_pool = list(indirect_pool) if indirect_segments else []
+            self._free_indirect = list(range(len(self.indirect_pool)))
+            self.indirect_segments = min(indirect_segments, len(pool)) if indirect_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
             self.ids = IdAllocator(ring.size)
             self.shadow = {}
             self.state = EngineState.RUNNING
+            # blkif_recover: in the order they were first put, cut again to
+            # what this ring carries
             replay, self._waiting_replay = self._waiting_replay, []
-            for sh in replay:  # blkif_recover: in the order they were first put
-                self._put(sh)
+            for sh in replay:
+                if sh.npages > self.max_segments:
+                    self._waiting_replay += sh.split(self.max_segments)
+                else:
+                    self._waiting_replay.append(sh)
             if replay:
-                log.info("replayed %d in-flight request(s) on the new ring", len(replay))
-                self._push()
+                log.info("replaying %d in-flight request(s) (%d on the new ring)", len(replay), len(self._waiting_replay))
+                self._put_replays()
             self._cond.notify_all()
+
+    def _fits(self, sh: Shadow) -> bool:  # lock held, RUNNING: its id and pages are free
+        n = sh.npages
+        if self.ids.available < 1 or n > len(self._free_pages):
+            return False
+        return n <= BLKIF_MAX_SEGMENTS_PER_REQUEST or len(self._free_indirect) >= indirect_pages_needed(n)
+
+    def _put_replays(self) -> None:  # lock held, RUNNING
+        put = 0
+        while self._waiting_replay and self._fits(self._waiting_replay[0]):
+            self._put(self._waiting_replay.pop(0))
+            put += 1
+        if put:
+            self._push()
 
     def detach(self) -> list[Shadow]:
         """Forget the ring and pool (they are the caller's to free); requests
@@ -490,10 +594,11 @@ class BlkRing:
         with self._cond:
             inflight = sorted(self.shadow.values(), key=lambda s: s.id)
             for sh in inflight:
-                sh.pages, sh.id = [], -1
+                sh.pages, sh.indirect, sh.id = [], [], -1
             self._waiting_replay = inflight + self._waiting_replay
             self.shadow = {}
             self.ring, self.pool, self._free_pages, self.ids = None, [], [], None
+            self.indirect_pool, self._free_indirect, self.indirect_segments = [], [], 0
             if self.state == EngineState.RUNNING:
                 self.state = EngineState.DETACHED
             return list(self._waiting_replay)
@@ -533,29 +638,31 @@ class BlkRing:
         with self._cond:
             ok = self._cond.wait_for(
                 lambda: self.state != EngineState.DETACHED
-                and (self.state != EngineState.RUNNING or self.ids.available > 0),
+                and (self.state != EngineState.RUNNING
+                     or shadow.npages > self.max_segments  # never fits: EINVAL below
+                     or (not self._waiting_replay and self._fits(shadow))),
                 timeout)
             if not ok:
                 raise OSError(errno.ETIMEDOUT, "no ring slot became free")
             if self.state != EngineState.RUNNING:
                 raise OSError(errno.EIO, f"device is {self.state}")
+            if shadow.npages > self.max_segments:
+                raise OSError(errno.EINVAL, f"request of {shadow.nr_sectors} sectors does not fit "
+                                            f"({self.max_segments} segments per request)")
             self._put(shadow)
             self._push()
         return shadow
 
-    def _put(self, sh: Shadow) -> None:  # lock held, state RUNNING, an id free
+    def _put(self, sh: Shadow) -> None:  # lock held, state RUNNING, _fits(sh)
         rid = self.ids.alloc()
         assert rid is not None
         sh.id, sh.status = rid, None
         if sh.operation == BLKIF_OP_DISCARD:
             req = BlkifRequestDiscard(self.handle, rid, sh.sector, sh.nr_sectors, sh.discard_flag)
-            sh.pages = []
+            sh.pages, sh.indirect = [], []
         else:
             chunk = Chunk(sh.sector, sh.nr_sectors, 0)
-            npages = chunk.pages if sh.nr_sectors else 0
-            if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST or npages > len(self._free_pages):
-                self.ids.free(rid)
-                raise OSError(errno.EINVAL, f"request of {sh.nr_sectors} sectors does not fit")
+            npages = sh.npages
             sh.pages = [self._free_pages.pop() for _ in range(npages)]
             if sh.operation == BLKIF_OP_WRITE and sh.write_data is not None:
                 data = sh.write_data
@@ -563,7 +670,17 @@ class BlkRing:
                     piece = data[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE]
                     self.pool[p].buf[:len(piece)] = piece
             segs = chunk.segments([self.pool[p].gref for p in sh.pages]) if npages else ()
-            req = BlkifRequest(sh.operation, self.handle, rid, sh.sector, segs)
+            if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST:  # INDIRECT: the segments go in granted pages
+                sh.indirect = [self._free_indirect.pop() for _ in range(indirect_pages_needed(npages))]
+                per = blkif.SEGMENTS_PER_INDIRECT_PAGE
+                for i, ip in enumerate(sh.indirect):
+                    self.indirect_pool[ip].buf[:XEN_PAGE_SIZE] = encode_indirect_page(segs[i * per:(i + 1) * per])
+                req = BlkifRequestIndirect(sh.operation, npages, self.handle, rid, sh.sector,
+                                           tuple(self.indirect_pool[ip].gref for ip in sh.indirect))
+                self.indirect_requests += 1
+            else:
+                sh.indirect = []
+                req = BlkifRequest(sh.operation, self.handle, rid, sh.sector, segs)
         self.shadow[rid] = sh
         self.ring.put_request(req.encode())
         self.requests += 1
@@ -589,6 +706,8 @@ class BlkRing:
                 if not self.ring.final_check_for_responses():
                     break
             if taken:
+                if self._waiting_replay and self.state == EngineState.RUNNING:
+                    self._put_replays()
                 self._cond.notify_all()
         return taken
 
@@ -618,13 +737,23 @@ class BlkRing:
                 log.warning("backend refused discard: disabled")
                 self.discard_ok = False
         self._free_pages.extend(sh.pages)
-        sh.pages = []
+        self._free_indirect.extend(sh.indirect)
+        sh.pages, sh.indirect = [], []
         self._complete(sh, status)
 
     @staticmethod
     def _complete(sh: Shadow, status: int) -> None:
         sh.status = status
         sh.done.set()
+        parent = sh.parent
+        if parent is not None:  # a piece of a request split on replay
+            if status != BLKIF_RSP_OKAY and parent.status in (None, BLKIF_RSP_OKAY):
+                parent.status = status
+            elif parent.status is None:
+                parent.status = BLKIF_RSP_OKAY
+            parent.pending -= 1
+            if parent.pending == 0:
+                BlkRing._complete(parent, parent.status)
 
     # -- what callers use ---------------------------------------------------------------
     def wait(self, shadows: Sequence[Shadow], timeout: float | None = None) -> None:
@@ -644,7 +773,7 @@ class BlkRing:
         out = bytearray(nr_sectors * SECTOR_SIZE)
         view = memoryview(out)
         shadows = [self.submit(Shadow(BLKIF_OP_READ, c.sector, c.nr_sectors, read_into=view[c.offset:c.offset + c.nbytes]))
-                   for c in split_io(sector, nr_sectors)]
+                   for c in split_io(sector, nr_sectors, self.max_segments)]
         self.wait(shadows)
         return out
 
@@ -653,7 +782,7 @@ class BlkRing:
         if len(view) % SECTOR_SIZE:
             raise ValueError(f"write of {len(view)} bytes is not whole sectors")
         shadows = [self.submit(Shadow(BLKIF_OP_WRITE, c.sector, c.nr_sectors, write_data=view[c.offset:c.offset + c.nbytes]))
-                   for c in split_io(sector, len(view) // SECTOR_SIZE)]
+                   for c in split_io(sector, len(view) // SECTOR_SIZE, self.max_segments)]
         self.wait(shadows)
 
     def flush(self) -> None:
@@ -786,8 +915,10 @@ class _Connection:
         self.ring_ref: int | None = None
         self.port: int | None = None
         self.pool_pages: list = []
-        self.pool_grefs: list[int] = []
+        self.pool_grefs: list[int] = []  # data pages, then indirect pages
         self.views: list[memoryview] = []
+        self.ndata = 0  # how many of the pool pages are data pages
+        self.indirect_segments = 0  # per INDIRECT request on this ring; 0: none
 
 
 class Vbd:
@@ -950,7 +1081,10 @@ class BlkFront(XenbusDriver):
             raise XenbusFatal(str(exc)) from exc
         with vbd.lock:
             if not conn.pool_grefs:
-                npages = conn.ring.size * BLKIF_MAX_SEGMENTS_PER_REQUEST
+                conn.indirect_segments = indirect_segments_to_use(info.max_indirect_segments)
+                ndata, nindirect = pool_layout(conn.ring.size, conn.indirect_segments)
+                conn.ndata = ndata
+                npages = ndata + nindirect
                 try:
                     conn.pool_pages = self.xen.mem.alloc(npages)
                     for page in conn.pool_pages:
@@ -962,23 +1096,26 @@ class BlkFront(XenbusDriver):
             engine = vbd.engine
             engine.flush_op = BLKIF_OP_FLUSH_DISKCACHE if info.flush else (BLKIF_OP_WRITE_BARRIER if info.barrier else None)
             engine.discard_ok = info.discard
-            pool = [GrantedPage(g, v) for g, v in zip(conn.pool_grefs, conn.views)]
+            granted = [GrantedPage(g, v) for g, v in zip(conn.pool_grefs, conn.views)]
+            pool, indirect_pool = granted[:conn.ndata], granted[conn.ndata:]
             resized = vbd.info is not None and vbd.info.sectors != info.sectors
             vbd.info = info
             if vbd.disk is None:
                 vbd.disk = BlkDisk(vbd.name, engine, info)
             else:
                 vbd.disk.info = info
-            engine.attach(conn.ring, pool, lambda port=conn.port: self.xen.evtchn.notify(port))
+            engine.attach(conn.ring, pool, lambda port=conn.port: self.xen.evtchn.notify(port),
+                          indirect_pool=indirect_pool, indirect_segments=conn.indirect_segments)
         # a response may have come before the handler could see the ring
         engine.handle_responses()
         self._expose(vbd)
         self._watch_sectors(vbd)
         if resized:
             log.info("%s: size now %d sectors", vbd.name, info.sectors)
-        log.info("%s: connected, %d sectors of %d bytes%s%s%s", vbd.name, info.sectors, info.sector_size,
+        log.info("%s: connected, %d sectors of %d bytes%s%s%s%s", vbd.name, info.sectors, info.sector_size,
                  ", read-only" if info.readonly else "", ", flush" if engine.flush_op is not None else "",
-                 ", discard" if info.discard else "")
+                 ", discard" if info.discard else "",
+                 f", indirect {engine.indirect_segments} segments" if engine.indirect_segments else "")
         dev.switch_state(XenbusState.Connected)
 
     def _watch_sectors(self, vbd: Vbd) -> None:
