@@ -284,20 +284,28 @@ class Credit:
         """0 if a packet of `size` may go now, else seconds to wait."""
         if self.rate is None or size <= self.remaining:
             return 0.0
-        if now < self.deferred_until:
-            return self.deferred_until - now
-        per_interval, usecs = self.rate
-        next_credit = self.window_start + usecs / 1e6
+        interval = self.rate[1] / 1e6
+        if self.deferred_until:
+            if now < self.deferred_until:
+                return self.deferred_until - now
+            self.deferred_until = 0.0
+            self._add_credit(size)  # tx_credit_callback: the timer fired
+            if size <= self.remaining:
+                return 0.0
+        next_credit = self.window_start + interval
         if now >= next_credit:
             self.window_start = now
-            max_burst = max(min(size, MAX_BURST), per_interval)
-            self.remaining = min(self.remaining + per_interval, max_burst)
-            next_credit = now + usecs / 1e6
+            self._add_credit(size)
+            next_credit = now + interval
         if size > self.remaining:
-            self.window_start = next_credit
-            self.deferred_until = next_credit
+            self.window_start = self.deferred_until = next_credit
             return next_credit - now
         return 0.0
+
+    def _add_credit(self, head_size: int) -> None:
+        per_interval = self.rate[0]
+        max_burst = max(min(head_size, MAX_BURST), per_interval)
+        self.remaining = min(self.remaining + per_interval, max_burst)
 
     def consume(self, size: int) -> None:
         if self.rate is not None:
