@@ -22,7 +22,7 @@ import time
 
 log = logging.getLogger("xenbed.kernel.modules")
 
-BACKENDS = ("xenbed.drivers.blk.back",)
+BACKENDS = ("xenbed.drivers.blk.back", "xenbed.drivers.net.back")
 FRONTENDS = ("xenbed.drivers.blk.front", "xenbed.drivers.net.front")
 RESTART_DELAY = 1.0
 
