@@ -64,7 +64,7 @@ def attach(store: XenStoreClient, frontend_domid: int, spec_text: str, backend_d
             devices.wait_for_state(store, device.frontend_path, {devices.XENBUS_CONNECTED}, wait_connected,
                                    f"the frontend of {spec.vdev} to connect")
     except BaseException:
-        _remove(store, device, force=True)
+        remove(store, device, force=True)
         raise
     return device
 
@@ -83,10 +83,10 @@ def find(store: XenStoreClient, frontend_domid: int, vdev: str) -> Device:
 def detach(store: XenStoreClient, frontend_domid: int, vdev: str, timeout: float = CLOSE_TIMEOUT) -> bool:
     """Orderly closedown (seed 000); True if it was orderly, False if forced."""
     device = find(store, frontend_domid, vdev)
-    return _remove(store, device, timeout=timeout)
+    return remove(store, device, timeout=timeout)
 
 
-def _remove(store: XenStoreClient, device: Device, force: bool = False, timeout: float = CLOSE_TIMEOUT) -> bool:
+def remove(store: XenStoreClient, device: Device, force: bool = False, timeout: float = CLOSE_TIMEOUT) -> bool:
     orderly = not force
     if not force:
         try:

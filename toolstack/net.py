@@ -100,7 +100,7 @@ def attach(store: XenStoreClient, frontend_domid: int, spec_text: str, backend_d
             devices.wait_for_state(store, device.frontend_path, {devices.XENBUS_CONNECTED}, wait_connected,
                                    f"the frontend of vif {devid} to connect")
     except BaseException:
-        _remove(store, device, force=True)
+        remove(store, device, force=True)
         raise
     return device
 
@@ -134,7 +134,7 @@ def find(store: XenStoreClient, frontend_domid: int, which: str) -> Device:
 
 def detach(store: XenStoreClient, frontend_domid: int, which: str, timeout: float = CLOSE_TIMEOUT) -> bool:
     """Orderly closedown (seed 000); True if orderly, False if forced."""
-    return _remove(store, find(store, frontend_domid, which), timeout=timeout)
+    return remove(store, find(store, frontend_domid, which), timeout=timeout)
 
 
 def _vif_name(store: XenStoreClient, device: Device) -> str:
@@ -142,7 +142,7 @@ def _vif_name(store: XenStoreClient, device: Device) -> str:
     return vifname or f"vif{device.frontend_domid}.{device.devid}"
 
 
-def _remove(store: XenStoreClient, device: Device, force: bool = False, timeout: float = CLOSE_TIMEOUT) -> bool:
+def remove(store: XenStoreClient, device: Device, force: bool = False, timeout: float = CLOSE_TIMEOUT) -> bool:
     orderly = not force
     vif = _vif_name(store, device)
     if not force:

@@ -8,6 +8,9 @@
     xl block-attach DOMAIN DISKSPEC...   add a disk (xl-disk-configuration(5) syntax)
     xl block-detach DOMAIN VDEV          orderly closedown, forced after a timeout
     xl block-list DOMAIN
+    xl network-attach DOMAIN VIFSPEC...  add a NIC (xl-network-configuration(5) syntax)
+    xl network-detach DOMAIN DEVID|MAC
+    xl network-list DOMAIN
 
 DOMAIN is a name or a domid.  `--if-absent` makes `create` succeed quietly
 when a domain of that name runs already (dom0's autostart uses it, so a
@@ -23,7 +26,7 @@ import time
 from xenbed.drivers.xen.hypercall import HypercallError, HypervisorLink
 from xenbed.drivers.xen.store import XenStoreClient
 from xenbed.protocols import hypercall as hc
-from xenbed.toolstack import blk, domain_store
+from xenbed.toolstack import blk, domain_store, net
 from xenbed.toolstack.devices import DeviceError
 from xenbed.toolstack.config import ConfigError, DomainConfig
 
@@ -72,6 +75,7 @@ class Toolstack:
                 # The guest's frontend connects once its container boots;
                 # creating the domain waits only for the backend side.
                 blk.attach(self.store, domid, disk, wait_connected=0)
+            net.attach_all(self.store, domid, config.vifs)
         except BaseException:
             self._destroy(domid)
             raise
@@ -85,10 +89,30 @@ class Toolstack:
         return domid
 
     def _destroy(self, domid: int) -> None:
+        """As libxl: the domain goes at once, then its backends are removed by
+        force (hotplug removal: loop devices and vifs go) and its nodes."""
+        devices = self._devices_of(domid)
         try:
             self.link.call(hc.Call.DOMAIN_DESTROY, {"domid": domid})
         finally:
+            for module, device in devices:
+                try:
+                    module.remove(self.store, device, force=True)
+                except DeviceError as exc:
+                    print(f"xl: removing {device.kind} {device.devid} of dom{domid}: {exc}", file=sys.stderr)
             domain_store.remove_domain(self.store, domid)
+
+    def _devices_of(self, domid: int) -> list:
+        from xenbed.toolstack.devices import Device
+
+        found = []
+        for kind, module in (("vbd", blk), ("vif", net)):
+            base = f"/local/domain/{domid}/device/{kind}"
+            for devid in self.store.directory(base) if self.store.exists(base) else []:
+                backend_id = self.store.try_read(f"{base}/{devid}/backend-id")
+                if backend_id is not None and devid.isdigit():
+                    found.append((module, Device(kind, domid, int(backend_id), int(devid))))
+        return found
 
     def pause(self, name_or_id: str, paused: bool = True) -> None:
         domid = self.resolve(name_or_id)["domid"]
@@ -127,6 +151,13 @@ def main(argv=None) -> int:
     detach.add_argument("domain")
     detach.add_argument("vdev")
     sub.add_parser("block-list", help="list a domain's disks").add_argument("domain")
+    nattach = sub.add_parser("network-attach", help="attach a NIC to a domain")
+    nattach.add_argument("domain")
+    nattach.add_argument("spec", nargs="*", help="vif spec; several words are joined with commas, as xl does")
+    ndetach = sub.add_parser("network-detach", help="detach a NIC (by devid or MAC)")
+    ndetach.add_argument("domain")
+    ndetach.add_argument("which")
+    sub.add_parser("network-list", help="list a domain's NICs").add_argument("domain")
     sub.add_parser("domname").add_argument("domid")
     args = parser.parse_args(argv)
 
@@ -173,6 +204,13 @@ def _run(xl: Toolstack, args) -> int:
     elif args.command == "block-detach":
         if not blk.detach(xl.store, xl.resolve(args.domain)["domid"], args.vdev):
             print(f"xl: {args.vdev} did not close in time; removed by force", file=sys.stderr)
+    elif args.command == "network-attach":
+        net.attach(xl.store, xl.resolve(args.domain)["domid"], ",".join(args.spec))
+    elif args.command == "network-detach":
+        if not net.detach(xl.store, xl.resolve(args.domain)["domid"], args.which):
+            print(f"xl: vif {args.which} did not close in time; removed by force", file=sys.stderr)
+    elif args.command == "network-list":
+        print(net.format_list(net.list_rows(xl.store, xl.resolve(args.domain)["domid"])))
     elif args.command == "block-list":
         from xenbed.toolstack.devices import list_devices
         print(blk.format_list(list_devices(xl.store, "vbd", xl.resolve(args.domain)["domid"])))

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 
+from xenbed.drivers.kernel import netconfig
 from xenbed.drivers.kernel.modules import ModuleSupervisor, default_modules
 from xenbed.drivers.xen.hypercall import HypercallError, HypervisorLink, LinkClosed, connect_with_retry
 from xenbed.protocols import hypercall as hc
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     # `xl create` waits for them to reach InitWait.
     modules = ModuleSupervisor(default_modules(link.privilege))
     modules.start()
+    netconfig.start(stop)
 
     if args.autostart:
         run_autostart(args.autostart)
