@@ -106,6 +106,11 @@ def request_close(store: XenStoreClient, device: Device) -> None:
 
 
 def remove_directories(store: XenStoreClient, device: Device) -> None:
+    """Both device directories, and the backend's per-guest folder
+    (backend/<kind>/<domid>) once it holds no device any more, as libxl
+    leaves nothing of a guest behind in the backend domain."""
+    guest_folder = device.backend_path.rsplit("/", 1)[0]
+
     def body(tx: int) -> None:
         for path in (device.frontend_path, device.backend_path):
             try:
@@ -113,6 +118,12 @@ def remove_directories(store: XenStoreClient, device: Device) -> None:
             except XenStoreError as exc:
                 if exc.errno_name != "ENOENT":
                     raise
+        try:
+            if not store.directory(guest_folder, tx):
+                store.rm(guest_folder, tx)
+        except XenStoreError as exc:
+            if exc.errno_name != "ENOENT":
+                raise
 
     store.run_transaction(body)
 

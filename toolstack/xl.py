@@ -105,13 +105,15 @@ class Toolstack:
     def _devices_of(self, domid: int) -> list:
         from xenbed.toolstack.devices import Device
 
+        # From the backend side: a guest that died already lost its own
+        # /local/domain/<id> (xenstored drops it), its backends did not.
         found = []
-        for kind, module in (("vbd", blk), ("vif", net)):
-            base = f"/local/domain/{domid}/device/{kind}"
-            for devid in self.store.directory(base) if self.store.exists(base) else []:
-                backend_id = self.store.try_read(f"{base}/{devid}/backend-id")
-                if backend_id is not None and devid.isdigit():
-                    found.append((module, Device(kind, domid, int(backend_id), int(devid))))
+        for backend_id in self.store.directory("/local/domain"):
+            for kind, module in (("vbd", blk), ("vif", net)):
+                base = f"/local/domain/{backend_id}/backend/{kind}/{domid}"
+                if backend_id.isdigit() and self.store.exists(base):
+                    found += [(module, Device(kind, domid, int(backend_id), int(devid)))
+                              for devid in self.store.directory(base) if devid.isdigit()]
         return found
 
     def pause(self, name_or_id: str, paused: bool = True) -> None:
