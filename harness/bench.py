@@ -24,6 +24,7 @@ GOALS = {
     "evtchn.notify_rtt_ratio": ("<=", 2.5),
     "blk.seq_read_ratio": (">=", 0.5),
     "blk.seq_write_ratio": (">=", 0.5),
+    "net.tcp_ratio": (">=", 0.10),
 }
 
 
@@ -166,7 +167,36 @@ def _fuse_seq_read(testbed: Testbed, size_mb: int, guest: str = "domu1") -> tupl
     return int(line.split()[0]), float(line.split(" copied, ")[1].split()[0])
 
 
-SUITES = {"xenstore": bench_xenstore, "evtchn": bench_evtchn, "blk": bench_blk}
+def bench_net(testbed: Testbed, seconds: int = 5, pings: int = 50) -> dict[str, dict]:
+    """iperf3 and ping from domu1 (every frame through netfront, the rings and
+    netback) against the same from dom0 over the same veth (the limit), in
+    the same run; the peer runs `iperf3 -s`."""
+    def out(service: str, script: str) -> str:
+        return testbed.exec(service, ["sh", "-c", script], check=True).stdout
+
+    peer = out("peer", "ip -4 -o addr show dev eth0").split()[3].split("/")[0]
+
+    def tcp_mbit_s(service: str) -> float:
+        report = json.loads(out(service, f"timeout {seconds + 30} iperf3 -J -t {seconds} -c {peer}"))
+        return report["end"]["sum_received"]["bits_per_second"] / 1e6
+
+    def ping_p50_us(service: str) -> float:
+        lines = out(service, f"ping -c {pings} -i 0.02 -W 2 {peer}").splitlines()
+        rtts = sorted(float(line.split("time=")[1].split()[0]) for line in lines if "time=" in line)
+        return rtts[len(rtts) // 2] * 1000.0
+
+    guest_tcp, veth_tcp = tcp_mbit_s("domu1"), tcp_mbit_s("dom0")
+    guest_ping, veth_ping = ping_p50_us("domu1"), ping_p50_us("dom0")
+    return {
+        "net.tcp_mbit_s": {"value": round(guest_tcp, 1), "unit": "Mbit/s"},
+        "net.veth_tcp_mbit_s": {"value": round(veth_tcp, 1), "unit": "Mbit/s"},
+        "net.tcp_ratio": {"value": round(guest_tcp / veth_tcp, 4), "unit": "x"},
+        "net.ping_rtt_us_p50": {"value": round(guest_ping), "unit": "us"},
+        "net.veth_ping_rtt_us_p50": {"value": round(veth_ping), "unit": "us"},
+    }
+
+
+SUITES = {"xenstore": bench_xenstore, "evtchn": bench_evtchn, "blk": bench_blk, "net": bench_net}
 
 
 def run(testbed: Testbed, suites: list[str] | None = None, progress=print) -> dict:
