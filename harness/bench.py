@@ -174,7 +174,7 @@ def bench_net(testbed: Testbed, seconds: int = 5, pings: int = 50) -> dict[str, 
     def out(service: str, script: str) -> str:
         return testbed.exec(service, ["sh", "-c", script], check=True).stdout
 
-    peer = out("peer", "ip -4 -o addr show dev eth0").split()[3].split("/")[0]
+    peer = out("peer", "ip -4 -o addr show scope global").split()[3].split("/")[0]
 
     def tcp_mbit_s(service: str) -> float:
         report = json.loads(out(service, f"timeout {seconds + 30} iperf3 -J -t {seconds} -c {peer}"))

@@ -29,7 +29,8 @@ def wait_until(probe, what: str, timeout: float = 30):
 
 @pytest.fixture(scope="module")
 def addresses(testbed) -> dict[str, str]:
-    peer = sh(testbed, "peer", "ip -4 -o addr show dev eth0").split()[3].split("/")[0]
+    # any global address: a chaos test may have reconnected the peer (new NIC name)
+    peer = sh(testbed, "peer", "ip -4 -o addr show scope global").split()[3].split("/")[0]
     guests = {}
     for guest in ("domu1", "domu2"):
         guests[guest] = wait_until(
