@@ -53,7 +53,6 @@ import fcntl
 import logging
 import mmap
 import os
-import signal
 import stat
 import struct
 import sys
@@ -935,31 +934,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s blkback %(levelname)s %(message)s")
     from xenbed.drivers.xen.evtchn import EventChannels
     from xenbed.drivers.xen.gnttab import GrantTable
-    from xenbed.drivers.xen.hypercall import HypervisorLink
-    from xenbed.drivers.xen.store import XenStoreClient
-    from xenbed.drivers.xenbus import BackendBus, TransitionRecorder
+    from xenbed.drivers.xenbus.daemon import run_backend
 
-    link = HypervisorLink.open(role="device")
-    store = XenStoreClient()
-    domid = args.domid if args.domid is not None else link.domid
-    driver = Blkback(GrantTable(link), EventChannels(link), run_hotplug=args.run_hotplug)
-    recorder = TransitionRecorder(args.transitions) if args.transitions else None
-    bus = BackendBus(store, domid, [driver], recorder=recorder)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    bus.start()
-    log.info("blkback for dom%d watching %s/vbd", domid, bus.base)
-    while not done.wait(1.0):
-        if store.closed.is_set() or link.closed.is_set():
-            log.error("lost %s", "the store" if store.closed.is_set() else "the hypervisor link")
-            break
-    log.info("shutting down")
-    bus.close()
-    driver.shutdown()
-    store.close()
-    link.close()
-    return 0 if done.is_set() else 1
+    return run_backend("blkback", lambda link: Blkback(GrantTable(link), EventChannels(link),
+                                                      run_hotplug=args.run_hotplug),
+                       transitions=args.transitions, domid=args.domid)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,6 @@ import errno
 import logging
 import os
 import select
-import signal
 import struct
 import sys
 import threading
@@ -1081,10 +1080,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s netback %(levelname)s %(message)s")
     from xenbed.drivers.xen.evtchn import EventChannels
     from xenbed.drivers.xen.gnttab import GrantTable
-    from xenbed.drivers.xen.hypercall import HypervisorLink
     from xenbed.drivers.xen.memory import GuestMemory
-    from xenbed.drivers.xen.store import XenStoreClient
-    from xenbed.drivers.xenbus import BackendBus, TransitionRecorder
+    from xenbed.drivers.xenbus.daemon import run_backend
 
     if args.uplink != "skip" and os.environ.get("XENBED_BRIDGE_SETUP", "1") != "0":
         from . import bridge
@@ -1093,27 +1090,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # vifs will fail their hotplug step, with this reason in the log
             log.error("setting up bridge %s: %s", args.bridge, exc)
 
-    link = HypervisorLink.open(role="device")
-    store = XenStoreClient()
-    domid = args.domid if args.domid is not None else link.domid
-    driver = Netback(GrantTable(link), EventChannels(link), GuestMemory(link), run_hotplug=args.run_hotplug)
-    recorder = TransitionRecorder(args.transitions) if args.transitions else None
-    bus = BackendBus(store, domid, [driver], recorder=recorder)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    bus.start()
-    log.info("netback for dom%d watching %s/vif", domid, bus.base)
-    while not done.wait(1.0):
-        if store.closed.is_set() or link.closed.is_set():
-            log.error("lost %s", "the store" if store.closed.is_set() else "the hypervisor link")
-            break
-    log.info("shutting down")
-    bus.close()
-    driver.shutdown()
-    store.close()
-    link.close()
-    return 0 if done.is_set() else 1
+    return run_backend("netback", lambda link: Netback(GrantTable(link), EventChannels(link), GuestMemory(link),
+                                                      run_hotplug=args.run_hotplug),
+                       transitions=args.transitions, domid=args.domid)
 
 
 if __name__ == "__main__":
