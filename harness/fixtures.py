@@ -147,3 +147,38 @@ def xenbus_invariant(request: pytest.FixtureRequest):
         trace.write_diagrams(nodeid, records, folder)
     if bad:
         pytest.fail("XenBus transitions the seeds do not allow:\n  " + "\n  ".join(map(str, bad)), pytrace=False)
+
+
+_AUDIT_SCRIPT = (
+    "import json\n"
+    "from xenbed.drivers.xen.hypercall import HypervisorLink\n"
+    "from xenbed.protocols import hypercall as hc\n"
+    "link = HypervisorLink.open(role='device')\n"
+    "print(json.dumps(link.call(hc.Call.AUDIT)))\n"
+)
+
+
+def hypervisor_audit(bed: Testbed) -> dict:
+    """What dead domains left behind, as the hypervisor sees it (asked from dom0)."""
+    import json
+
+    result = bed.exec("dom0", ["python3", "-c", _AUDIT_SCRIPT], check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def leak_audit(request: pytest.FixtureRequest):
+    """After each module that used the testbed: no grant mapping of a dead
+    domain's page, no port offered to a dead domain, no store node or backend
+    folder of a dead domain, no domain left dying (created and not destroyed)."""
+    yield
+    module = request.module
+    if not any(getattr(item, "module", None) is module and "testbed" in getattr(item, "fixturenames", ())
+               for item in request.session.items):
+        return
+    bed = request.config.stash.get(TESTBED_KEY, None)
+    if not isinstance(bed, Testbed):
+        return
+    leaks = {kind: found for kind, found in hypervisor_audit(bed).items() if found}
+    if leaks:
+        pytest.fail(f"{module.__name__} left behind in the hypervisor: {leaks}", pytrace=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from . import trace
-from .fixtures import FAILED, TESTBED_KEY, docker_client, testbed, trace_dir, xenbus_invariant  # noqa: F401  (registers the fixtures)
+from .fixtures import FAILED, TESTBED_KEY, docker_client, leak_audit, testbed, trace_dir, xenbus_invariant  # noqa: F401  (registers the fixtures)
 
 MARKERS = {
     "integration": "needs a Docker engine and the testbed images",

@@ -140,6 +140,7 @@ class HypervisorServer:
         self.xs_connections: dict = {}  # store Connection -> its XenStoreConnection
         self._listeners: list[socket.socket] = []
         self._echo_server: asyncio.AbstractServer | None = None
+        self._audit_conn = None  # a privileged store connection of the hypervisor's own
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = asyncio.Event()
 
@@ -399,6 +400,44 @@ class HypervisorServer:
     def _call_domain_resume(self, link, frame):
         return self.domains.set_suspended(link.domain, int(frame.body["domid"]), False).summary()
 
+    def _call_audit(self, link, frame):
+        """What dead or destroyed domains left behind: mappings of their pages,
+        ports still offered to them, their store nodes and backend folders,
+        domains left dying (never destroyed)."""
+        self.domains.require_control(link.domain, "auditing")
+        live = {d.domid for d in self.domains.list() if d.state is not DomainState.DYING}
+        dying = sorted(d.domid for d in self.domains.list() if d.state is DomainState.DYING)
+        gnttab, evtchn = self.sharing.gnttab, self.sharing.evtchn
+        return {
+            "dying_domains": dying,
+            "grant_mappings_of_dead": [
+                {"mapper": m.mapper, "granter": m.granter, "gref": m.gref, "handle": m.handle}
+                for m in gnttab.leaks()],
+            "zombie_domains": gnttab.zombies(),
+            "ports_offered_to_dead": [{"domid": d, "port": p, **st} for d, p, st in evtchn.leaks()],
+            "store_nodes_of_dead": self._store_nodes_of_dead(live),
+        }
+
+    def _store_nodes_of_dead(self, live: set[int]) -> list[str]:
+        if self._audit_conn is None:
+            self._audit_conn = self.store.connect(0, privileged=True)
+
+        def children(path: str) -> list[str]:
+            reply = self.store.handle(self._audit_conn, xs_wire.Packet(xs_wire.Op.DIRECTORY, 0, 0,
+                                                                        xs_wire.join_strings(path)))
+            return [] if reply.is_error() else reply.strings()
+
+        found = []
+        for domid in children("/local/domain"):
+            if domid.isdigit() and int(domid) not in live:
+                found.append(f"/local/domain/{domid}")
+        for backend in children("/local/domain"):
+            for kind in children(f"/local/domain/{backend}/backend"):
+                for frontend in children(f"/local/domain/{backend}/backend/{kind}"):
+                    if frontend.isdigit() and int(frontend) not in live:
+                        found.append(f"/local/domain/{backend}/backend/{kind}/{frontend}")
+        return found
+
     _handlers = {
         hc.Call.PING: _call_ping,
         hc.Call.HELLO: _call_hello,
@@ -411,6 +450,7 @@ class HypervisorServer:
         hc.Call.DOMAIN_UNPAUSE: _call_domain_unpause,
         hc.Call.DOMAIN_SUSPEND: _call_domain_suspend,
         hc.Call.DOMAIN_RESUME: _call_domain_resume,
+        hc.Call.AUDIT: _call_audit,
         **{op: (lambda fn: lambda self, link, frame: fn(self.sharing, link, frame))(fn)
            for op, fn in Sharing.HANDLERS.items()},
     }

@@ -44,6 +44,7 @@ class Call(enum.IntEnum):
     DOMAIN_UNPAUSE = 24
     DOMAIN_SUSPEND = 25  # {"domid"}: the guest acknowledged a suspend request; memory stays
     DOMAIN_RESUME = 26  # {"domid"}
+    AUDIT = 27  # {} -> what dead domains left behind (control only; the harness's leak audit)
     # Guest memory: pages are files on the hypervisor's tmpfs; a domain gets
     # them only as descriptors (SCM_RIGHTS).
     MEM_ALLOC = 30  # {"count" (1..64)} -> {"gfns": [...]} + one read-write fd per page

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from xenbed.harness.fixtures import hypervisor_audit
+
 pytestmark = pytest.mark.integration
 
 
@@ -113,9 +115,14 @@ def test_a_killed_guest_closes_its_ports_at_the_peer_and_its_grants(testbed):
         assert "@releaseDomain" in released[1:], released  # the first line is the watch's initial event
         listing = testbed.exec("dom0", ["xl", "list"], check=True).stdout
         assert any(line.split()[:2] == ["victim", str(victim)] and "-----d" in line for line in listing.splitlines())
+        # the leak audit sees what the dead domain left until it is destroyed
+        audit = hypervisor_audit(testbed)
+        assert victim in audit["dying_domains"], audit
     finally:
         testbed.exec("domu1", ["sh", "-c", "kill $(cat /tmp/holder.pid) 2>/dev/null; true"])
         testbed.destroy_domain("victim")
     assert "victim" not in testbed.exec("dom0", ["xl", "list"], check=True).stdout
+    audit = hypervisor_audit(testbed)
+    assert not any(audit.values()), audit
     with pytest.raises(LookupError):
         testbed.container("victim")
