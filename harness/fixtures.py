@@ -149,21 +149,9 @@ def xenbus_invariant(request: pytest.FixtureRequest):
         pytest.fail("XenBus transitions the seeds do not allow:\n  " + "\n  ".join(map(str, bad)), pytrace=False)
 
 
-_AUDIT_SCRIPT = (
-    "import json\n"
-    "from xenbed.drivers.xen.hypercall import HypervisorLink\n"
-    "from xenbed.protocols import hypercall as hc\n"
-    "link = HypervisorLink.open(role='device')\n"
-    "print(json.dumps(link.call(hc.Call.AUDIT)))\n"
-)
-
-
 def hypervisor_audit(bed: Testbed) -> dict:
-    """What dead domains left behind, as the hypervisor sees it (asked from dom0)."""
-    import json
-
-    result = bed.exec("dom0", ["python3", "-c", _AUDIT_SCRIPT], check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """What dead domains left behind, as the hypervisor sees it (Testbed.audit)."""
+    return bed.audit()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -179,6 +167,6 @@ def leak_audit(request: pytest.FixtureRequest):
     bed = request.config.stash.get(TESTBED_KEY, None)
     if not isinstance(bed, Testbed):
         return
-    leaks = {kind: found for kind, found in hypervisor_audit(bed).items() if found}
+    leaks = {kind: found for kind, found in bed.audit().items() if found}
     if leaks:
         pytest.fail(f"{module.__name__} left behind in the hypervisor: {leaks}", pytrace=False)

@@ -54,6 +54,9 @@ LINES = [json.dumps({"ts": 1.0 + i, "path": p, "role": r, "from": a, "to": b}) f
     ("/local/domain/0/backend/vbd/1/51712", "backend", "InitWait", "Connected")])]
 
 class FakeBed(Testbed):
+    def audit(self):  # a stand-in hypervisor with nothing left behind
+        return {}
+
     def status(self):
         return [{"service": "dom0", "state": "running"}]
     def exec(self, service, cmd, **kw):
