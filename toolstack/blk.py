@@ -54,19 +54,8 @@ def attach(store: XenStoreClient, frontend_domid: int, spec_text: str, backend_d
     spec = parse_disk_spec(spec_text)
     device = vbd_device(spec, frontend_domid, backend_domid)
     devices.write_device(store, device)
-    try:
-        devices.wait_for_state(store, device.backend_path, {devices.XENBUS_INITWAIT, devices.XENBUS_CONNECTED},
-                               INITWAIT_TIMEOUT, f"the backend of {spec.vdev} to reach InitWait")
-        run_hotplug("add", device.backend_path)
-        if wait_connected:
-            devices.wait_for_state(store, device.backend_path, {devices.XENBUS_CONNECTED}, wait_connected,
-                                   f"the backend of {spec.vdev} to connect")
-            devices.wait_for_state(store, device.frontend_path, {devices.XENBUS_CONNECTED}, wait_connected,
-                                   f"the frontend of {spec.vdev} to connect")
-    except BaseException:
-        remove(store, device, force=True)
-        raise
-    return device
+    return devices.bring_up(store, device, spec.vdev, lambda path: run_hotplug("add", path), remove,
+                            initwait_timeout=INITWAIT_TIMEOUT, wait_connected=wait_connected)
 
 
 def find(store: XenStoreClient, frontend_domid: int, vdev: str) -> Device:

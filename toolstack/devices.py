@@ -93,6 +93,27 @@ def write_device(store: XenStoreClient, device: Device) -> None:
     store.run_transaction(body)
 
 
+def bring_up(store: XenStoreClient, device: Device, name: str, hotplug_add, remove, *,
+             initwait_timeout: float, wait_connected: float) -> Device:
+    """Seed 000's Device Initialisation from the toolstack's side, after the
+    directories are written: the backend's InitWait, the hotplug step, then
+    (if asked) both ends Connected.  On any failure the device is removed by
+    force, so a refused attach leaves nothing behind."""
+    try:
+        wait_for_state(store, device.backend_path, {XENBUS_INITWAIT, XENBUS_CONNECTED}, initwait_timeout,
+                       f"the backend of {name} to reach InitWait")
+        hotplug_add(device.backend_path)
+        if wait_connected:
+            wait_for_state(store, device.backend_path, {XENBUS_CONNECTED}, wait_connected,
+                           f"the backend of {name} to connect")
+            wait_for_state(store, device.frontend_path, {XENBUS_CONNECTED}, wait_connected,
+                           f"the frontend of {name} to connect")
+    except BaseException:
+        remove(store, device, force=True)
+        raise
+    return device
+
+
 def request_close(store: XenStoreClient, device: Device) -> None:
     back = device.backend_path
 

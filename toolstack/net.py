@@ -90,19 +90,8 @@ def attach(store: XenStoreClient, frontend_domid: int, spec_text: str, backend_d
         devid = spec.devid if spec.devid is not None else next_devid(store, frontend_domid)
     device = vif_device(spec, frontend_domid, backend_domid, devid)
     devices.write_device(store, device)
-    try:
-        devices.wait_for_state(store, device.backend_path, {devices.XENBUS_INITWAIT, devices.XENBUS_CONNECTED},
-                               INITWAIT_TIMEOUT, f"the backend of vif {devid} to reach InitWait")
-        run_hotplug("add", device.backend_path)
-        if wait_connected:
-            devices.wait_for_state(store, device.backend_path, {devices.XENBUS_CONNECTED}, wait_connected,
-                                   f"the backend of vif {devid} to connect")
-            devices.wait_for_state(store, device.frontend_path, {devices.XENBUS_CONNECTED}, wait_connected,
-                                   f"the frontend of vif {devid} to connect")
-    except BaseException:
-        remove(store, device, force=True)
-        raise
-    return device
+    return devices.bring_up(store, device, f"vif {devid}", lambda path: run_hotplug("add", path), remove,
+                            initwait_timeout=INITWAIT_TIMEOUT, wait_connected=wait_connected)
 
 
 def attach_all(store: XenStoreClient, frontend_domid: int, specs: list[str], backend_domid: int = 0) -> list[Device]:
