@@ -165,6 +165,8 @@ def test_toolstack_initiated_closedown_frees_the_loop(world):
     assert world.evtchn.closed
     assert hotplug.remove(world.store, BACK) is False  # nothing left to detach
     assert world.store.try_read(f"{BACK}/physical-device") is None
+    while world.backend_states[-1:] != ["6"] and time.monotonic() < deadline:  # the watch catches up
+        time.sleep(0.01)
     assert world.backend_states[-3:] == ["4", "5", "6"]
 
 
@@ -182,6 +184,10 @@ def test_frontend_initiated_close_then_reconnect(world):
     world.wait_state(BACK, "4")
     g, page = world.grants.grant_page()
     assert world.io(BlkifRequest(BLKIF_OP_READ, 0, 3, 0, (Segment(g, 0, 7),))).status == BLKIF_RSP_OKAY
+    # backend_states is filled by a watch: let it catch up with the store
+    deadline = time.monotonic() + 5
+    while world.backend_states[-1:] != ["4"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert world.backend_states[-5:] == ["4", "5", "6", "2", "4"]
 
 
