@@ -83,33 +83,8 @@ GNTMAP_contains_pte = 1 << 4
 GNTCOPY_source_gref = 1 << 0
 GNTCOPY_dest_gref = 1 << 1
 
-GNTST_okay = 0
-GNTST_general_error = -1
-GNTST_bad_domain = -2
-GNTST_bad_gntref = -3
-GNTST_bad_handle = -4
-GNTST_bad_virt_addr = -5
-GNTST_bad_dev_addr = -6
-GNTST_no_device_space = -7
-GNTST_permission_denied = -8
-GNTST_bad_page = -9
-GNTST_bad_copy_arg = -10
-GNTST_address_too_big = -11
-GNTST_eagain = -12
-GNTST_no_space = -13
-
-# GNTTABOP_error_msgs, indexed by -status
-GNTST_MESSAGES = (
-    "okay", "undefined error", "unrecognised domain id", "invalid grant reference",
-    "invalid mapping handle", "invalid virtual address", "invalid device address",
-    "no spare translation slot in the I/O MMU", "permission denied", "bad page",
-    "copy arguments cross page boundary", "page address size too large",
-    "operation not done; try again", "out of space",
-)
-
-
-def gntst_message(status: int) -> str:
-    return GNTST_MESSAGES[-status] if -len(GNTST_MESSAGES) < status <= 0 else f"status {status}"
+from xenbed.protocols.gntst import *  # noqa: F401,F403  (GNTST_* as Xen's header names them)
+from xenbed.protocols.gntst import GNTST_MESSAGES, GNTST_okay, gntst_message  # noqa: F401
 
 
 class GnttabUsageError(Exception):

@@ -23,10 +23,10 @@ from xenbed.hypervisor.domains import DomainError
 from xenbed.hypervisor.evtchn import EventChannels, EvtchnError, Notify
 from xenbed.hypervisor.memory import GuestMemory, MemoryError_
 from xenbed.protocols import hypercall as hc
+from xenbed.protocols.gntst import GNTST_NAMES
 
 log = logging.getLogger("xenbed.hypervisor.sharing")
 
-GNTST_NAMES = {value: name for name, value in vars(gt).items() if name.startswith("GNTST_") and isinstance(value, int)}
 MAX_PAGES_PER_CALL = 64
 
 

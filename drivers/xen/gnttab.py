@@ -28,31 +28,8 @@ from xenbed.protocols import hypercall as hc
 from .hypercall import HypercallError, HypervisorLink, _close_all
 from .memory import Page, map_page_fd
 
-# grant_table.h: GNTST_* (status of a grant operation), as numbers and names.
-GNTST_okay = 0
-GNTST_general_error = -1
-GNTST_bad_domain = -2
-GNTST_bad_gntref = -3
-GNTST_bad_handle = -4
-GNTST_bad_virt_addr = -5
-GNTST_bad_dev_addr = -6
-GNTST_no_device_space = -7
-GNTST_permission_denied = -8
-GNTST_bad_page = -9
-GNTST_bad_copy_arg = -10
-GNTST_address_too_big = -11
-GNTST_eagain = -12
-GNTST_no_space = -13
-
-GNTST_NAMES = {value: name for name, value in globals().items() if name.startswith("GNTST_")}
-GNTST_VALUES = {name: value for value, name in GNTST_NAMES.items()}
-
-
-def gntst_name(status) -> str:
-    """'GNTST_eagain' for -12 or 'GNTST_eagain'; unknown numbers read 'GNTST_<n>'."""
-    if isinstance(status, str):
-        return status if status.startswith("GNTST_") else f"GNTST_{status}"
-    return GNTST_NAMES.get(int(status), f"GNTST_{int(status)}")
+from xenbed.protocols.gntst import *  # noqa: F401,F403  (GNTST_* as Xen's header names them)
+from xenbed.protocols.gntst import GNTST_NAMES, GNTST_VALUES, gntst_name  # noqa: F401
 
 
 class GrantError(Exception):
