@@ -37,6 +37,7 @@ import stat
 import sys
 
 from . import loop
+from xenbed.drivers.xenbus.hotplug_status import write_error
 
 log = logging.getLogger("xenbed.blk.hotplug")
 
@@ -101,7 +102,7 @@ def add(store, backend: str) -> loop.LoopDevice:
     except (HotplugError, OSError) as exc:
         message = str(exc)
         log.error("%s: hotplug add failed: %s", backend, message)
-        _write_error(store, backend, message)
+        write_error(store, backend, message)
         raise HotplugError(message) from exc
 
     def publish(tx: int) -> None:
@@ -118,17 +119,6 @@ def add(store, backend: str) -> loop.LoopDevice:
     log.info("%s: %s on %s (physical-device %s, %s)", backend, target, dev.path, dev.physical_device,
              "read-only" if readonly else "read-write")
     return dev
-
-
-def _write_error(store, backend: str, message: str) -> None:
-    def body(tx: int) -> None:
-        store.write(f"{backend}/hotplug-error", message, tx)
-        store.write(f"{backend}/hotplug-status", "error", tx)
-
-    try:
-        store.run_transaction(body)
-    except Exception as exc:  # the dir may be gone: nothing left to tell
-        log.warning("%s: could not write hotplug-error: %s", backend, exc)
 
 
 def remove(store, backend: str) -> bool:

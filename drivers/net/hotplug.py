@@ -29,6 +29,7 @@ import os
 import sys
 
 from . import tap as taplib
+from xenbed.drivers.xenbus.hotplug_status import write_error
 
 log = logging.getLogger("xenbed.net.hotplug")
 
@@ -87,7 +88,7 @@ def add(store, backend: str) -> str:
     except (HotplugError, OSError) as exc:
         message = str(exc)
         log.error("%s: hotplug add failed: %s", backend, message)
-        _write_error(store, backend, message)
+        write_error(store, backend, message)
         raise HotplugError(message) from exc
 
     def publish(tx: int) -> None:
@@ -101,17 +102,6 @@ def add(store, backend: str) -> str:
     store.run_transaction(publish)
     log.info("%s: %s on %s (mtu %s), up", backend, name, bridge, mtu)
     return name
-
-
-def _write_error(store, backend: str, message: str) -> None:
-    def body(tx: int) -> None:
-        store.write(f"{backend}/hotplug-error", message, tx)
-        store.write(f"{backend}/hotplug-status", "error", tx)
-
-    try:
-        store.run_transaction(body)
-    except Exception as exc:
-        log.warning("%s: could not write hotplug-error: %s", backend, exc)
 
 
 def remove(store, backend: str, name: str | None = None) -> bool:
