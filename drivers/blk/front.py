@@ -57,6 +57,8 @@ threads (fuse_disk.py bridges trio to them).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import errno
 import logging
@@ -109,6 +111,10 @@ except ImportError:  # pragma: no cover - only until the bus is merged
         pass
 
     XenbusDevice = object  # type: ignore[misc,assignment]
+
+
+if TYPE_CHECKING:
+    from xenbed.drivers.xenbus.daemon import GuestXen
 
 log = logging.getLogger("xenbed.blkfront")
 
@@ -892,20 +898,6 @@ class BlkDisk:
 # ---------------------------------------------------------------------------------
 # The driver (XenbusDriver for type "vbd")
 # ---------------------------------------------------------------------------------
-class _Xen:
-    """The guest API objects a frontend needs (drivers/xen)."""
-
-    def __init__(self, link) -> None:
-        from xenbed.drivers.xen.evtchn import EventChannels
-        from xenbed.drivers.xen.gnttab import GrantTable
-        from xenbed.drivers.xen.memory import GuestMemory
-
-        self.link = link
-        self.mem = GuestMemory(link)
-        self.gnttab = GrantTable(link)
-        self.evtchn = EventChannels(link)
-
-
 class _Connection:
     """One ring's resources: page, grant, port, data pool."""
 
@@ -943,7 +935,7 @@ class BlkFront(XenbusDriver):
 
     devicetype = "vbd"
 
-    def __init__(self, xen: _Xen, fs=None, *, drain_timeout: float = 30.0) -> None:
+    def __init__(self, xen: GuestXen, fs=None, *, drain_timeout: float = 30.0) -> None:
         self.xen = xen
         self.fs = fs
         self.drain_timeout = drain_timeout
@@ -1257,52 +1249,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="blkfront: %(levelname)s %(name)s: %(message)s")
 
-    from xenbed.drivers.xen.hypercall import connect_with_retry
-    from xenbed.drivers.xen.store import XenStoreClient
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        from xenbed.drivers.xenbus import FrontendBus, TransitionRecorder, XenbusHooks
+        from xenbed.drivers.xenbus.daemon import run_frontend
     except ImportError as exc:  # the kernel restarts a module that exits: idle instead
         log.error("no XenBus in this image (%s): blkfront idles until SIGTERM", exc)
-        stop.wait()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
         return 0
 
-    credential = os.environ.get("XENBED_CREDENTIAL", "")
-    link = connect_with_retry(credential, "device", report=log.info, stop=stop)
-    if link is None:
-        return 0
-    xen = _Xen(link)
-    store = XenStoreClient()
     fs = None
     if not args.no_fuse:
         from .fuse_disk import VbdFilesystem
         fs = VbdFilesystem(args.mountpoint)
         fs.start()
-    driver = BlkFront(xen, fs)
-    hooks = XenbusHooks(grant_access=lambda domid, frame, ro: xen.gnttab.grant(domid, frame, ro),
-                        alloc_unbound=xen.evtchn.alloc_unbound, free_evtchn=xen.evtchn.close)
-    recorder = TransitionRecorder(args.transitions) if args.transitions else None
-    bus = FrontendBus(store, link.domid, [driver], hooks=hooks, recorder=recorder)
-    bus.start()
-    log.info("blkfront of domain %s: watching device/vbd, disks under %s", link.domid,
-             "(no FUSE)" if fs is None else args.mountpoint)
-    try:
-        while not stop.wait(0.5):
-            if link.closed.is_set() or store.closed.is_set():
-                log.error("lost the hypervisor or the store: exiting")
-                break
-    finally:
-        if fs is not None:
-            fs.stop()  # unmount first: no new I/O reaches the rings
-        if not link.closed.is_set() and not store.closed.is_set():
-            driver.close_all()
-        bus.close()
-        store.close()
-        link.close()
-    return 0
+    log.info("blkfront: disks under %s", "(no FUSE)" if fs is None else args.mountpoint)
+    return run_frontend("blkfront", lambda xen: BlkFront(xen, fs), transitions=args.transitions, interval=0.5,
+                        before_close=fs.stop if fs is not None else None)
 
 
 if __name__ == "__main__":  # pragma: no cover

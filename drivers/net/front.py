@@ -59,6 +59,8 @@ state change.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import errno
 import ipaddress
@@ -106,6 +108,10 @@ except ImportError:  # pragma: no cover - an image without the XenBus
 
     class XenbusFatal(Exception):  # type: ignore[no-redef]
         pass
+
+
+if TYPE_CHECKING:
+    from xenbed.drivers.xenbus.daemon import GuestXen
 
 log = logging.getLogger("xenbed.netfront")
 
@@ -741,20 +747,6 @@ class VifEngine:
 # ---------------------------------------------------------------------------------
 # The driver (XenbusDriver for type "vif")
 # ---------------------------------------------------------------------------------
-class _Xen:
-    """The guest API objects a frontend needs (drivers/xen)."""
-
-    def __init__(self, link) -> None:
-        from xenbed.drivers.xen.evtchn import EventChannels
-        from xenbed.drivers.xen.gnttab import GrantTable
-        from xenbed.drivers.xen.memory import GuestMemory
-
-        self.link = link
-        self.mem = GuestMemory(link)
-        self.gnttab = GrantTable(link)
-        self.evtchn = EventChannels(link)
-
-
 class _Connection:
     """One connection's resources: ring pages, grants, ports, data pools."""
 
@@ -835,7 +827,7 @@ class NetFront(XenbusDriver):
 
     devicetype = "vif"
 
-    def __init__(self, xen: _Xen, *, tap_factory: Callable[[str], object] = _open_tap,
+    def __init__(self, xen: GuestXen, *, tap_factory: Callable[[str], object] = _open_tap,
                  status_dir: str | None = DEFAULT_STATUS_DIR, drain_timeout: float = 5.0,
                  split_event_channels: bool = True) -> None:
         self.xen = xen
@@ -1220,45 +1212,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="netfront: %(levelname)s %(name)s: %(message)s")
 
-    from xenbed.drivers.xen.hypercall import connect_with_retry
-    from xenbed.drivers.xen.store import XenStoreClient
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        from xenbed.drivers.xenbus import FrontendBus, TransitionRecorder, XenbusHooks
+        from xenbed.drivers.xenbus.daemon import run_frontend
     except ImportError as exc:  # the kernel restarts a module that exits: idle instead
         log.error("no XenBus in this image (%s): netfront idles until SIGTERM", exc)
-        stop.wait()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
         return 0
 
-    credential = os.environ.get("XENBED_CREDENTIAL", "")
-    link = connect_with_retry(credential, "device", report=log.info, stop=stop)
-    if link is None:
-        return 0
-    xen = _Xen(link)
-    store = XenStoreClient()
-    driver = NetFront(xen, status_dir=args.status_dir or None, split_event_channels=not args.no_split)
-    hooks = XenbusHooks(grant_access=lambda domid, frame, ro: xen.gnttab.grant(domid, frame, ro),
-                        alloc_unbound=xen.evtchn.alloc_unbound, free_evtchn=xen.evtchn.close)
-    recorder = TransitionRecorder(args.transitions) if args.transitions else None
-    bus = FrontendBus(store, link.domid, [driver], hooks=hooks, recorder=recorder)
-    bus.start()
-    log.info("netfront of domain %s: watching device/vif", link.domid)
-    try:
-        while not stop.wait(1.0):
-            if link.closed.is_set() or store.closed.is_set():
-                log.error("lost the hypervisor or the store: exiting")
-                break
-            driver.write_all_status()
-    finally:
-        if not link.closed.is_set() and not store.closed.is_set():
-            driver.close_all()
-        bus.close()
-        store.close()
-        link.close()
-    return 0
+    return run_frontend("netfront", lambda xen: NetFront(xen, status_dir=args.status_dir or None,
+                                                         split_event_channels=not args.no_split),
+                        transitions=args.transitions, tick=lambda driver: driver.write_all_status())
 
 
 if __name__ == "__main__":  # pragma: no cover

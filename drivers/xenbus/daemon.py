@@ -43,3 +43,65 @@ def run_backend(name: str, make_driver: Callable, *, transitions: str | None = N
     store.close()
     link.close()
     return 0 if done.is_set() else 1
+
+
+class GuestXen:
+    """The guest API objects a frontend needs (drivers/xen), on one link."""
+
+    def __init__(self, link) -> None:
+        from xenbed.drivers.xen.evtchn import EventChannels
+        from xenbed.drivers.xen.gnttab import GrantTable
+        from xenbed.drivers.xen.memory import GuestMemory
+
+        self.link = link
+        self.mem = GuestMemory(link)
+        self.gnttab = GrantTable(link)
+        self.evtchn = EventChannels(link)
+
+
+def run_frontend(name: str, make_driver: Callable, *, transitions: str | None = None, interval: float = 1.0,
+                 tick: Callable | None = None, before_close: Callable | None = None) -> int:
+    """Serve `make_driver(xen)` on a FrontendBus until SIGTERM/SIGINT.
+
+    The domain may not exist yet when the kernel starts its modules, so the
+    link is retried; `tick(driver)` runs every `interval` seconds;
+    `before_close()` runs first at shutdown (e.g. unmount, so that no new I/O
+    reaches the rings), then the driver takes every device through Closing to
+    Closed if the store and the hypervisor are still there."""
+    import os
+
+    from xenbed.drivers.xen.hypercall import connect_with_retry
+    from xenbed.drivers.xen.store import XenStoreClient
+    from xenbed.drivers.xenbus import FrontendBus, TransitionRecorder, XenbusHooks
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    link = connect_with_retry(os.environ.get("XENBED_CREDENTIAL", ""), "device", report=log.info, stop=stop)
+    if link is None:
+        return 0
+    xen = GuestXen(link)
+    store = XenStoreClient()
+    driver = make_driver(xen)
+    hooks = XenbusHooks(grant_access=lambda domid, frame, ro: xen.gnttab.grant(domid, frame, ro),
+                        alloc_unbound=xen.evtchn.alloc_unbound, free_evtchn=xen.evtchn.close)
+    recorder = TransitionRecorder(transitions) if transitions else None
+    bus = FrontendBus(store, link.domid, [driver], hooks=hooks, recorder=recorder)
+    bus.start()
+    log.info("%s of domain %s: watching device/%s", name, link.domid, driver.devicetype)
+    try:
+        while not stop.wait(interval):
+            if link.closed.is_set() or store.closed.is_set():
+                log.error("%s lost the hypervisor or the store: exiting", name)
+                break
+            if tick is not None:
+                tick(driver)
+    finally:
+        if before_close is not None:
+            before_close()
+        if not link.closed.is_set() and not store.closed.is_set():
+            driver.close_all()
+        bus.close()
+        store.close()
+        link.close()
+    return 0

@@ -31,7 +31,8 @@ import sys
 import threading
 import time
 
-from xenbed.drivers.blk.front import BlkFront, Shadow, _Xen
+from xenbed.drivers.blk.front import BlkFront, Shadow
+from xenbed.drivers.xenbus.daemon import GuestXen
 from xenbed.drivers.xen.hypercall import HypervisorLink
 from xenbed.drivers.xen.store import XenStoreClient
 from xenbed.drivers.xenbus import FrontendBus, TransitionRecorder, XenbusHooks, XenbusState
@@ -107,7 +108,7 @@ def main():
     devid, size_mb, rand_seconds, depth = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
     timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 120.0
     link = HypervisorLink.open(role="device")
-    xen = _Xen(link)
+    xen = GuestXen(link)
     store = XenStoreClient()
     driver = BlkFront(xen, None, drain_timeout=5.0)
     hooks = XenbusHooks(grant_access=lambda domid, frame, ro: xen.gnttab.grant(domid, frame, ro),
