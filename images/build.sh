@@ -20,6 +20,10 @@ cd "$ROOT"
 
 ROLES_ALL=(hypervisor dom0 domu peer)
 ROOTFS_IMAGE=xenbed/rootfs:bookworm
+# Role images carry this tag (compose files read the same variable), so two
+# checkouts on one engine -- e.g. parallel worktrees -- do not run each
+# other's code.  The Debian-only layers below are shared.
+ROLE_TAG=${XENBED_IMAGE_TAG:-latest}
 SLIM_IMAGE=debian:bookworm-slim
 MIRROR=${XENBED_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 LOGDIR=$ROOT/out/images
@@ -121,6 +125,6 @@ if [ "$needs_domain" = 1 ]; then
     build domain xenbed/domain:bookworm images/domain/Dockerfile images/domain
 fi
 for r in "${roles[@]}"; do
-    build "$r" "xenbed/$r:latest" "images/$r/Dockerfile" .
+    build "$r" "xenbed/$r:$ROLE_TAG" "images/$r/Dockerfile" .
 done
-say "done: $(printf 'xenbed/%s:latest ' "${roles[@]}")"
+say "done: $(printf "xenbed/%s:$ROLE_TAG " "${roles[@]}")"
