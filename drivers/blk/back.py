@@ -33,6 +33,14 @@ watches the frontend's `state`:
   Closed, and with `online=0` the disk is closed (autoclear frees the loop);
   frontend Initialising/Initialised after Closed (reset, migration) ->
   InitWait and connect again; backend dir removed -> remove().
+* recover (a restarted blkback, or a restarted dom0, finds the device in
+  the store in a state an earlier blkback left): the old loop device went
+  with the old process (autoclear), so the stale hotplug keys are removed
+  and the hotplug step runs again here (the toolstack that ran it is gone
+  too); a device left Connected goes Closed, which blkfront reads as "the
+  backend lost the connection": it keeps its disk open, shadows what was in
+  flight, resets to Initialising and reconnects on a new ring, replaying the
+  shadow.  A device left in InitWait stays there and connects as at boot.
 
 The hotplug step (`xenbed.drivers.blk.hotplug add`) is run by the toolstack
 after InitWait, as libxl does; `--run-hotplug` makes the daemon run it itself
@@ -649,6 +657,11 @@ class BackendInfo:
     disk: Disk | None = None
     watches: list = field(default_factory=list)  # (path, token)
     hotplug_ran: bool = False
+    # recover() told the frontend we lost the connection (Closed): its
+    # Initialised/Connected are stale until it shows it reset (Closing,
+    # Closed or Initialising); it cannot reach Initialised with a new ring
+    # before we go InitWait again.
+    awaiting_frontend_reset: bool = False
 
 
 class Blkback(XenbusDriver):
@@ -677,20 +690,52 @@ class Blkback(XenbusDriver):
             dev.switch_state(XenbusState.InitWait)
             if self.run_hotplug:
                 self._hotplug("add", dev)
-        # backend_changed: the hotplug step's physical-device (fires at once: it may be there already);
-        # our own state: the toolstack writes Closing (with online=0) to unplug
+        self._watch_own_nodes(dev)
+        log.info("%s: probed (frontend %s)", dev.nodename, dev.otherend)
+
+    def _watch_own_nodes(self, dev: XenbusDevice) -> None:
+        """backend_changed: the hotplug step's physical-device (fires at once:
+        it may be there already); our own state: the toolstack writes Closing
+        (with online=0) to unplug."""
+        be: BackendInfo = dev.priv
         for key, callback in (("physical-device", self._physical_device_changed),
                               ("state", self._own_state_changed)):
             token = f"blkback:{key}:{dev.nodename}"
             dev.store.watch(f"{dev.nodename}/{key}", token, lambda _p, _t, cb=callback: cb(dev))
             be.watches.append((f"{dev.nodename}/{key}", token))
-        log.info("%s: probed (frontend %s)", dev.nodename, dev.otherend)
+
+    def recover(self, dev: XenbusDevice) -> None:
+        """A device an earlier blkback served (see the module docstring)."""
+        stale = dev.state
+        be = dev.priv = BackendInfo()
+        with self._lock:
+            self._devices[dev.nodename] = dev
+        from . import hotplug
+        with be.lock:
+            # The loop the old hotplug step attached is freed (autoclear) or,
+            # if the old dom0 died before blkback opened it, still ours:
+            # remove() detaches it only when it still backs our target.
+            hotplug.remove(dev.store, dev.nodename)
+            dev.write("feature-max-indirect-segments", str(MAX_INDIRECT_SEGMENTS))
+            dev.write("max-ring-page-order", str(MAX_RING_PAGE_ORDER))
+            if stale != XenbusState.InitWait:
+                be.awaiting_frontend_reset = True
+                dev.switch_state(XenbusState.Closed)
+            self._hotplug("add", dev)
+        self._watch_own_nodes(dev)
+        log.info("%s: recovering from %s (frontend %s)", dev.nodename, _name(stale), dev.otherend)
 
     def otherend_changed(self, dev: XenbusDevice, state: XenbusState) -> None:
         be: BackendInfo = dev.priv
         with be.lock:
             be.frontend_state = state
             log.info("%s: frontend is %s (we are %s)", dev.nodename, _name(state), _name(dev.state))
+            if be.awaiting_frontend_reset:
+                if state in (XenbusState.Initialised, XenbusState.Connected):
+                    log.info("%s: frontend still %s on the old ring; waiting for it to reset",
+                             dev.nodename, _name(state))
+                    return
+                be.awaiting_frontend_reset = False
             if state == XenbusState.Initialising:
                 if dev.state == XenbusState.Closed:  # reconnect (migration, frontend reset)
                     self._reopen(dev)

@@ -974,8 +974,15 @@ class BlkFront(XenbusDriver):
         elif state == S.Closing:
             self._closing(vbd)
         elif state == S.Closed:
-            if dev.state != S.Closed:
+            if dev.state in (S.Initialised, S.Connected):
+                # Straight to Closed, no Closing first: not an unplug (the
+                # toolstack asks with Closing) but a backend that lost the
+                # connection -- a restarted blkback or dom0 recovering the
+                # device (docs/xenbus.md, "Recovery").
+                self._backend_lost(vbd)
+            elif dev.state == S.Closing:
                 self._closing(vbd)
+            # Initialising: we reset already and wait for its InitWait
         # Initialising, Initialised, Unknown, Reconfiguring/ed: nothing to do
 
     def remove(self, dev) -> None:
@@ -1003,6 +1010,20 @@ class BlkFront(XenbusDriver):
         vbd.engine.detach()
         self._free_connection(vbd, backend_gone=True)
         self._talk_to_backend(vbd)
+
+    def _backend_lost(self, vbd: Vbd) -> None:
+        """Reset the XenBus side and keep the disk: what was in flight stays
+        in the shadow, callers of the FUSE file block until the next ring
+        (blkif_recover), then Closed -> Initialising as Linux's
+        xenbus_reset_frontend does; the backend's InitWait starts a new ring."""
+        dev = vbd.dev
+        log.warning("%s: backend %s went Closed while we were %s: reconnecting, %d request(s) kept",
+                    vbd.name, dev.otherend, XenbusState(dev.state).name, vbd.engine.inflight())
+        self._unwatch_sectors(vbd)
+        vbd.engine.detach()
+        self._free_connection(vbd, backend_gone=True)
+        dev.switch_state(XenbusState.Closed)
+        dev.switch_state(XenbusState.Initialising)
 
     # -- connection ----------------------------------------------------------------
     def _talk_to_backend(self, vbd: Vbd) -> None:

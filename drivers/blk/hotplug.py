@@ -35,6 +35,7 @@ import logging
 import os
 import stat
 import sys
+import time
 
 from . import loop
 from xenbed.drivers.xenbus.hotplug_status import write_error
@@ -96,7 +97,7 @@ def add(store, backend: str) -> loop.LoopDevice:
                 existing = loop.find_by_backing_file(target)
                 dev = existing[0][0] if existing else loop.attach(target, readonly)
             else:
-                dev = loop.attach(target, readonly)
+                dev = _attach_when_free(target, readonly)
         else:
             raise HotplugError(f"{target} is neither a regular file nor a block device")
     except (HotplugError, OSError) as exc:
@@ -119,6 +120,24 @@ def add(store, backend: str) -> loop.LoopDevice:
     log.info("%s: %s on %s (physical-device %s, %s)", backend, target, dev.path, dev.physical_device,
              "read-only" if readonly else "read-write")
     return dev
+
+
+# A loop device with autoclear is freed by the kernel after its last close,
+# asynchronously: a restarted blkback may run this step while the loop the
+# old one held is still going away.
+RELEASE_WAIT = 5.0
+
+
+def _attach_when_free(target: str, readonly: bool) -> loop.LoopDevice:
+    deadline = time.monotonic() + RELEASE_WAIT
+    while True:
+        try:
+            return loop.attach(target, readonly)
+        except loop.FileBusy:
+            going = all(info.autoclear for _, info in loop.find_by_backing_file(target))
+            if not going or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def remove(store, backend: str) -> bool:

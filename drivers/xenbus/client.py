@@ -60,6 +60,10 @@ class XenbusDriver:
                                   (never twice in a row with the same value)
     remove(dev)                   the device dir is gone
     resume(dev)                   after a migration: re-grant, re-advertise
+    recover(dev)                  (backends) a device this process never
+                                  probed, left by an earlier incarnation of
+                                  the driver (a restarted dom0 or driver
+                                  process); `dev.state` is the state it left
     """
 
     devicetype: str = ""
@@ -75,6 +79,11 @@ class XenbusDriver:
 
     def resume(self, dev: XenbusDevice) -> None:
         pass
+
+    # A driver without recover() ignores such devices, as Linux does (its
+    # backends never outlive their kernel).  Returning False leaves the device
+    # unbound.
+    recover = None
 
 
 @dataclass(eq=False)

@@ -13,6 +13,12 @@ watch event it does what xenbus_dev_changed() does:
   end's path and domid (`backend`/`backend-id` for a frontend,
   `frontend`/`frontend-id` for a backend; missing or unreadable is
   dev_fatal), calls driver.probe, then watches `<otherend>/state`;
+* a backend bus (`recovers`) also binds a device dir it does not know whose
+  state says an earlier backend was serving it (InitWait, Initialised,
+  Connected, Reconfiguring, Reconfigured): this process is a restarted
+  backend (dom0 or the driver process was killed).  driver.recover(dev) is
+  called with `dev.state` = that stale state; the driver re-does its
+  hotplug work and resets the connection (docs/xenbus.md, "Recovery").
 * it names a level above the devices (the type dir itself, which fires
   when the watch is registered, or `backend/<type>/<domid>`): the devices
   under it are enumerated and new ones probed.
@@ -51,6 +57,7 @@ class XenBus:
     """Shared machinery; use FrontendBus or BackendBus."""
 
     role: Role
+    recovers: bool = False  # binds devices left by an earlier backend (see driver.recover)
     root: str  # "device" or "backend"
     levels: int  # path components below root that name a device
     otherend_keys: tuple[str, str]  # (id key, path key)
@@ -75,6 +82,7 @@ class XenBus:
         self._bus_watches: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._tokens = itertools.count(1)
+        self._closed = False
         self.base = f"{self.domain_path}/{self.root}"
 
     # -- life of the bus -------------------------------------------------------------
@@ -88,7 +96,9 @@ class XenBus:
 
     def close(self) -> None:
         """Stop watching; devices are forgotten without callbacks (the
-        domain is going away, as opposed to its devices)."""
+        domain is going away, as opposed to its devices).  Events already
+        queued on the watch thread are dropped."""
+        self._closed = True
         watches, self._bus_watches = self._bus_watches, []
         with self._lock:
             devs = list(self.devices.values())
@@ -117,6 +127,8 @@ class XenBus:
 
     # -- device discovery (xenbus_dev_changed) -----------------------------------------
     def _bus_event(self, path: str, token: str) -> None:
+        if self._closed:
+            return
         try:
             self._dev_changed(path)
         except Exception:
@@ -171,22 +183,29 @@ class XenBus:
 
     def _probe_node(self, devicetype: str, nodename: str) -> None:
         state = XenbusState.parse(self.store.try_read(f"{nodename}/state"))
-        if state != XenbusState.Initialising:
+        driver = self.drivers[devicetype]
+        recovering = (state in RECOVERABLE_STATES and self.recovers
+                      and getattr(driver, "recover", None) is not None)
+        if state != XenbusState.Initialising and not recovering:
             # "Device is not new, so ignore it.  This can happen if a device
             # is going away after switching to Closed." (xenbus_probe_node)
             return
-        dev = XenbusDevice(self, devicetype, nodename, state=XenbusState.Initialising)
+        dev = XenbusDevice(self, devicetype, nodename, state=state)
         with self._lock:
             if nodename in self.devices:
                 return
             self.devices[nodename] = dev
         if not self._read_otherend_details(dev):
             return  # registered but unbound, like a Linux device whose probe failed
-        driver = self.drivers[devicetype]
         try:
-            driver.probe(dev)
+            if recovering:
+                log.info("%s: found in state %s from an earlier backend: recovering", nodename, state.name)
+                if driver.recover(dev) is False:
+                    return
+            else:
+                driver.probe(dev)
         except Exception as exc:
-            log.exception("%s: probe failed", nodename)
+            log.exception("%s: %s failed", nodename, "recover" if recovering else "probe")
             if not isinstance(exc, XenbusFatal):
                 dev_fatal(dev, exc, f"xenbus_dev_probe on {nodename}")
             return
@@ -231,7 +250,7 @@ class XenBus:
     # -- the other end's state (xenbus_otherend_changed) ---------------------------------
     def _otherend_event(self, path: str, token: str) -> None:
         dev = self._by_token.get(token)
-        if dev is None or dev.removed or dev.driver is None:
+        if dev is None or dev.removed or dev.driver is None or self._closed:
             return  # a watch already dropped; its events may still be queued
         # "Protect us against watches firing on old details when the otherend
         # details change, say immediately after a resume."
@@ -280,6 +299,13 @@ class XenBus:
             self._watch_otherend(dev)
 
 
+# A backend dir in one of these states was being served by a backend that is
+# gone (this bus never probed it).  Closing/Closed: the device was going away,
+# so it is left alone, as Linux's xenbus_probe_node does.
+RECOVERABLE_STATES = frozenset({XenbusState.InitWait, XenbusState.Initialised, XenbusState.Connected,
+                                XenbusState.Reconfiguring, XenbusState.Reconfigured})
+
+
 def _natural(name: str):
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
@@ -288,6 +314,7 @@ class FrontendBus(XenBus):
     """In a guest: devices at /local/domain/<domid>/device/<type>/<devid>."""
 
     role = Role.FRONTEND
+    recovers = False  # a guest's frontend process restarting is a guest reboot
     root = "device"
     levels = 2
     otherend_keys = ("backend-id", "backend")
@@ -298,6 +325,7 @@ class BackendBus(XenBus):
     /local/domain/<domid>/backend/<type>/<frontend-domid>/<devid>."""
 
     role = Role.BACKEND
+    recovers = True
     root = "backend"
     levels = 3
     otherend_keys = ("frontend-id", "frontend")

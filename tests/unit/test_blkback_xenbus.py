@@ -231,3 +231,59 @@ def test_hotplug_error_is_reported(world):
         hotplug.add(world.store, BACK)
     assert world.store.read(f"{BACK}/hotplug-status") == "error"
     assert "nonexistent" in world.store.read(f"{BACK}/hotplug-error")
+
+
+def restart_blkback(world):
+    """What a killed blkback (or dom0) leaves: its rings and loop are gone with
+    the process (shutdown() closes them; autoclear frees the loop), the store
+    keeps every node it wrote.  A new blkback on a new bus then finds them."""
+    world.bus.close()
+    world.driver.shutdown()
+    deadline = time.monotonic() + 5
+    while world.loops() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert world.loops() == []
+    world.bus.store.close()
+    world.driver = Blkback(world.grants, world.evtchn)
+    world.bus = BackendBus(XenStoreClient(world.xsd.path), 0, [world.driver]).start()
+
+
+def test_restarted_blkback_recovers_a_connected_device(world):
+    connect(world)
+    restart_blkback(world)
+    # Left Connected: the new blkback says the connection is lost, and runs hotplug again itself
+    world.wait_state(BACK, "6")
+    deadline = time.monotonic() + 5
+    while world.store.try_read(f"{BACK}/hotplug-status") != "connected" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    [(dev, info)] = world.loops()
+    assert world.store.read(f"{BACK}/physical-device") == dev.physical_device
+    assert world.store.read(f"{BACK}/hotplug-status") == "connected"
+    # The frontend's Connected is stale: nothing happens until it resets
+    time.sleep(0.3)
+    assert world.store.read(f"{BACK}/state") == "6" and not world.grants.live
+    world.store.write(f"{FRONT}/state", "6")
+    world.store.write(f"{FRONT}/state", "1")  # xenbus_reset_frontend: Closed, then Initialising
+    world.wait_state(BACK, "2")
+    world.frontend_initialise()
+    world.wait_state(BACK, "4")
+    g, page = world.grants.grant_page()
+    page[:4096] = b"R" * 4096
+    assert world.io(BlkifRequest(BLKIF_OP_WRITE, 0, 9, 16, (Segment(g, 0, 7),))).status == BLKIF_RSP_OKAY
+    with open(world.image, "rb") as f:
+        f.seek(16 * 512)
+        assert f.read(4096) == b"R" * 4096
+    [(_, info)] = world.loops()
+    assert info.autoclear  # the new blkback holds the new loop with autoclear, as at boot
+    assert world.bus.recorder.check() == []
+
+
+def test_restarted_blkback_connects_a_device_left_in_initwait(world):
+    world.toolstack_create()
+    world.wait_state(BACK, "2")
+    restart_blkback(world)  # died before the hotplug step ran
+    world.frontend_initialise()
+    world.wait_state(BACK, "4")  # hotplug run by the new blkback, then straight to Connected
+    assert len(world.loops()) == 1
+    assert world.backend_states[-2:] == ["2", "4"] or world.backend_states[-1:] == ["4"]
+    assert "6" not in world.backend_states
