@@ -168,6 +168,14 @@ def _print_status(testbed: Testbed) -> None:
         listing = testbed.exec("dom0", ["xl", "list"])
         print()
         print(listing.stdout.rstrip() if listing.exit_code == 0 else f"xl list failed: {listing.stderr.strip()}")
+        from .domains import devices_in, domain_names, render_devices_table, store_tree
+        try:
+            tree = store_tree(testbed)
+        except Exception as error:  # the store may be what is broken: the rest was still worth printing
+            print(f"\ndevices: cannot read the store: {error}")
+            return
+        print()
+        print(render_devices_table(devices_in(tree), domain_names(tree)))
 
 
 def _logs(args) -> int:

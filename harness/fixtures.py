@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
+import json
 import os
+import tempfile
 import secrets
 import warnings
 from pathlib import Path
@@ -35,13 +39,53 @@ def session_project_name(config: pytest.Config) -> str:
     return f"{name}-{worker}" if worker else name
 
 
-@pytest.fixture(scope="session")
+def testbed_scope(fixture_name: str, config: pytest.Config) -> str:
+    """`--testbed-scope`: one testbed for the session (default), or a fresh
+    one per package or per module (isolation at the price of ~20 s each)."""
+    return config.getoption("--testbed-scope", default="session")
+
+
+@pytest.fixture(scope=testbed_scope)
 def testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
-    """The testbed of `--testbed-compose`, up for the whole session, torn down and checked for leaks."""
+    """The testbed of `--testbed-compose`: up once per `--testbed-scope`,
+    torn down and checked for leaks after.  Under pytest-xdist each worker
+    has its own run, or with `--testbed-shared` all workers share one (the
+    first to arrive brings it up, the last to leave takes it down)."""
     config = request.config
+    if config.getoption("--testbed-shared", default=False) and hasattr(config, "workerinput"):
+        with shared_testbed(config, docker_client) as bed:
+            yield bed
+        return
+    with own_testbed(config, docker_client, session_project_name(config)) as bed:
+        yield bed
+
+
+@pytest.fixture(scope="module")
+def private_testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
+    """A testbed of this module's own, whatever `--testbed-scope` and
+    `--testbed-shared` say: for chaos tests, whose kills must not disturb
+    other tests.  A module opts in by overriding `testbed` with it:
+
+        @pytest.fixture(scope="module")
+        def testbed(private_testbed):
+            return private_testbed
+    """
+    config = request.config
+    before = config.stash.get(TESTBED_KEY, None)
+    name = f"{session_project_name(config)}-{secrets.token_hex(2)}"
+    try:
+        with own_testbed(config, docker_client, name) as bed:
+            yield bed
+    finally:
+        if before is not None:
+            config.stash[TESTBED_KEY] = before
+
+
+@contextlib.contextmanager
+def own_testbed(config: pytest.Config, docker_client, project: str) -> Iterator[Testbed]:
     keep = config.getoption("--keep-testbed")
     compose_file = config.getoption("--testbed-compose")
-    bed = Testbed.from_compose(compose_file, session_project_name(config), client=docker_client, keep=keep,
+    bed = Testbed.from_compose(compose_file, project, client=docker_client, keep=keep,
                                env=run_environment(docker_client, compose_file))
     config.stash[TESTBED_KEY] = bed
     try:
@@ -52,14 +96,110 @@ def testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
             _progress_writer(config)(f"kept testbed {bed.project_name}; remove it with "
                                      f"`xenbed down -p {bed.project_name}`")
         else:
-            run_files = volume_file_ids(bed)
-            bed.down()
-            leaked = bed.leftovers() + [
-                f"loop device {name} -> {backing}" for name, (backing, file_id) in host_loop_devices().items()
-                if file_id in run_files]
-            if leaked:
-                pytest.fail(f"testbed {bed.project_name} leaked after down:\n  " + "\n  ".join(leaked),
-                            pytrace=False)
+            tear_down_and_check(bed)
+
+
+def tear_down_and_check(bed: Testbed) -> None:
+    run_files = volume_file_ids(bed)
+    bed.down()
+    leaked = bed.leftovers() + [
+        f"loop device {name} -> {backing}" for name, (backing, file_id) in host_loop_devices().items()
+        if file_id in run_files]
+    if leaked:
+        pytest.fail(f"testbed {bed.project_name} leaked after down:\n  " + "\n  ".join(leaked), pytrace=False)
+
+
+@contextlib.contextmanager
+def shared_testbed(config: pytest.Config, docker_client) -> Iterator[Testbed]:
+    """One testbed for every xdist worker of this run.  The workers agree
+    through a folder named by the run's `testrunuid`: a lock, the run's
+    project and environment (its credentials), and how many workers use it."""
+    uid = config.workerinput["testrunuid"]
+    folder = Path(tempfile.gettempdir(), f"xenbed-shared-{uid}")
+    folder.mkdir(exist_ok=True)
+    state_file = folder / "testbed.json"
+    compose_file = config.getoption("--testbed-compose")
+    with _locked(folder / "lock"):
+        if state_file.exists():
+            state = json.loads(state_file.read_text())
+            bed = Testbed.from_compose(compose_file, state["project"], client=docker_client, env=state["env"])
+        else:
+            base = config.getoption("--testbed-project") or f"xenbed-{uid[:6]}"
+            env = run_environment(docker_client, compose_file)
+            bed = Testbed.from_compose(compose_file, base, client=docker_client, env=env)
+            bed.up(progress=_progress_writer(config))
+            state = {"project": bed.project_name, "env": env, "users": 0}
+        state["users"] += 1
+        state_file.write_text(json.dumps(state))
+    config.stash[TESTBED_KEY] = bed
+    try:
+        yield bed
+    finally:
+        with _locked(folder / "lock"):
+            state = json.loads(state_file.read_text())
+            state["users"] -= 1
+            last = state["users"] == 0
+            if last:
+                state_file.unlink()
+            else:
+                state_file.write_text(json.dumps(state))
+            if last and not config.getoption("--keep-testbed"):
+                tear_down_and_check(bed)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _ByName(dict):
+    """`domains["domu1"]`: made on first use."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, name):
+        self[name] = value = self._make(name)
+        return value
+
+
+@pytest.fixture
+def domains(testbed: Testbed):
+    """`domains["domu1"]`: a Domain (harness/domains.py) to drive through xl
+    and to ask about its devices; `domains["dom0"]` is Domain-0."""
+    return _ByName(testbed.domain)
+
+
+@pytest.fixture
+def hosts(testbed: Testbed):
+    """`hosts["domu1"]`: the pytest-testinfra host of that container."""
+    return _ByName(testbed.host)
+
+
+@pytest.fixture
+def new_domain(testbed: Testbed):
+    """A factory for throwaway guests: `new_domain("scratch", memory_mb=16)`
+    creates it (xl create + its container) and returns its Domain; every one
+    made is destroyed at the end of the test."""
+    made: list[str] = []
+
+    def make(name: str, **kwargs):
+        testbed.create_domain(name, **kwargs)
+        made.append(name)
+        return testbed.domain(name)
+
+    yield make
+    for name in reversed(made):
+        try:
+            testbed.destroy_domain(name)
+        except Exception as error:  # the test may have destroyed it itself
+            warnings.warn(f"xenbed: destroying {name}: {error!r}")
 
 
 def volume_file_ids(bed: Testbed) -> set[tuple[int, int]]:
@@ -165,8 +305,8 @@ def leak_audit(request: pytest.FixtureRequest):
                for item in request.session.items):
         return
     bed = request.config.stash.get(TESTBED_KEY, None)
-    if not isinstance(bed, Testbed):
-        return
+    if not isinstance(bed, Testbed) or "dom0" not in bed.services():
+        return  # no hypervisor to ask (a topology of one's own, e.g. the harness's own tests)
     leaks = {kind: found for kind, found in bed.audit().items() if found}
     if leaks:
         pytest.fail(f"{module.__name__} left behind in the hypervisor: {leaks}", pytrace=False)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from . import trace
-from .fixtures import FAILED, TESTBED_KEY, docker_client, leak_audit, testbed, trace_dir, xenbus_invariant  # noqa: F401  (registers the fixtures)
+from .fixtures import (FAILED, TESTBED_KEY, docker_client, domains, hosts, leak_audit, new_domain,  # noqa: F401
+                       private_testbed, testbed, trace_dir, xenbus_invariant)  # (importing registers the fixtures)
 
 MARKERS = {
     "integration": "needs a Docker engine and the testbed images",
@@ -25,6 +26,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="compose file of the testbed (default: compose/testbed.yml)")
     group.addoption("--testbed-project", default=None,
                     help="compose project name of the run (default: a fresh xenbed-<hex> per session)")
+    group.addoption("--testbed-scope", default="session", choices=("session", "package", "module"),
+                    help="how long one testbed lives: the session (default), or a fresh one per package/module")
+    group.addoption("--testbed-shared", action="store_true", default=False,
+                    help="under pytest-xdist, all workers share one testbed (default: one per worker); "
+                         "modules that use `private_testbed` (chaos) still get their own")
     group.addoption("--keep-testbed", action="store_true", default=False,
                     help="leave the testbed running after the session (remove it with `xenbed down -p NAME`)")
     group.addoption("--trace-dir", default=str(trace.TRACE_DIR),

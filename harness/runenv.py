@@ -31,12 +31,15 @@ def used_networks(client) -> list[ipaddress.IPv4Network]:
 
 
 def free_uplink_prefix(client) -> str:
+    """A free /24, chosen at random among the free ones: runs that start at
+    the same moment (xdist workers) look before either creates its network,
+    so taking the first free one would give them the same."""
     used = used_networks(client)
-    for prefix in CANDIDATE_PREFIXES:
-        candidate = ipaddress.ip_network(f"{prefix}.0/24")
-        if not any(candidate.overlaps(net) for net in used):
-            return prefix
-    raise RuntimeError("no free /24 left in 172.30.0.0/15 for the run's uplink network")
+    free = [prefix for prefix in CANDIDATE_PREFIXES
+            if not any(ipaddress.ip_network(f"{prefix}.0/24").overlaps(net) for net in used)]
+    if not free:
+        raise RuntimeError("no free /24 left in 172.30.0.0/15 for the run's uplink network")
+    return secrets.choice(free)
 
 
 def fresh_credentials(compose_file: str | Path) -> dict[str, str]:

@@ -235,6 +235,12 @@ class Testbed:
         self._await(name, "service_healthy", time.monotonic() + timeout, progress, needed_by=None)
         return int(self.exec("dom0", ["xl", "domid", name], check=True).stdout.strip())
 
+    def domain(self, name: str):
+        """A handle to drive domain `name` through the toolstack and read its
+        devices (harness/domains.py); "dom0" is Domain-0."""
+        from .domains import Domain
+        return Domain(self, "Domain-0" if name == "dom0" else name)
+
     def audit(self) -> dict:
         """The hypervisor's report of what dead domains left behind (grant
         mappings of their pages, ports offered to them, their store nodes,

@@ -1,6 +1,6 @@
 """Testbed against a real engine, with the tiny busybox topology in tiny.yml.
 
-Each test gives its runs their own subnet (TEST_NET) so the tests can run in
+Each test gives its runs their own subnet (XENBED_UPLINK_NET) so the tests can run in
 parallel (pytest -n): an engine refuses two networks with overlapping pools.
 """
 
@@ -30,7 +30,7 @@ def running(compose, docker_client, **kwargs):
 def test_two_runs_side_by_side(tiny_compose, docker_client):
     # one engine cannot hold two networks with the same subnet: each run gets its own
     with running(tiny_compose, docker_client, env={"GREETING": "first"}) as first, \
-            running(tiny_compose, docker_client, env={"GREETING": "second", "TEST_NET": "172.31.251"}) as second:
+            running(tiny_compose, docker_client, env={"GREETING": "second", "XENBED_UPLINK_NET": "172.31.251"}) as second:
         assert first.project_name != second.project_name
         for testbed, greeting in ((first, "first"), (second, "second")):
             rows = {row["service"]: row for row in testbed.status()}
@@ -64,7 +64,7 @@ def test_two_runs_side_by_side(tiny_compose, docker_client):
 
 def test_exec_check_and_timeout(tiny_compose, docker_client):
     from xenbed.harness.execs import ExecError, ExecTimeout
-    with running(tiny_compose, docker_client, env={"TEST_NET": "172.31.252"}) as testbed:
+    with running(tiny_compose, docker_client, env={"XENBED_UPLINK_NET": "172.31.252"}) as testbed:
         with pytest.raises(ExecError) as error:
             testbed.exec("server", "echo to-out; echo to-err >&2; exit 3", check=True)
         assert "exited with 3" in str(error.value)
@@ -105,7 +105,7 @@ def test_stale_run_is_reaped(tiny_compose, docker_client, monkeypatch):
     dead.wait()  # a pid that was ours and is gone
     owner = resources.owner_id().rsplit(":", 1)[0] + f":{dead.pid}"
     monkeypatch.setattr(resources, "owner_id", lambda: owner)
-    crashed = Testbed.from_compose(tiny_compose, client=docker_client, env={"TEST_NET": "172.31.253"})
+    crashed = Testbed.from_compose(tiny_compose, client=docker_client, env={"XENBED_UPLINK_NET": "172.31.253"})
     try:
         crashed.up(timeout=90, progress=lambda line: None)
         monkeypatch.undo()
