@@ -356,7 +356,8 @@ def render(result: CheckResult, history_lines: int = 12) -> str:
     run, s = result.run, result.stats
     first, count = run["first_slot"], run["slot_count"]
     lines = [f"nothing lost: {'yes' if result.ok else 'NO'} -- run {run['run']} on {run.get('file', '?')}, "
-             f"slots {first}..{first + count - 1} ({count} x {run['block_size']} B, {run.get('workers', '?')} workers)",
+             f"slots {first}..{first + count - 1} ({count} x {run['block_size']} B, {run.get('workers', '?')} workers)"
+             + (f", read back from dom0's {run['dom0_device']}" if run.get("dom0_device") else ""),
              f"  writes {s['writes_invoked']:6d} invoked  {s['writes_ok']:6d} ok  {s['writes_fail']:4d} fail  "
              f"{s['writes_info']:4d} unknown ({s['unknown_writes_landed']} of those landed)",
              f"  reads  {s['reads_invoked']:6d} invoked  {s['reads_ok']:6d} ok  {s['reads_fail']:4d} fail  "

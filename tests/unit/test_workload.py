@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from xenbed.harness import checker
+from xenbed.harness import checker, cli
 from xenbed.protocols import workload as fmt
 
 RUN = bytes.fromhex("0123456789abcdef")
@@ -71,6 +71,7 @@ def test_the_workload_leaves_a_history_the_checker_passes(tmp_path):
     assert sum(1 for r in records if r.get("type") == "invoke") == 400
     result = checker.check(records, final_region(tmp_path, run))
     assert result.ok, result.render()
+    assert cli.main(["check", str(tmp_path / "history.jsonl"), str(tmp_path / "disk")]) == 0
     assert result.stats["writes_ok"] > 100 and result.stats["reads_consistent"] > 50
     # every worker kept to its own slots
     for r in records[1:-1]:
@@ -96,6 +97,8 @@ def test_sigterm_stops_it_cleanly_and_a_wiped_slot_is_then_found(tmp_path):
         disk.write(bytes(run["block_size"]))
     result = checker.check(records, final_region(tmp_path, run))
     assert [(f.kind, f.slot) for f in result.findings] == [("lost-write", last_ok["slot"])]
+    # the same verdict from the command line, on the files
+    assert cli.main(["check", str(tmp_path / "history.jsonl"), str(tmp_path / "disk")]) == 1
 
 
 def test_slots_beyond_the_disk_are_refused_before_anything_is_written(tmp_path):
