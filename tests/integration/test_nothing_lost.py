@@ -47,3 +47,25 @@ def test_a_slot_wiped_through_dom0s_loop_device_is_reported_lost(testbed, block_
     assert result.lost[0].found == {"kind": "zero"}
     assert any(r is not None and r.get("index") == wiped["index"] for r in result.lost[0].history)
     assert "lost-write                 1" in result.render()
+
+
+def longest_write(history: list[dict]) -> float:
+    invoked = {(r["process"], r["seq"]): r["time"] for r in history if r.get("type") == "invoke"}
+    return max((r["time"] - invoked[(r["process"], r["seq"])] for r in acknowledged_writes(history)), default=0.0)
+
+
+@pytest.mark.chaos
+@pytest.mark.block_workload(first_slot=12288, slot_count=64)
+def test_writes_wait_out_a_paused_dom0_and_nothing_is_lost(testbed, block_workload):
+    """No timeout turns a slow write into a failure: while dom0 is frozen the
+    guest's writes block, and they complete, acknowledged, once it thaws."""
+    time.sleep(1)
+    testbed.pause("dom0")
+    try:
+        time.sleep(3)
+    finally:
+        testbed.unpause("dom0")
+    time.sleep(1)
+    result = block_workload.assert_nothing_lost()
+    assert result.stats["writes_fail"] == 0 and result.stats["writes_info"] == 0, result.render()
+    assert longest_write(block_workload.last_history) > 2.5, "no write spanned the pause"
