@@ -161,14 +161,16 @@ class Worker(threading.Thread):
         interval = self.w.workers / self.w.rate if self.w.rate else 0.0
         next_at = time.monotonic()
         try:
-            while not self.w.stopping.is_set() and not self.w.history.closed and self.w.budget.take():
+            while not self.w.stopping.is_set() and not self.w.history.closed:
+                if self.fd is None and not self._open():
+                    continue
+                if not self.w.budget.take():
+                    break
                 if interval:
                     delay = next_at - time.monotonic()
                     if delay > 0 and self.w.stopping.wait(delay):
                         break
                     next_at = max(next_at + interval, time.monotonic() - interval)
-                if self.fd is None and not self._open():
-                    continue
                 if self.written and self.rng.random() < self.w.read_fraction:
                     ok = self._read(self.rng.choice(self.written))
                 else:
