@@ -1,4 +1,5 @@
-"""The `xenbed` command: up, down, status, logs, trace, xl for a testbed run.
+"""The `xenbed` command: up, down, status, logs, trace, xl for a testbed run;
+`check` for a block workload's history against a disk image.
 
 `down`, `status` and `logs` find a run by its compose project label, so they
 work without the compose file and also on a run docker-compose started.
@@ -64,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="mermaid: one sequenceDiagram (needs --device when there are several); "
                             "svg: seed 000's layout; markdown: a Mermaid block per device (default: mermaid)")
     trace.add_argument("-o", "--output", help="write here instead of standard output")
+    check = commands.add_parser("check", help="judge a block workload's history against a disk image",
+                                description="The nothing-lost checker on files: a workload history (JSONL) "
+                                            "and the raw disk image (or a copy of it) it ran on.  Exit 0 when "
+                                            "nothing was lost, 1 when something was.")
+    check.add_argument("history", help="the workload's history, e.g. out/traces/<test>.workload.jsonl")
+    check.add_argument("image", help="raw disk image; the run's slots are read at slot x block size")
+    check.add_argument("--json", action="store_true", help="print the result as JSON instead of the report")
+    check.set_defaults(action=_check)
     xl = command("xl", _xl, "run xl in dom0 of the run, with these arguments")
     xl.add_argument("xl_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments of xl (e.g. list)")
     return parser
@@ -100,6 +109,28 @@ def _trace(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _check(args) -> int:
+    from . import checker
+    from xenbed.protocols import workload
+    try:
+        with open(args.history, encoding="utf-8") as f:
+            history = workload.parse_history(f)
+        run = next(r for r in history if r.get("type") == workload.RUN)
+        size = run["block_size"]
+        with open(args.image, "rb") as f:
+            f.seek(run["first_slot"] * size)
+            region = f.read(run["slot_count"] * size)
+        result = checker.check(history, region)
+    except StopIteration:
+        print(f"xenbed check: {args.history} has no run record: not a workload history", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, KeyError) as error:
+        print(f"xenbed check: {error}", file=sys.stderr)
+        return 2
+    print(checker.dump_result(result) if args.json else result.render())
+    return 0 if result.ok else 1
 
 
 def _xl(args) -> int:

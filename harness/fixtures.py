@@ -289,6 +289,40 @@ def xenbus_invariant(request: pytest.FixtureRequest):
         pytest.fail("XenBus transitions the seeds do not allow:\n  " + "\n  ".join(map(str, bad)), pytrace=False)
 
 
+WORKLOAD = pytest.StashKey[object]()  # the block_workload of an item, for its failure report
+
+
+@pytest.fixture
+def block_workload(request: pytest.FixtureRequest, testbed: Testbed):
+    """A block workload writing and verifying on domu1's xvda, already started
+    (harness/workload.py).  `@pytest.mark.block_workload(domain=..., vdev=...,
+    workers=..., rate=..., ...)` sets BlockWorkload's options.  The test
+    checks it (`block_workload.assert_nothing_lost()`); at teardown it is
+    stopped if it still runs, and its history -- with the checker's report,
+    when the test checked -- is saved beside the test's trace."""
+    from .workload import BlockWorkload
+
+    marker = request.node.get_closest_marker("block_workload")
+    options = dict(marker.kwargs) if marker else {}
+    domain, vdev = options.pop("domain", "domu1"), options.pop("vdev", "xvda")
+    workload = BlockWorkload(testbed, domain, vdev, name=f"{trace.sanitize(request.node.name)[:60]}-"
+                                                           f"{secrets.token_hex(2)}", **options)
+    request.node.stash[WORKLOAD] = workload
+    workload.start()
+    yield workload
+    history_file, report_file = trace.workload_paths(request.node.nodeid, trace_dir(request.config))
+    try:
+        history = workload.stop() if workload.running() else (workload.last_history or workload.history())
+    except Exception as error:  # the guest may be what the test broke; keep what we have
+        warnings.warn(f"xenbed: workload {workload.name}: no history at teardown: {error!r}")
+        history = workload.last_history
+    if history is not None:
+        trace.write(history_file, history)
+    if workload.last_result is not None:
+        report_file.parent.mkdir(parents=True, exist_ok=True)
+        report_file.write_text(workload.last_result.render(history_lines=50) + "\n", encoding="utf-8")
+
+
 def hypervisor_audit(bed: Testbed) -> dict:
     """What dead domains left behind, as the hypervisor sees it (Testbed.audit)."""
     return bed.audit()

@@ -9,13 +9,15 @@ from __future__ import annotations
 import pytest
 
 from . import trace
-from .fixtures import (FAILED, TESTBED_KEY, docker_client, domains, hosts, leak_audit, new_domain,  # noqa: F401
-                       private_testbed, testbed, trace_dir, xenbus_invariant)  # (importing registers the fixtures)
+from .fixtures import (FAILED, TESTBED_KEY, WORKLOAD, block_workload, docker_client, domains,  # noqa: F401
+                       hosts, leak_audit, new_domain, private_testbed, testbed, trace_dir,
+                       xenbus_invariant)  # (importing them registers the fixtures)
 
 MARKERS = {
     "integration": "needs a Docker engine and the testbed images",
     "chaos": "kills or pauses containers on purpose",
     "slow": "takes more than a few seconds",
+    "block_workload": "options of the block_workload fixture: block_workload(domain=, vdev=, workers=, rate=, ...)",
 }
 FAILURE_LOG_LINES = 100
 
@@ -51,7 +53,28 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         if testbed is not None:
             _attach_logs(report, testbed)
             _link_trace(item, report)
+            _link_workload(item, report)
     return report
+
+
+def _link_workload(item: pytest.Item, report: pytest.TestReport) -> None:
+    """A failing test with a block workload: the checker's report (if it
+    checked) in a section, and where its history goes (written at teardown)."""
+    workload = item.stash.get(WORKLOAD, None)
+    if workload is None:
+        return
+    history_file, report_file = trace.workload_paths(item.nodeid, trace_dir(item.config))
+    links = [("xenbed_workload_history", str(history_file))]
+    if workload.last_result is not None:
+        links.append(("xenbed_nothing_lost_report", str(report_file)))
+    for link in links:
+        for properties in (item.user_properties, report.user_properties):
+            if link not in properties:
+                properties.append(link)
+    text = "\n".join(f"{name}: {path}" for name, path in links)
+    if workload.last_result is not None:
+        text += "\n\n" + workload.last_result.render()
+    report.sections.append((f"xenbed workload {workload.name} on {workload.domain}:{workload.vdev}", text))
 
 
 def _link_trace(item: pytest.Item, report: pytest.TestReport) -> None:

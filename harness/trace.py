@@ -44,6 +44,12 @@ def diagram_paths(nodeid: str, directory: str | Path = TRACE_DIR) -> tuple[Path,
     return base.with_name(base.name + ".md"), base.with_name(base.name + ".svg")
 
 
+def workload_paths(nodeid: str, directory: str | Path = TRACE_DIR) -> tuple[Path, Path]:
+    """(history JSONL, nothing-lost report) of a test's block workload, beside its trace."""
+    base = sanitize(nodeid)
+    return Path(directory) / f"{base}.workload.jsonl", Path(directory) / f"{base}.nothing-lost.txt"
+
+
 def transition_records(lines: Iterable[str], service: str) -> list[dict]:
     """Transition lines of one container as trace records (unreadable lines are skipped)."""
     out = []
