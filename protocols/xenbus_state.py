@@ -219,7 +219,14 @@ class Violation:
 
 
 def violations(transitions: Iterable[Transition]) -> list[Violation]:
-    """Every transition the table does not allow (pure)."""
+    """Every transition the table does not allow (pure).
+
+    A write of the state a node already holds is not a transition: nothing
+    records one (switch_state skips it), so one here is a recorder bug.  The
+    one such write the drivers make on purpose -- blkback's Connected written
+    again beside a new `sectors` (online resize, cdrom media change; Linux's
+    xen_vbd_resize) -- is a notification during seed 000's Device
+    reconfiguration and goes around the recorder."""
     out = []
     for t in transitions:
         if t.old == t.new:

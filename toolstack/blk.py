@@ -1,16 +1,38 @@
-"""Virtual block devices: `xl block-attach`, `block-detach`, `block-list`
-and the `disk = [...]` of a domain config.
+"""Virtual block devices: `xl block-attach`, `block-detach`, `block-list`,
+`block-resize`, `cd-insert`, `cd-eject` and the `disk = [...]` of a domain
+config.
 
 The store keys are libxl's.  The backend runs in dom0 (or the driver domain
 the spec names with `backend=`); the hotplug step attaches the target to a
 loop device and writes `physical-device`, after the backend went InitWait,
 as libxl runs the block script.
+
+Reconfiguration while Connected (seed 000, Device reconfiguration; both ends
+stay Connected, the guest's file stays open):
+
+* `resize` (`xl block-resize`, a xenbed extension: real xl has none; on Xen
+  one grows the backing device and blkback notices) grows the image file,
+  then LOOP_SET_CAPACITY makes the loop device take the new size; blkback
+  sees the device's size change within a second and rewrites `sectors` with
+  Connected (drivers/blk/back.py); we wait for that `sectors`.  Grow only:
+  shrinking a disk under a guest's filesystem destroys what lies past the
+  new end, and requests in flight there would fail.
+* `change_media` (`xl cd-insert` / `xl cd-eject`): libxl does these only for
+  HVM guests, through QEMU (libxl_disk.c: libxl_cdrom_insert writes the new
+  `params` and drives QEMU over QMP).  Here they are PV: on a cdrom drive
+  (`device-type` cdrom) the toolstack writes the new `params` ("" ejects),
+  runs the hotplug `change` step (new loop device, new `physical-device`,
+  old loop released) and waits for the backend's `sectors` to match.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 import subprocess
 import sys
+import time
 
 from xenbed.drivers.xen.store import XenStoreClient
 from xenbed.toolstack import devices
@@ -98,3 +120,146 @@ def format_list(rows: list[dict]) -> str:
         lines.append(f"{r['devid']:<6} {r['backend_id']:>3} {r['devid']:>6} {r['state']:>5} "
                      f"{r['event_channel']:>6} {r['ring_ref']:>8} {r['backend']}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconfiguration while Connected
+# ---------------------------------------------------------------------------------------------
+
+RECONFIGURE_TIMEOUT = 10.0  # for the backend to publish the new `sectors`
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^(\+)?(\d+)\s*([bkmgt]?)(?:i?b)?$", re.IGNORECASE)
+
+
+def parse_size(text: str, current: int = 0) -> int:
+    """Bytes for a size as xl users write one: "1073741824", "128M", "1G",
+    "512k", "2GiB", "64MB" -- binary units (K = 1024, as xl's memory sizes);
+    a leading "+" grows `current` by that much.  It must be whole 512-byte
+    sectors and not zero.  ValueError otherwise."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise ValueError(f"size {text!r} is not a number with an optional unit (K, M, G, T), e.g. 128M")
+    relative, number, unit = match.groups()
+    size = int(number) * _UNITS[unit.lower()]
+    if relative:
+        size += current
+    if size <= 0:
+        raise ValueError(f"size {text!r} is zero")
+    if size % 512:
+        raise ValueError(f"size {text!r} = {size} bytes is not a whole number of 512-byte sectors")
+    return size
+
+
+def _backend_of(store: XenStoreClient, frontend_domid: int, vdev: str) -> tuple[Device, str]:
+    device = find(store, frontend_domid, vdev)
+    back = device.backend_path
+    if not store.exists(back):
+        raise DeviceError(f"dom{frontend_domid}'s disk {vdev} has no backend at {back}")
+    return device, back
+
+
+def _wait_for_sectors(store: XenStoreClient, back: str, sectors: int, timeout: float, what: str) -> bool:
+    """Wait until the backend serves `sectors`; False (nothing to wait for)
+    when it is not Connected -- it reads the size when it connects."""
+    if store.try_read(f"{back}/state") != str(devices.XENBUS_CONNECTED):
+        return False
+    deadline = time.monotonic() + timeout
+    while store.try_read(f"{back}/sectors") != str(sectors):
+        if time.monotonic() > deadline:
+            raise DeviceError(f"timed out after {timeout:.0f}s waiting for the backend to {what} "
+                              f"({back}/sectors is {store.try_read(f'{back}/sectors')}, want {sectors})")
+        time.sleep(0.05)
+    return True
+
+
+def resize(store: XenStoreClient, frontend_domid: int, vdev: str, size_text: str,
+           timeout: float = RECONFIGURE_TIMEOUT) -> int:
+    """Grow a disk online; returns its new size in bytes (see the module doc)."""
+    from xenbed.drivers.blk import loop
+
+    device, back = _backend_of(store, frontend_domid, vdev)
+    if store.try_read(f"{back}/device-type") == "cdrom":
+        raise DeviceError(f"{vdev} is a cdrom drive: its medium has the size it has (use cd-insert)")
+    params = store.try_read(f"{back}/params") or ""
+    physdev = store.try_read(f"{back}/physical-device")
+    target = params.strip()
+    for prefix in ("file:", "phy:", "aio:"):  # as the hotplug step reads params
+        target = target[len(prefix):] if target.startswith(prefix) else target
+    try:
+        st = os.stat(target)
+    except OSError as exc:
+        raise DeviceError(f"{vdev}'s image {target!r}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DeviceError(f"{vdev} is backed by {target}, not an image file: grow the device itself")
+    if not physdev:
+        raise DeviceError(f"{vdev} has no physical-device yet (the hotplug step has not run)")
+    major, minor = loop.parse_physical_device(physdev)
+    if major != loop.LOOP_MAJOR:
+        raise DeviceError(f"{vdev}'s physical-device {physdev} is not a loop device")
+    new_size = parse_size(size_text, st.st_size)
+    if new_size < st.st_size:
+        raise DeviceError(f"{vdev} is {st.st_size} bytes; shrinking to {new_size} is refused "
+                          "(the guest's data past the new end would be lost)")
+    if new_size > st.st_size:
+        try:
+            os.truncate(target, new_size)  # sparse: the new blocks read as zeroes
+        except OSError as exc:
+            raise DeviceError(f"growing {target} to {new_size} bytes: {exc.strerror}") from None
+    try:
+        served = loop.set_capacity(minor, st.st_dev, st.st_ino)
+    except OSError as exc:
+        raise DeviceError(f"setting the capacity of /dev/loop{minor}: {exc}") from None
+    _wait_for_sectors(store, back, served // 512, timeout, f"serve {served} bytes")
+    return served
+
+
+def _medium_size(path: str) -> int:
+    """Bytes of an image file or a block device (what blkback will serve)."""
+    from xenbed.drivers.blk import loop
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DeviceError(f"{path}: {exc.strerror}") from None
+    try:
+        return loop.device_size(fd)
+    finally:
+        os.close(fd)
+
+
+def change_media(store: XenStoreClient, frontend_domid: int, vdev: str, target: str | None,
+                 timeout: float = RECONFIGURE_TIMEOUT) -> str:
+    """`xl cd-insert` (target) / `xl cd-eject` (None) on a cdrom drive;
+    returns the new `params`.  The target is checked as xl's cd-insert does,
+    by parsing "vdev=<vdev>,access=r,devtype=cdrom,target=<target>" as a
+    disk spec.  We return once the backend serves the new medium's size; a
+    medium exactly as large as the old one is told apart by nothing in the
+    store, so then we return once the hotplug step wrote it (blkback swaps
+    within milliseconds of that write)."""
+    device, back = _backend_of(store, frontend_domid, vdev)
+    if store.try_read(f"{back}/device-type") != "cdrom":
+        raise DeviceError(f"{vdev} is not a cdrom drive (devtype=cdrom): its medium cannot change")
+    params = ""
+    size = 0
+    if target:
+        spec = parse_disk_spec(f"vdev={vdev},access=r,devtype=cdrom,target={target}")
+        params = spec.target
+        path = spec.path
+        size = _medium_size(path) if path else 0
+    old_params = store.try_read(f"{back}/params") or ""
+
+    def write_params(value: str):
+        def body(tx: int) -> None:
+            if not store.exists(back, tx):
+                raise DeviceError(f"no backend at {back}")
+            store.write(f"{back}/params", value, tx)
+        store.run_transaction(body)
+
+    write_params(params)
+    try:
+        run_hotplug("change", back)
+    except DeviceError:
+        write_params(old_params)  # the old medium is still in (the step leaves it on failure)
+        raise
+    _wait_for_sectors(store, back, size // 512, timeout, "eject the medium" if not target else f"serve {target}")
+    return params

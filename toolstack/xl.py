@@ -8,9 +8,17 @@
     xl block-attach DOMAIN DISKSPEC...   add a disk (xl-disk-configuration(5) syntax)
     xl block-detach DOMAIN VDEV          orderly closedown, forced after a timeout
     xl block-list DOMAIN
+    xl block-resize DOMAIN VDEV SIZE     grow a disk online (xenbed extension: real xl has none)
+    xl cd-insert DOMAIN VDEV TARGET      put a medium in a cdrom drive (PV here; libxl: HVM only)
+    xl cd-eject DOMAIN VDEV              empty a cdrom drive
     xl network-attach DOMAIN VIFSPEC...  add a NIC (xl-network-configuration(5) syntax)
     xl network-detach DOMAIN DEVID|MAC
     xl network-list DOMAIN
+
+SIZE is bytes or a number with a binary unit (512k, 128M, 1G, 2GiB); "+64M"
+grows by that much.  block-resize and cd-insert/cd-eject change a disk while
+both ends stay Connected (seed 000, Device reconfiguration): blkback rewrites
+`sectors` with Connected and the guest's open file follows.
 
 DOMAIN is a name or a domid.  `--if-absent` makes `create` succeed quietly
 when a domain of that name runs already (dom0's autostart uses it, so a
@@ -153,6 +161,18 @@ def main(argv=None) -> int:
     detach.add_argument("domain")
     detach.add_argument("vdev")
     sub.add_parser("block-list", help="list a domain's disks").add_argument("domain")
+    resize = sub.add_parser("block-resize", help="grow a disk while the guest uses it "
+                                                 "(xenbed extension; real xl has no such command)")
+    resize.add_argument("domain")
+    resize.add_argument("vdev")
+    resize.add_argument("size", help="new size: bytes, or with a unit (128M, 1G); +SIZE grows by SIZE")
+    insert = sub.add_parser("cd-insert", help="insert a medium in a cdrom drive (PV; libxl does it for HVM only)")
+    insert.add_argument("domain")
+    insert.add_argument("vdev")
+    insert.add_argument("target", help="the image (or block device) to insert")
+    eject = sub.add_parser("cd-eject", help="eject the medium of a cdrom drive")
+    eject.add_argument("domain")
+    eject.add_argument("vdev")
     nattach = sub.add_parser("network-attach", help="attach a NIC to a domain")
     nattach.add_argument("domain")
     nattach.add_argument("spec", nargs="*", help="vif spec; several words are joined with commas, as xl does")
@@ -206,6 +226,13 @@ def _run(xl: Toolstack, args) -> int:
     elif args.command == "block-detach":
         if not blk.detach(xl.store, xl.resolve(args.domain)["domid"], args.vdev):
             print(f"xl: {args.vdev} did not close in time; removed by force", file=sys.stderr)
+    elif args.command == "block-resize":
+        size = blk.resize(xl.store, xl.resolve(args.domain)["domid"], args.vdev, args.size)
+        print(f"{args.vdev}: {size} bytes ({size // 512} sectors)", file=sys.stderr)
+    elif args.command == "cd-insert":
+        blk.change_media(xl.store, xl.resolve(args.domain)["domid"], args.vdev, args.target)
+    elif args.command == "cd-eject":
+        blk.change_media(xl.store, xl.resolve(args.domain)["domid"], args.vdev, None)
     elif args.command == "network-attach":
         net.attach(xl.store, xl.resolve(args.domain)["domid"], ",".join(args.spec))
     elif args.command == "network-detach":

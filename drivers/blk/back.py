@@ -42,6 +42,28 @@ watches the frontend's `state`:
   flight, resets to Initialising and reconnects on a new ring, replaying the
   shadow.  A device left in InitWait stays there and connects as at boot.
 
+Reconfiguration while Connected (seed 000, Device reconfiguration: device-
+specific watches, both ends stay Connected):
+
+* online resize (xen_vbd_resize in Linux's xen-blkback/xenbus.c): the ring
+  thread compares the disk's BLKGETSIZE64 with the size it serves each time
+  it wakes -- on a request, and on its 0.25 s idle timeout, so an idle disk's
+  resize is seen within a second (Linux checks only when the ring kthread
+  wakes, i.e. on I/O) -- and when it differs serves the new size, then
+  rewrites `sectors` and our unchanged `state` (Connected) in ONE
+  transaction.  blkfront sees `sectors` change through its watch on it.
+  The state rewrite is a notification, not a transition: it bypasses
+  switch_state and is not recorded (the checker would call Connected ->
+  Connected "not a transition").  The toolstack grows the image and sets the
+  loop's capacity (`xl block-resize`, toolstack/blk.py).
+* cdrom media change (`device-type` cdrom; a PV take on xl cd-insert /
+  cd-eject, which libxl offers only to QEMU): the hotplug `change` step
+  rewrites `physical-device` (or removes it: no medium); our watch on it
+  opens the new device (or none), swaps it under the ring thread's I/O
+  lock, closes the old one (autoclear frees its loop) and publishes the new
+  `sectors` (0 when empty) with Connected as above.  A non-removable disk
+  keeps refusing a changed physical-device, as Linux's backend_changed does.
+
 The hotplug step (`xenbed.drivers.blk.hotplug add`) is run by the toolstack
 after InitWait, as libxl does; `--run-hotplug` makes the daemon run it itself
 on probe and on removal instead (udev-style), for tests without xl.
@@ -65,7 +87,7 @@ import stat
 import struct
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from xenbed.protocols import blkif
 from xenbed.protocols.blkif import (
@@ -525,6 +547,15 @@ class Disk:
         self.geometry = DiskGeometry(size // SECTOR_SIZE, readonly, discard and not readonly)
 
     @classmethod
+    def no_media(cls) -> Disk:
+        """An empty cdrom drive: 0 sectors, so every request fails validation
+        before it could touch a descriptor."""
+        disk = cls.__new__(cls)
+        disk.path, disk.fd, disk.physical_device, disk.direct = "(no medium)", None, None, False
+        disk.geometry = DiskGeometry(0, readonly=True, discard=False)
+        return disk
+
+    @classmethod
     def from_fd_for_tests(cls, fd: int, sectors: int, readonly: bool = False, discard: bool = True) -> Disk:
         disk = cls.__new__(cls)
         disk.path, disk.fd, disk.physical_device, disk.direct = f"fd:{fd}", fd, (0, 0), False
@@ -554,6 +585,12 @@ class Connection:
         self.ring_pages: ContiguousPages | None = None
         self.port: int | None = None
         self.server: BlkifServer | None = None
+        self.disk = disk
+        # Held while requests are served, so a media change never swaps the
+        # descriptor under a request; `publish_lock` orders writers of `sectors`.
+        self.io_lock = threading.Lock()
+        self.publish_lock = threading.Lock()
+        self.on_resize = None  # called on the ring thread with the new sector count
         try:
             self._open(disk)
         except BaseException:
@@ -594,11 +631,15 @@ class Connection:
     def _serve(self) -> None:
         try:
             while not self.stop.is_set():
-                if not self.evtchn.wait(self.port, timeout=0.25):  # clears the pending bit before we look
+                woken = self.evtchn.wait(self.port, timeout=0.25)  # clears the pending bit before we look
+                self._check_capacity()  # xen_vbd_resize's check, on every wake (an idle one too)
+                if not woken:
                     continue
                 if self.stop.is_set():
                     break
-                if self.server.process(self.stop):
+                with self.io_lock:
+                    notify = self.server.process(self.stop)
+                if notify:
                     self.evtchn.notify(self.port)
         except RingOverflow as exc:
             log.error("%s: frontend overflowed the ring: %s", self.name, exc)
@@ -607,6 +648,34 @@ class Connection:
             if not self.stop.is_set():
                 log.exception("%s: ring thread failed", self.name)
                 self.on_fatal(errno.EIO, f"ring thread failed: {exc}")
+
+    def _check_capacity(self) -> None:
+        """Serve the disk's current size if it changed (a grown loop device),
+        then tell `on_resize`.  One ioctl per wake: cheap beside a request."""
+        disk = self.disk
+        if disk.fd is None or self.stop.is_set():
+            return
+        try:
+            sectors = loop.device_size(disk.fd) // SECTOR_SIZE
+        except OSError:
+            return
+        with self.io_lock:
+            if self.disk is not disk or sectors == self.server.geometry.sectors:
+                return  # a media change came in between, or nothing changed
+            old = self.server.geometry.sectors
+            self.server.geometry = disk.geometry = replace(self.server.geometry, sectors=sectors)
+        log.info("%s: %s changed size: %d -> %d sectors", self.name, disk.path, old, sectors)
+        if self.on_resize is not None:
+            self.on_resize(sectors)
+
+    def swap_disk(self, disk: Disk) -> Disk:
+        """Serve `disk` from the next request on (a media change); returns the
+        old one, which no request uses any more (the caller closes it)."""
+        with self.io_lock:
+            old, self.disk = self.disk, disk
+            self.server.fd = disk.fd
+            self.server.geometry = disk.geometry
+        return old
 
     def close(self) -> None:
         """Stop taking requests, let the one in hand finish, then unmap
@@ -774,6 +843,9 @@ class Blkback(XenbusDriver):
         be: BackendInfo = dev.priv
         try:
             with be.lock:
+                if not dev.removed and be.disk is not None and dev.read("device-type") == "cdrom":
+                    self._change_media(dev)
+                    return
                 if not dev.removed and self._open_disk(dev):
                     self._maybe_connect(dev)
         except Exception as exc:
@@ -904,6 +976,7 @@ class Blkback(XenbusDriver):
             conn.close()
             raise
         be.connection = conn
+        conn.on_resize = lambda _sectors, conn=conn: self._publish_sectors(dev, conn)
         conn.start()
         log.info("%s: connected to dom%d: %s (%s sectors, %s, ring order %d, port %d, persistent %s)",
                  dev.nodename, dev.otherend_id, disk.path, geometry.sectors, "ro" if readonly else "rw",
@@ -917,6 +990,64 @@ class Blkback(XenbusDriver):
             stats = conn.server.stats if conn.server else {}
             conn.close()
             log.info("%s: disconnected (%s)", dev.nodename, stats)
+
+    # -- reconfiguration while Connected ----------------------------------------------------
+    def _change_media(self, dev: XenbusDevice) -> None:
+        """A cdrom's `physical-device` changed (hotplug `change`): serve the
+        new medium, or none, without leaving Connected.  be.lock held."""
+        be: BackendInfo = dev.priv
+        physdev = dev.read("physical-device")
+        try:
+            wanted = loop.parse_physical_device(physdev) if physdev else None
+        except ValueError as exc:
+            dev.dev_error(errno.EINVAL, f"media change: {exc}")
+            return
+        if wanted == be.disk.physical_device:
+            return  # our own watch firing at registration, or a rewrite of the same device
+        new = Disk.no_media()
+        if wanted is not None:
+            try:
+                path = dev.read("physical-device-path") or _node_for(*wanted)
+                new = Disk(path, *wanted, readonly=True, discard=False)
+            except OSError as exc:  # the drive stays, empty: a bad medium, not a dead device
+                dev.dev_error(exc, f"opening the new medium {physdev}: {exc}")
+        conn = be.connection
+        old = conn.swap_disk(new) if conn is not None else be.disk
+        be.disk = new
+        old.close()  # a loop device's autoclear frees it now
+        log.info("%s: medium %s -> %s (%d sectors)", dev.nodename, old.path, new.path, new.geometry.sectors)
+        if conn is not None:
+            self._publish_sectors(dev, conn)
+
+    def _publish_sectors(self, dev: XenbusDevice, conn: Connection) -> None:
+        """xen_vbd_resize: the size we serve now as `sectors`, and our state
+        written again as Connected, in ONE transaction -- only while the node
+        still says Connected (never over the toolstack's Closing, never into
+        a removed dir).  Not a transition, so not recorded (module doc).
+        Runs on the ring thread (resize) or the xenwatch thread (media)."""
+        class NotConnected(Exception):
+            pass
+
+        with conn.publish_lock:
+            if conn.stop.is_set():
+                return
+            sectors = conn.geometry.sectors  # the latest, read under the lock that orders the writers
+
+            def body(tx: int) -> None:
+                if dev.read("state", None, tx) != str(CONNECTED):
+                    raise NotConnected
+                dev.write("sectors", str(sectors), tx)
+                dev.write("state", str(CONNECTED), tx)
+
+            try:
+                dev.store.run_transaction(body)
+            except NotConnected:
+                log.info("%s: not Connected any more: %d sectors not published", dev.nodename, sectors)
+                return
+            except Exception as exc:
+                log.warning("%s: publishing %d sectors: %s", dev.nodename, sectors, exc)
+                return
+        log.info("%s: published %d sectors (state Connected rewritten)", dev.nodename, sectors)
 
     def _fatal_from_ring(self, dev: XenbusDevice, err: int, message: str) -> None:
         # on the ring thread: Connection.close must not join itself, so tear down from another thread

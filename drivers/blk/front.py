@@ -17,7 +17,10 @@ backend reaches Connected: read `sectors`, `sector-size`, `info`,
 `feature-persistent`, `feature-max-indirect-segments`; grant the data-page
 pool; expose the disk; switch to Connected.  A later Connected (or a change
 of `sectors` seen by the watch on it) with a different `sectors` is an online
-resize: the FUSE file's size follows while it is open.
+resize: the FUSE file's size follows while it is open.  On a cdrom
+(VDISK_CDROM in `info`) the same watch carries a media change: `sectors` 0
+is an empty drive, whose reads fail with ENOMEDIUM (as Linux's sr driver
+answers), and a new medium is read through the same open file.
 
 Closedown (seed 000, both diagrams)
 -----------------------------------
@@ -840,6 +843,8 @@ class BlkDisk:
 
     def read(self, offset: int, length: int) -> bytes:
         size = self.size
+        if size == 0 and self.info.cdrom:
+            raise OSError(errno.ENOMEDIUM, f"{self.name}: no medium in the drive")
         if offset >= size or length <= 0:
             return b""
         length = min(length, size - offset)
@@ -1164,7 +1169,8 @@ class BlkFront(XenbusDriver):
         sectors = _int(vbd.dev.otherend_read("sectors"), -1)
         if vbd.info is None or sectors < 0 or sectors == vbd.info.sectors:
             return
-        log.info("%s: online resize %d -> %d sectors", vbd.name, vbd.info.sectors, sectors)
+        log.info("%s: %s %d -> %d sectors", vbd.name, "media change" if vbd.info.cdrom else "online resize",
+                 vbd.info.sectors, sectors)
         vbd.info = DiskInfo(**{**vbd.info.__dict__, "sectors": sectors})
         if vbd.disk is not None:
             vbd.disk.info = vbd.info

@@ -81,8 +81,21 @@ class VbdFilesystem(pyfuse3.Operations):
             log.info("%s/%s removed", self.mountpoint, name)
 
     def resized(self, name: str) -> None:
-        """Attributes time out at once, so the next stat sees the new size."""
+        """The disk's size (or, on a cdrom, its medium) changed.  Attributes
+        time out at once anyway, so the next stat -- through a descriptor
+        opened before, too -- asks us again; the kernel's cached attributes
+        and pages are dropped as well (FUSE_NOTIFY_INVAL_INODE), so nothing it
+        kept about the old size survives.  Safe from a non-FUSE thread: there
+        is no writeback cache to flush (pyfuse3's invalidate_inode notes)."""
+        with self._lock:
+            inode = self._by_name.get(name)
         log.info("%s/%s resized", self.mountpoint, name)
+        if inode is None or self._thread is None:
+            return
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=False)
+        except OSError as exc:  # ENOENT: the kernel never looked it up, nothing is cached
+            log.debug("%s/%s: invalidate_inode: %s", self.mountpoint, name, exc)
 
     def names(self) -> list[str]:
         with self._lock:

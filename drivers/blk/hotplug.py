@@ -2,6 +2,7 @@
 
     python3 -m xenbed.drivers.blk.hotplug add    /local/domain/0/backend/vbd/1/51712
     python3 -m xenbed.drivers.blk.hotplug remove /local/domain/0/backend/vbd/1/51712
+    python3 -m xenbed.drivers.blk.hotplug change /local/domain/0/backend/vbd/1/5632
 
 add
     reads `params` (the target: an image file, or a block device) and `mode`
@@ -18,6 +19,18 @@ add
     the CLI exits 1.  The loop is attached WITHOUT autoclear: blkback opens
     it and turns autoclear on, so the last close (blkback's, even a killed
     one) frees it.
+change
+    a media change on a removable (cdrom) backend, whose `params` the
+    toolstack has just rewritten (`xl cd-insert` / `xl cd-eject`): attach
+    the new target (none when `params` is empty: an ejected drive), then in
+    one transaction write the new `physical-device` / `physical-device-path`
+    (or remove both: no medium) with `hotplug-status` connected -- blkback
+    watches `physical-device` and swaps its open disk while Connected -- and
+    finally release the old loop device (LOOP_CLR_FD only if it still backs
+    the file it backed before the change; with blkback still holding it the
+    kernel detaches it at blkback's close).  A failed attach leaves the old
+    medium in place, writes `hotplug-error` and exits 1 (`hotplug-status`
+    stays connected: the drive itself is fine).
 remove
     detaches the loop device named by `physical-device` if it is still
     attached to our target (with blkback still holding it open the kernel
@@ -84,22 +97,7 @@ def add(store, backend: str) -> loop.LoopDevice:
             raise HotplugError(f"{backend}/params is missing")
         target = target_of(params)
         readonly, shared = parse_mode(store.try_read(f"{backend}/mode"))
-        try:
-            st = os.stat(target)
-        except OSError as exc:
-            raise HotplugError(f"{target}: {exc.strerror}") from None
-        if stat.S_ISBLK(st.st_mode):
-            dev = loop.LoopDevice(target, os.major(st.st_rdev), os.minor(st.st_rdev), target, readonly)
-        elif stat.S_ISREG(st.st_mode):
-            if shared:
-                # "w!": the user accepts sharing; only a read-write attachment here is refused by attach,
-                # so reuse an existing one instead.
-                existing = loop.find_by_backing_file(target)
-                dev = existing[0][0] if existing else loop.attach(target, readonly)
-            else:
-                dev = _attach_when_free(target, readonly)
-        else:
-            raise HotplugError(f"{target} is neither a regular file nor a block device")
+        dev = _bring_online(target, readonly, shared)
     except (HotplugError, OSError) as exc:
         message = str(exc)
         log.error("%s: hotplug add failed: %s", backend, message)
@@ -138,6 +136,98 @@ def _attach_when_free(target: str, readonly: bool) -> loop.LoopDevice:
             if not going or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def _bring_online(target: str, readonly: bool, shared: bool) -> loop.LoopDevice:
+    """The device for `target`: a block device as it is, a regular file on a new loop device."""
+    try:
+        st = os.stat(target)
+    except OSError as exc:
+        raise HotplugError(f"{target}: {exc.strerror}") from None
+    if stat.S_ISBLK(st.st_mode):
+        return loop.LoopDevice(target, os.major(st.st_rdev), os.minor(st.st_rdev), target, readonly)
+    if not stat.S_ISREG(st.st_mode):
+        raise HotplugError(f"{target} is neither a regular file nor a block device")
+    if shared:
+        # "w!": the user accepts sharing; only a read-write attachment here is refused by attach,
+        # so reuse an existing one instead.
+        existing = loop.find_by_backing_file(target)
+        return existing[0][0] if existing else loop.attach(target, readonly)
+    return _attach_when_free(target, readonly)
+
+
+def _loop_identity(physdev: str | None) -> tuple[int, int, int] | None:
+    """(loop number, st_dev, st_ino of its backing file) of a `physical-device`
+    naming an attached loop device; None for anything else."""
+    if not physdev:
+        return None
+    try:
+        major, minor = loop.parse_physical_device(physdev)
+    except ValueError:
+        return None
+    if major != loop.LOOP_MAJOR:
+        return None
+    try:
+        info = loop.get_status(minor)
+    except OSError:
+        return None  # not attached (any more)
+    return minor, info.device, info.inode
+
+
+def change(store, backend: str) -> loop.LoopDevice | None:
+    """Media change: the medium `params` now names goes in (None: the drive
+    is empty), the old one's loop device is released.  See the module doc."""
+    old_physdev = store.try_read(f"{backend}/physical-device")
+    # Who backs the old loop, learnt while blkback still holds it open (so it
+    # cannot have been auto-cleared and reused by someone else yet).
+    old = _loop_identity(old_physdev)
+    dev = None
+    try:
+        params = store.try_read(f"{backend}/params")
+        if params is None:
+            raise HotplugError(f"{backend}/params is missing")
+        readonly, shared = parse_mode(store.try_read(f"{backend}/mode"))
+        if params.strip():
+            dev = _bring_online(target_of(params), readonly, shared)
+    except (HotplugError, OSError) as exc:
+        message = str(exc)
+        log.error("%s: media change failed: %s", backend, message)
+        try:
+            store.write(f"{backend}/hotplug-error", message)
+        except Exception as write_exc:
+            log.warning("%s: could not write hotplug-error: %s", backend, write_exc)
+        raise HotplugError(message) from exc
+
+    def publish(tx: int) -> None:
+        if dev is not None:
+            store.write(f"{backend}/physical-device", dev.physical_device, tx)
+            store.write(f"{backend}/physical-device-path", dev.path, tx)
+        else:
+            for key in ("physical-device", "physical-device-path"):
+                try:
+                    store.rm(f"{backend}/{key}", tx)
+                except Exception as exc:
+                    if not _is_missing(exc):
+                        raise
+        try:
+            store.rm(f"{backend}/hotplug-error", tx)
+        except Exception as exc:
+            if not _is_missing(exc):
+                raise
+        store.write(f"{backend}/hotplug-status", "connected", tx)
+
+    try:
+        store.run_transaction(publish)
+    except BaseException:
+        if dev is not None and dev.major == loop.LOOP_MAJOR and dev.backing_file != dev.path:
+            loop.detach(dev)
+        raise
+    released = False
+    if old is not None and (dev is None or dev.minor != old[0] or dev.major != loop.LOOP_MAJOR):
+        released = loop.detach_if_backing(*old)
+    log.info("%s: medium %s (was %s%s)", backend, f"{dev.path} ({dev.physical_device})" if dev else "ejected",
+             old_physdev or "empty", ", its loop released" if released else "")
+    return dev
 
 
 def remove(store, backend: str) -> bool:
@@ -195,7 +285,7 @@ def _detach_if_ours(number: int, target: str | None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m xenbed.drivers.blk.hotplug",
                                      description="Xen's block hotplug step for a vbd backend dir")
-    parser.add_argument("action", choices=("add", "remove", "online", "offline"))
+    parser.add_argument("action", choices=("add", "remove", "online", "offline", "change"))
     parser.add_argument("backend", help="backend dir, e.g. /local/domain/0/backend/vbd/1/51712")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
@@ -207,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.action in ("add", "online"):
             dev = add(store, args.backend)
             print(f"{dev.path} {dev.physical_device}")
+        elif args.action == "change":
+            dev = change(store, args.backend)
+            print(f"{dev.path} {dev.physical_device}" if dev else "empty")
         else:
             remove(store, args.backend)
         return 0

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 __all__ = [
     "LOOP_MAJOR", "LoopError", "FileBusy", "LoopDevice", "LoopInfo64",
     "attach", "detach", "detach_if_backing", "set_autoclear", "get_status", "find_by_backing_file",
-    "ensure_node", "physical_device", "parse_physical_device", "device_size",
+    "ensure_node", "physical_device", "parse_physical_device", "device_size", "set_capacity",
 ]
 
 LOOP_MAJOR = 7
@@ -53,6 +53,7 @@ LOOP_SET_FD = 0x4C00
 LOOP_CLR_FD = 0x4C01
 LOOP_SET_STATUS64 = 0x4C04
 LOOP_GET_STATUS64 = 0x4C05
+LOOP_SET_CAPACITY = 0x4C07  # re-read the backing file's size (an online resize)
 LOOP_CTL_GET_FREE = 0x4C82
 
 # lo_flags
@@ -356,6 +357,24 @@ def detach_if_backing(dev: LoopDevice | str | int, st_dev: int, st_ino: int) -> 
                 return False
             raise LoopError(exc.errno, f"LOOP_CLR_FD {path}: {os.strerror(exc.errno)}") from None
         return True
+    finally:
+        os.close(fd)
+
+
+def set_capacity(dev: LoopDevice | str | int, st_dev: int, st_ino: int) -> int:
+    """LOOP_SET_CAPACITY: the loop device takes its backing file's current
+    size (after the file grew), and its openers -- blkback -- see the new
+    BLKGETSIZE64 at once.  Only if the device still backs (st_dev, st_ino):
+    status, check and ioctl go through one descriptor, as in
+    `detach_if_backing`.  Returns the device's size in bytes afterwards."""
+    path = _path_of(dev)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = _status_fd(fd)
+        if (info.device, info.inode) != (st_dev, st_ino):
+            raise LoopError(errno.ESTALE, f"{path} no longer backs the file it was attached to")
+        _ioctl(fd, LOOP_SET_CAPACITY, 0, "LOOP_SET_CAPACITY")
+        return device_size(fd)
     finally:
         os.close(fd)
 
