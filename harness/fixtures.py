@@ -76,9 +76,13 @@ def private_testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[T
     try:
         with own_testbed(config, docker_client, name) as bed:
             yield bed
+            # leak_audit (module-scoped too) runs after this testbed is gone:
+            # audit it here, while its hypervisor still answers
+            leaks = {kind: found for kind, found in bed.audit().items() if found}
+            if leaks:
+                pytest.fail(f"{request.module.__name__} left behind in the hypervisor: {leaks}", pytrace=False)
     finally:
-        if before is not None:
-            config.stash[TESTBED_KEY] = before
+        config.stash[TESTBED_KEY] = before  # None: leak_audit has nothing more to ask
 
 
 @contextlib.contextmanager
