@@ -16,17 +16,31 @@ netback goes Connected only after that.
     attach(store, domid, "bridge=xenbr0")                      # xl network-attach: waits for Connected
     detach(store, domid, "0") / detach(store, domid, "00:16:3e:00:00:01")
     print(format_list(list_rows(store, domid)))
+    set_live(store, domid, "0", parse_live_settings(["mtu=1400", "rate=10Mb/s"]))   # xl network-set
+
+`xl network-set DOMAIN DEVID|MAC mtu=N rate=RATE` is a xenbed extension (real
+xl has no command that changes a running vif): it changes a Connected vif
+in place, through the device-specific watches seed 000 describes for
+reconfiguration ("each driver stays in the Connected state throughout").
+In ONE transaction it writes `mtu` in the backend dir (netback applies it
+to the vif, as vif-bridge does at hotplug) and in the frontend dir (where
+netif.h tells the frontend to look; netfront applies it to the guest's
+tap), and `rate` in the backend dir as libxl writes it ("bytes,usecs";
+netback re-reads it, as Linux's xen_net_rate_changed).  RATE is xl's syntax
+(`10Mb/s`, `1MB/s@20ms`, see vif_spec.parse_rate); `rate=unlimited` (or
+`rate=`) removes the limit.  Nothing else changes: no state is written.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 
 from xenbed.drivers.xen.store import XenStoreClient, XenStoreError
 from xenbed.toolstack import devices
 from xenbed.toolstack.devices import Device, DeviceError
-from xenbed.toolstack.vif_spec import VifSpec, parse_vif_spec
+from xenbed.toolstack.vif_spec import VifSpec, parse_rate, parse_vif_spec
 
 INITWAIT_TIMEOUT = 20.0
 CLOSE_TIMEOUT = 10.0
@@ -147,6 +161,71 @@ def remove(store: XenStoreClient, device: Device, force: bool = False, timeout: 
     finally:
         devices.remove_directories(store, device)
     return orderly
+
+
+UNLIMITED = "unlimited"  # LiveSettings.rate: remove the backend's `rate`
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """What `xl network-set` changes; None: leave it as it is.  `rate` is
+    (bytes per interval, interval in us), or UNLIMITED."""
+
+    mtu: int | None = None
+    rate: tuple[int, int] | str | None = None
+
+
+def parse_live_settings(words: list[str]) -> LiveSettings:
+    """`mtu=1400 rate=10Mb/s` (words, each may hold several comma-separated
+    items as in a vif spec) -> LiveSettings.  ValueError names the item."""
+    values: dict[str, object] = {}
+    for word in words:
+        for item in word.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r}: expected key=value (mtu=N, rate=RATE)")
+            if key in values:
+                raise ValueError(f"{key} given twice")
+            try:
+                if key == "mtu":
+                    if not value.isascii() or not value.isdigit() or not 68 <= int(value) <= 65535:
+                        raise ValueError(f"mtu {value!r} is not a number in 68..65535")
+                    values[key] = int(value)
+                elif key == "rate":
+                    values[key] = UNLIMITED if value in ("", UNLIMITED) else parse_rate(value)
+                else:
+                    raise ValueError("only mtu and rate can be changed on a running vif")
+            except ValueError as exc:
+                raise ValueError(f"{item!r}: {exc}") from None
+    if not values:
+        raise ValueError("nothing to set: give mtu=N and/or rate=RATE")
+    return LiveSettings(mtu=values.get("mtu"), rate=values.get("rate"))
+
+
+def set_live(store: XenStoreClient, frontend_domid: int, which: str, settings: LiveSettings) -> Device:
+    """Change a vif's MTU and/or rate while it stays connected (see the
+    module docstring); returns the device.  One transaction, so both ends
+    see the same MTU and no reader sees half of it."""
+    device = find(store, frontend_domid, which)
+    backend, frontend = device.backend_path, device.frontend_path
+
+    def body(tx: int) -> None:
+        if store.try_read(f"{backend}/state", tx) is None:
+            raise DeviceError(f"{backend} is gone")
+        if settings.mtu is not None:
+            store.write(f"{backend}/mtu", str(settings.mtu), tx)
+            store.write(f"{frontend}/mtu", str(settings.mtu), tx)
+        if settings.rate == UNLIMITED:
+            if store.try_read(f"{backend}/rate", tx) is not None:
+                store.rm(f"{backend}/rate", tx)
+        elif settings.rate is not None:
+            store.write(f"{backend}/rate", f"{settings.rate[0]},{settings.rate[1]}", tx)
+
+    store.run_transaction(body)
+    return device
 
 
 def list_rows(store: XenStoreClient, frontend_domid: int) -> list[dict]:

@@ -14,6 +14,9 @@
     xl network-attach DOMAIN VIFSPEC...  add a NIC (xl-network-configuration(5) syntax)
     xl network-detach DOMAIN DEVID|MAC
     xl network-list DOMAIN
+    xl network-set DOMAIN DEVID|MAC [mtu=N] [rate=RATE|unlimited]
+                                         xenbed extension: change a running vif's MTU
+                                         and rate while it stays connected (net.py)
 
 SIZE is bytes or a number with a binary unit (512k, 128M, 1G, 2GiB); "+64M"
 grows by that much.  block-resize and cd-insert/cd-eject change a disk while
@@ -180,6 +183,10 @@ def main(argv=None) -> int:
     ndetach.add_argument("domain")
     ndetach.add_argument("which")
     sub.add_parser("network-list", help="list a domain's NICs").add_argument("domain")
+    nset = sub.add_parser("network-set", help="xenbed extension: change a running NIC's mtu and rate")
+    nset.add_argument("domain")
+    nset.add_argument("which", help="devid or MAC")
+    nset.add_argument("settings", nargs="+", help="mtu=N and/or rate=RATE (xl's rate syntax; 'unlimited' lifts it)")
     sub.add_parser("domname").add_argument("domid")
     args = parser.parse_args(argv)
 
@@ -238,6 +245,9 @@ def _run(xl: Toolstack, args) -> int:
     elif args.command == "network-detach":
         if not net.detach(xl.store, xl.resolve(args.domain)["domid"], args.which):
             print(f"xl: vif {args.which} did not close in time; removed by force", file=sys.stderr)
+    elif args.command == "network-set":
+        settings = net.parse_live_settings(args.settings)
+        net.set_live(xl.store, xl.resolve(args.domain)["domid"], args.which, settings)
     elif args.command == "network-list":
         print(net.format_list(net.list_rows(xl.store, xl.resolve(args.domain)["domid"])))
     elif args.command == "block-list":

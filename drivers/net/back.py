@@ -28,8 +28,32 @@ Linux's xen-netback/xenbus.c:
 * frontend Closing: drain (the request in hand finishes), unmap, unbind,
   Closing; Closed: Closed, and with `online=0` (toolstack unplug) the tap
   is removed; Initialising after Closed: InitWait again (reconnect).
-* `rate` ("bytes,usecs", libxl's) is a TX credit scheduler, re-read while
-  connected (device reconfiguration through a watch, seed 000).
+* recover (a restarted netback, or a restarted dom0, finds the device in
+  the store in a state an earlier netback left; drivers/xenbus/probe.py):
+  the old vif went with the old process (a tap lives as long as its fd)
+  and, when dom0's container was restarted, with the old network namespace
+  (xenbr0 and the uplink are set up again by `main` before the bus
+  starts).  So the stale `hotplug-status` is removed, the vif created again
+  and the hotplug step (bridge membership, MTU, up, `hotplug-status`) run
+  here -- the toolstack that ran it is gone too.  A device left Connected
+  (or Initialised) goes Closed, which netfront reads as "the backend lost
+  the connection": it keeps its tap `eth0` (and the guest's addresses on
+  it), frees its old rings, grants and ports, resets to Initialising and
+  reconnects on new rings once we are in InitWait, then sends a gratuitous
+  ARP.  Until the frontend shows that it reset (Closing, Closed,
+  Initialising) its stale Initialised/Connected is ignored: those rings
+  were the old process's.  A device left in InitWait stays there and
+  connects as at boot.
+* reconfiguration while Connected (seed 000: device-specific watches, both
+  ends stay Connected): `rate` ("bytes,usecs", libxl's) is a TX credit
+  scheduler, re-read on every change (Linux xen_net_rate_changed: the new
+  credit applies at once, the current window's credit is clipped to it);
+  `mtu` is applied to the vif on every change (libxl's vif-bridge applies
+  it only at hotplug; live changes are a xenbed extension, written by
+  `xl network-set`, which also writes the frontend's `mtu` node that
+  netfront watches -- see drivers/net/front.py).  A bridge's MTU is the
+  smallest of its ports' unless set explicitly, so lowering a vif's MTU
+  lowers xenbr0's too, as on a real Xen host.
 
 Data path (`NetifServer`, independent of XenBus, one thread per vif):
 
@@ -836,21 +860,56 @@ class BackendInfo:
     connection: Connection | None = None
     watches: list = field(default_factory=list)
     hotplug_ran: bool = False
+    # recovered from Connected/Initialised: the frontend's Initialised or
+    # Connected describes the old process's rings until it resets
+    awaiting_frontend_reset: bool = False
+    mtu: int | None = None  # as last applied to the vif by the `mtu` watch
+
+
+# A restarted netback may run while the kernel is still unregistering the tap
+# the killed one held (its fd closed at exit): EBUSY until that finished.
+TAP_RELEASE_WAIT = 5.0
+
+
+def _open_tap_when_free(open_tap: Callable[[str], object], name: str):
+    deadline = time.monotonic() + TAP_RELEASE_WAIT
+    while True:
+        try:
+            return open_tap(name)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def default_set_vif_mtu(name: str, mtu: int) -> None:
+    from . import tap
+    tap.set_link(name, mtu=mtu)
 
 
 class Netback(XenbusDriver):
     """The vif backend driver for a `BackendBus` (Linux's xen-netback/xenbus.c).
 
     `open_tap(name)` returns the tap (anything with .fd, .name, .close()):
-    tests pass a socketpair; `memory` has GuestMemory's alloc/free."""
+    tests pass a socketpair; `memory` has GuestMemory's alloc/free.
+    `hotplug_add(store, backend)` / `hotplug_remove(store, backend, name)`
+    are the vif hotplug step (drivers/net/hotplug.py) and `set_vif_mtu(name,
+    mtu)` changes the vif's MTU (`ip link`); tests without real links pass
+    their own."""
 
     devicetype = "vif"
 
     def __init__(self, grants, evtchn, memory, *, run_hotplug: bool = False,
-                 open_tap: Callable[[str], object] = default_open_tap) -> None:
+                 open_tap: Callable[[str], object] = default_open_tap,
+                 hotplug_add: Callable | None = None, hotplug_remove: Callable | None = None,
+                 set_vif_mtu: Callable[[str, int], None] = default_set_vif_mtu) -> None:
+        from . import hotplug
         self.grants, self.evtchn, self.memory = grants, evtchn, memory
         self.run_hotplug = run_hotplug
         self.open_tap = open_tap
+        self.hotplug_add = hotplug_add or hotplug.add
+        self.hotplug_remove = hotplug_remove or hotplug.remove
+        self.set_vif_mtu = set_vif_mtu
         self._devices: dict[str, XenbusDevice] = {}
         self._lock = threading.Lock()
 
@@ -882,13 +941,60 @@ class Netback(XenbusDriver):
             dev.switch_state(XenbusState.InitWait)
             if self.run_hotplug:
                 self._hotplug("add", dev)
+        self._watch_own_nodes(dev)
+        log.info("%s: probed (frontend %s)", dev.nodename, dev.otherend)
+
+    def _watch_own_nodes(self, dev: XenbusDevice) -> None:
+        """The hotplug step's `hotplug-status`; our own `state` (the toolstack
+        writes Closing to unplug); `rate` and `mtu` (live reconfiguration).
+        Each watch fires once at once, as Xen watches do."""
+        be: BackendInfo = dev.priv
         for key, callback in (("hotplug-status", self._hotplug_status_changed),
                               ("state", self._own_state_changed),
-                              ("rate", self._rate_changed)):
+                              ("rate", self._rate_changed),
+                              ("mtu", self._mtu_changed)):
             token = f"netback:{key}:{dev.nodename}"
             dev.store.watch(f"{dev.nodename}/{key}", token, lambda _p, _t, cb=callback: cb(dev))
             be.watches.append((f"{dev.nodename}/{key}", token))
-        log.info("%s: probed (frontend %s)", dev.nodename, dev.otherend)
+
+    def recover(self, dev: XenbusDevice) -> None:
+        """A device an earlier netback served (see the module docstring)."""
+        from .hotplug import vif_name
+        stale = dev.state
+        be = dev.priv = BackendInfo()
+        with self._lock:
+            self._devices[dev.nodename] = dev
+        with be.lock:
+            try:
+                be.handle = _uint(dev.read("handle"), "handle")
+            except FrontendConfigError as exc:
+                dev.dev_fatal(exc.err, str(exc))
+                return
+            name = vif_name(dev.otherend_id, be.handle, dev.read("vifname"))
+            # `hotplug-status` says "connected" about a vif that is gone: we
+            # must not go Connected on it before the step ran again.
+            try:
+                self.hotplug_remove(dev.store, dev.nodename, name)
+            except Exception as exc:
+                log.warning("%s: clearing the old hotplug keys: %s", dev.nodename, exc)
+
+            def features(tx: int) -> None:
+                for key, value in FEATURES.items():
+                    dev.write(key, value, tx)
+
+            dev.store.run_transaction(features)
+            try:
+                be.tap = _open_tap_when_free(self.open_tap, name)
+            except (OSError, ValueError) as exc:
+                dev.dev_fatal(exc, f"creating {name}: {exc}")
+                return
+            log.info("%s: recreated %s", dev.nodename, be.tap.name)
+            if stale != XenbusState.InitWait:
+                be.awaiting_frontend_reset = True
+                dev.switch_state(XenbusState.Closed)
+            self._hotplug("add", dev)
+        self._watch_own_nodes(dev)
+        log.info("%s: recovering from %s (frontend %s)", dev.nodename, _name(stale), dev.otherend)
 
     def otherend_changed(self, dev: XenbusDevice, state: XenbusState) -> None:
         be: BackendInfo = dev.priv
@@ -897,6 +1003,12 @@ class Netback(XenbusDriver):
         with be.lock:
             be.frontend_state = state
             log.info("%s: frontend is %s (we are %s)", dev.nodename, _name(state), _name(dev.state))
+            if be.awaiting_frontend_reset:
+                if state in (XenbusState.Initialised, XenbusState.Connected):
+                    log.info("%s: frontend still %s on the old rings; waiting for it to reset",
+                             dev.nodename, _name(state))
+                    return
+                be.awaiting_frontend_reset = False
             if state == XenbusState.Initialising:
                 if dev.state == XenbusState.Closed:
                     log.info("%s: prepare for reconnect", dev.nodename)
@@ -968,6 +1080,34 @@ class Netback(XenbusDriver):
                 be.connection.set_rate(rate)
                 log.info("%s: rate now %s", dev.nodename, rate or "unlimited")
 
+    def _mtu_changed(self, dev: XenbusDevice) -> None:
+        """Apply `mtu` to the vif whenever it changes (and once at probe, when
+        the hotplug step may not have run yet: applying it twice is harmless).
+        An unreadable value is logged and ignored, the vif keeps its MTU."""
+        be: BackendInfo = dev.priv
+        with be.lock:
+            if dev.removed or be.tap is None:
+                return
+            text = dev.read("mtu")
+            if text is None:
+                return
+            try:
+                mtu = int(text)
+                if not 68 <= mtu <= 65535:
+                    raise ValueError(f"{mtu} is outside 68..65535")
+            except ValueError as exc:
+                log.warning("%s: ignoring mtu %r: %s", dev.nodename, text, exc)
+                return
+            if be.mtu == mtu:
+                return
+            try:
+                self.set_vif_mtu(be.tap.name, mtu)
+            except OSError as exc:
+                log.warning("%s: setting the MTU of %s to %d: %s", dev.nodename, be.tap.name, mtu, exc)
+                return
+            be.mtu = mtu
+            log.info("%s: %s mtu now %d", dev.nodename, be.tap.name, mtu)
+
     def _drop_watches(self, dev: XenbusDevice) -> None:
         be: BackendInfo = dev.priv
         watches, be.watches = be.watches, []
@@ -1028,13 +1168,12 @@ class Netback(XenbusDriver):
         threading.Thread(target=fatal, name="netif-fatal", daemon=True).start()
 
     def _hotplug(self, action: str, dev: XenbusDevice) -> None:
-        from . import hotplug
         try:
             if action == "add":
-                hotplug.add(dev.store, dev.nodename)
+                self.hotplug_add(dev.store, dev.nodename)
                 dev.priv.hotplug_ran = True
             else:
-                hotplug.remove(dev.store, dev.nodename, dev.priv.tap.name if dev.priv.tap else None)
+                self.hotplug_remove(dev.store, dev.nodename, dev.priv.tap.name if dev.priv.tap else None)
         except Exception as exc:
             log.error("%s: hotplug %s failed: %s", dev.nodename, action, exc)
 

@@ -24,6 +24,40 @@ rx buffers; switch straight to Connected.  Backend Connected: MTU from the
 backend's `mtu` (default 1500), tap up, carrier on, gratuitous ARP for each
 IPv4 address on the tap (netdev_notify_peers), transmit enabled.
 
+MTU, and changing it live
+-------------------------
+netif.h ("MTU") puts the toolstack's MTU for the frontend in the
+frontend's own area, `device/vif/<devid>/mtu`; libxl (Xen >= 4.14) writes
+it there and in the backend dir, where vif-bridge applies it to the vif.
+Linux netfront ignores it (its MTU is whatever the guest sets); Windows PV
+drivers and MirageOS read it at connect.  We read it when the backend is
+Connected (`vif_mtu`: our node, else the backend's, else 1500) AND watch
+our node while connected: a change is applied to the tap at once, with no
+XenBus transition (seed 000, "Device reconfiguration ... device-specific
+watches ... each driver stays in the Connected state").  Why the frontend
+node and a watch, rather than a state change: the MTU is a property of the
+link that needs no new rings (the ring carries frames of any size up to
+64 KiB), so nothing has to be renegotiated; the frontend node is where the
+protocol says the frontend looks; and a watch is how Xen reconfigures a
+connected device (netback's `rate` is the precedent).  netback watches the
+backend's `mtu` likewise and applies it to the vif, so both ends of the
+"cable" agree; `xl network-set` (a xenbed extension) writes both nodes in
+one transaction.  Lowering the MTU does not drop frames already queued.
+
+Recovery after a backend restart
+--------------------------------
+A backend that goes straight to Closed while we are Connected (no Closing
+first, which is how the toolstack asks for an unplug) lost the connection:
+netback or all of dom0 was restarted and recovered the device
+(drivers/net/back.py, recover).  `_backend_lost` keeps the tap -- eth0
+keeps its ifindex, MAC and addresses -- drops what was in flight (this is
+Ethernet), frees the old rings, grants and ports, and goes Closed ->
+Initialising (Linux's xenbus_reset_frontend); the backend's InitWait then
+starts new rings as at boot, and its Connected brings the carrier back
+with a gratuitous ARP.  `leaked_grants` in the status file counts grants
+that could not be ended because the other end still mapped them (0 when
+the dead backend's mappings went with it, as they must).
+
 Closedown: backend Closing (or Closed): Closing, carrier off, no new
 transmits, the tx requests in flight drained (their responses awaited, at
 most `drain_timeout`), Closed; grants are ended when the backend is Closed
@@ -385,6 +419,14 @@ def backend_mtu(read: Callable[[str], str | None], default: int = DEFAULT_MTU) -
     """The backend's `mtu` node when present and sane (68..65535), else `default`."""
     mtu = _int(read("mtu"), 0)
     return mtu if 68 <= mtu <= 65535 else default
+
+
+def vif_mtu(read_own: Callable[[str], str | None], read_backend: Callable[[str], str | None],
+            default: int = DEFAULT_MTU) -> int:
+    """The MTU the toolstack gives this vif: our own `mtu` node (netif.h,
+    "MTU": the frontend area), else the backend's (a toolstack that writes
+    only that one), else `default` (1500)."""
+    return backend_mtu(read_own, backend_mtu(read_backend, default))
 
 
 def frontend_keys(tx_ref: int, rx_ref: int, ports: Sequence[int], sg: bool = True) -> dict[str, str]:
@@ -784,7 +826,11 @@ class Vif:
         self.stop = threading.Event()
         self.reader: threading.Thread | None = None
         self.connects = 0
+        self.resets = 0  # connections lost to a backend restart
+        self.mtu_changes = 0  # applied while connected (the `mtu` watch)
+        self.mtu_watch: tuple[str, str] | None = None
         self.garps = 0
+        self.leaked_grants = 0  # grants the backend still mapped when we ended them
 
     def _deliver(self, frame: bytes) -> bool:
         tap = self.tap
@@ -804,6 +850,9 @@ class Vif:
             "engine": self.engine.state,
             "carrier": self.carrier,
             "connects": self.connects,
+            "resets": self.resets,
+            "mtu_changes": self.mtu_changes,
+            "leaked_grants": self.leaked_grants,
             "gratuitous_arps": self.garps,
             "split_event_channels": bool(conn and conn.split),
             "tx_ring_ref": conn.tx_ref if conn else None,
@@ -865,6 +914,7 @@ class NetFront(XenbusDriver):
             dev.dev_fatal(exc, f"creating tap {vif.ifname}")
             raise XenbusFatal(str(exc)) from exc
         dev.priv = vif
+        self._watch_mtu(vif)
         vif.reader = threading.Thread(target=self._tap_reader, args=(vif,), name=f"netfront-{vif.ifname}",
                                       daemon=True)
         vif.reader.start()
@@ -887,9 +937,17 @@ class NetFront(XenbusDriver):
             elif state == S.Closing:
                 self._closing(vif)
             elif state == S.Closed:
-                if dev.state != S.Closed:
-                    self._closing(vif)
-                self._free_connection(vif)  # the backend has unmapped everything by now
+                if dev.state in (S.Initialised, S.Connected):
+                    # Straight to Closed, no Closing first: not an unplug (the
+                    # toolstack asks with Closing) but a backend that lost the
+                    # connection -- a restarted netback or dom0 recovering the
+                    # device (drivers/net/back.py, recover).
+                    self._backend_lost(vif)
+                elif dev.state in (S.Closing, S.Closed):
+                    if dev.state == S.Closing:
+                        self._closing(vif)
+                    self._free_connection(vif)  # the backend has unmapped everything by now
+                # Initialising: we reset already and wait for its InitWait
             # Initialising, Initialised, Unknown, Reconfiguring/ed: nothing to do
         self._write_status(vif)
 
@@ -899,6 +957,7 @@ class NetFront(XenbusDriver):
             return
         with self._lock:
             self.vifs.pop(dev.nodename, None)
+        self._unwatch_mtu(vif)
         with vif.lock:
             self._carrier(vif, False)
             vif.stop.set()
@@ -928,6 +987,30 @@ class NetFront(XenbusDriver):
             self._free_connection(vif)
             vif.engine.reopen()
         self._write_status(vif)
+
+    def _backend_lost(self, vif: Vif) -> None:
+        """The backend went away under a live connection (it was killed, and
+        a new one recovered the device).  Reset the XenBus side and keep the
+        tap: carrier off, so the guest's stack queues or drops what it sends
+        (Ethernet may drop; frames in flight on the old tx ring are counted as
+        dropped, as Linux's xennet_release_tx_bufs does), the old rings'
+        grants ended and pages freed, the ports closed (the dead backend's
+        mappings and bindings went with its hypervisor link, so nothing is
+        held on the other side any more), then Closed -> Initialising as
+        Linux's xenbus_reset_frontend does.  The backend's next InitWait
+        starts new rings (talk_to_backend); its Connected brings the carrier
+        back and a gratuitous ARP tells the bridge and the peers where we
+        are (netdev_notify_peers)."""
+        dev = vif.dev
+        self._carrier(vif, False)
+        lost = vif.engine.detach()
+        log.warning("%s: backend %s went Closed while we were %s: reconnecting on new rings, "
+                    "%d frame(s) in flight dropped", vif.ifname, dev.otherend, XenbusState(dev.state).name, lost)
+        self._free_connection(vif)
+        vif.engine.reopen()
+        vif.resets += 1
+        dev.switch_state(XenbusState.Closed)
+        dev.switch_state(XenbusState.Initialising)
 
     # -- connection ----------------------------------------------------------------------
     def _talk_to_backend(self, vif: Vif) -> None:
@@ -1031,7 +1114,7 @@ class NetFront(XenbusDriver):
         """The backend mapped our rings: MTU, tap up, carrier on, transmit,
         gratuitous ARP (netdev_notify_peers)."""
         dev = vif.dev
-        vif.mtu = backend_mtu(dev.otherend_read)
+        vif.mtu = vif_mtu(dev.read, dev.otherend_read)
         tap = vif.tap
         try:
             tap.set_mtu(vif.mtu)
@@ -1044,6 +1127,45 @@ class NetFront(XenbusDriver):
         vif.connects += 1
         log.info("%s: connected to %s (mtu %d)", vif.ifname, dev.otherend, vif.mtu)
         self.notify_peers(vif)
+
+    # -- live reconfiguration: the MTU ----------------------------------------------------
+    def _watch_mtu(self, vif: Vif) -> None:
+        """Watch our own `mtu` node (netif.h's place for it): the toolstack
+        changes it while we stay Connected (see the module docstring)."""
+        dev = vif.dev
+        path, token = f"{dev.nodename}/mtu", f"netfront:mtu:{dev.nodename}"
+        try:
+            dev.store.watch(path, token, lambda _p, _t, vif=vif: self._mtu_changed(vif))
+        except Exception as exc:  # no live MTU changes then; the MTU is still read at connect
+            log.warning("%s: cannot watch %s: %s", vif.ifname, path, exc)
+            return
+        vif.mtu_watch = (path, token)
+
+    def _unwatch_mtu(self, vif: Vif) -> None:
+        watch, vif.mtu_watch = vif.mtu_watch, None
+        if watch is not None:
+            _quietly(vif.dev.store.unwatch, *watch)
+
+    def _mtu_changed(self, vif: Vif) -> None:
+        """Apply a new MTU to the tap while connected (before that, the
+        backend's Connected reads it).  No state change: the rings carry
+        frames of any size, nothing is renegotiated."""
+        dev = vif.dev
+        with vif.lock:
+            if dev.state != XenbusState.Connected or not vif.carrier or vif.tap is None:
+                return
+            mtu = vif_mtu(dev.read, dev.otherend_read)
+            if mtu == vif.mtu:
+                return
+            try:
+                vif.tap.set_mtu(mtu)
+            except Exception as exc:
+                log.warning("%s: setting mtu %d: %s", vif.ifname, mtu, exc)
+                return
+            log.info("%s: mtu %d -> %d (reconfigured while connected)", vif.ifname, vif.mtu, mtu)
+            vif.mtu = mtu
+            vif.mtu_changes += 1
+        self._write_status(vif)
 
     def notify_peers(self, vif: Vif) -> int:
         """A gratuitous ARP for each IPv4 address of the tap, put on the tx
@@ -1116,15 +1238,25 @@ class NetFront(XenbusDriver):
         conn, vif.conn = vif.conn, None
         if conn is not None:
             vif.engine.detach()
-            self._release(conn)
+            leaked = self._release(conn)
+            if leaked:
+                vif.leaked_grants += leaked
+                log.warning("%s: %d grant(s) still mapped by the backend could not be ended", vif.ifname, leaked)
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: _Connection) -> int:
+        """Free one connection's ports, grants and pages; returns how many
+        grants could not be ended (the backend still maps them)."""
         xen = self.xen
+        leaked = 0
         for port in conn.ports:
             xen.evtchn.remove_callbacks(port)
             _quietly(xen.evtchn.close, port)
         for gref in conn.grefs:
-            _quietly(xen.gnttab.end, gref)  # still mapped (backend alive): the page leaks, as in Linux
+            try:
+                xen.gnttab.end(gref)
+            except Exception as exc:  # still mapped (backend alive): the page leaks, as in Linux
+                log.debug("ending grant %d: %s", gref, exc)
+                leaked += 1
         for view in conn.views:
             view.release()
         for ring in (conn.tx_ring, conn.rx_ring):
@@ -1134,6 +1266,7 @@ class NetFront(XenbusDriver):
             _quietly(xen.mem.free, conn.pages)
         conn.ports, conn.grefs, conn.views, conn.pages = [], [], [], []
         conn.tx_ring = conn.rx_ring = None
+        return leaked
 
     def close_all(self, timeout: float = 5.0) -> None:
         """Guest shutdown: every vif goes Closing, waits briefly for the

@@ -107,8 +107,30 @@ class World:
             self.taps.append(SockTap(name))
             return self.taps[-1]
 
-        self.driver = Netback(self.grants, self.evtchn, self.memory, open_tap=open_tap)
+        self.open_tap = open_tap
+        self.hotplug_runs: list[str] = []  # "add <backend>" / "remove <backend>", in order
+        self.mtus: list[tuple[str, int]] = []  # (vif, mtu) as netback applied them
+        self.driver = self.new_netback()
         self.bus = BackendBus(XenStoreClient(self.xsd.path), 0, [self.driver]).start()
+
+    def new_netback(self):
+        return Netback(self.grants, self.evtchn, self.memory, open_tap=self.open_tap,
+                       hotplug_add=self.hotplug_add, hotplug_remove=self.hotplug_remove,
+                       set_vif_mtu=lambda name, mtu: self.mtus.append((name, mtu)))
+
+    # The vif hotplug step's store side (drivers/net/hotplug.py); its `ip link`
+    # side needs real links, which a socketpair tap is not.
+    def hotplug_add(self, store, backend):
+        self.hotplug_runs.append(f"add {backend}")
+        store.write(f"{backend}/hotplug-status", "connected")
+        return "vif1.0"
+
+    def hotplug_remove(self, store, backend, name=None):
+        self.hotplug_runs.append(f"remove {backend}")
+        for key in ("hotplug-status", "hotplug-error"):
+            if store.try_read(f"{backend}/{key}") is not None:
+                store.rm(f"{backend}/{key}")
+        return False
 
     def toolstack_create(self, **extra):
         def body(tx):
@@ -332,3 +354,95 @@ def test_rate_is_applied_and_reconfigured(world):
     while world.conn().server.credit.rate != (1000000, 50000) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert world.conn().server.credit.rate == (1000000, 50000)
+
+
+def test_mtu_is_applied_to_the_vif_live_without_a_state_change(world):
+    connect(world)
+    states_before = world.store.read(f"{BACK}/state")
+    world.store.write(f"{BACK}/mtu", "1400")
+    deadline = time.monotonic() + 5
+    while ("vif1.0", 1400) not in world.mtus and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert world.mtus[-1] == ("vif1.0", 1400)
+    world.store.write(f"{BACK}/mtu", "12")  # nonsense: ignored, the vif keeps 1400
+    time.sleep(0.2)
+    assert world.mtus[-1] == ("vif1.0", 1400)
+    assert world.store.read(f"{BACK}/state") == states_before == "4"
+    assert [t.new for t in world.bus.recorder.for_path(BACK)][-1] == 4  # no transition since Connected
+
+
+def restart_netback(world):
+    """What a killed netback (or dom0) leaves: its rings, ports and taps are
+    gone with the process (shutdown() closes them, as exit closes the fds and
+    the hypervisor link), the store keeps every node it wrote.  A new netback
+    on a new bus then finds them."""
+    world.bus.close()
+    world.driver.shutdown()
+    assert not world.grants.live and all(t.closed for t in world.taps)
+    world.bus.store.close()
+    world.hotplug_runs.clear()
+    world.driver = world.new_netback()
+    world.bus = BackendBus(XenStoreClient(world.xsd.path), 0, [world.driver]).start()
+
+
+def test_restarted_netback_recovers_a_connected_vif(world):
+    connect(world)
+    old_tap = world.taps[0]
+    restart_netback(world)
+    # Left Connected: the new netback says the connection is lost, makes the
+    # vif again and runs the hotplug step itself (the toolstack is not there)
+    world.wait_state(BACK, "6")
+    deadline = time.monotonic() + 5
+    while world.store.try_read(f"{BACK}/hotplug-status") != "connected" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert world.hotplug_runs == [f"remove {BACK}", f"add {BACK}"]  # the stale status first cleared
+    assert [t.name for t in world.taps] == ["vif1.0", "vif1.0"] and not world.taps[1].closed
+    # The frontend's Connected is about the old rings: nothing happens until it resets
+    time.sleep(0.3)
+    assert world.store.read(f"{BACK}/state") == "6" and not world.grants.live
+    world.store.write(f"{FRONT}/state", "6")
+    world.store.write(f"{FRONT}/state", "1")  # xenbus_reset_frontend: Closed, then Initialising
+    world.wait_state(BACK, "2")
+    world.frontend_connect()
+    world.wait_state(BACK, "4")
+    g, p = world.grants.grant_page()
+    p[:60] = b"\x03" * 60
+    assert world.send(NetifTxRequest(g, 0, 0, 5, 60))[0].status == NETIF_RSP_OKAY
+    assert world.taps[1].peer.recv(100) == b"\x03" * 60
+    assert old_tap.closed
+    assert world.bus.recorder.check() == []
+    assert [t.new for t in world.bus.recorder.for_path(BACK)] == [6, 2, 4]
+
+
+def test_restarted_netback_connects_a_vif_left_in_initwait(world):
+    world.toolstack_create()
+    world.wait_state(BACK, "2")
+    restart_netback(world)  # died before the toolstack ran the hotplug step
+    world.frontend_connect()
+    world.wait_state(BACK, "4")  # hotplug run by the new netback, then straight to Connected
+    assert world.hotplug_runs == [f"remove {BACK}", f"add {BACK}"]
+    assert [t.new for t in world.bus.recorder.for_path(BACK)] == [4]
+
+
+def test_restarted_netback_waits_for_its_own_hotplug_step(world):
+    """The old `hotplug-status=connected` is about a vif that is gone: a
+    recovered device must not connect before the step ran again."""
+    connect(world)
+    failing = []
+
+    def hotplug_fails(store, backend):
+        failing.append(backend)
+        store.write(f"{backend}/hotplug-error", "bridge xenbr0 does not exist")
+        store.write(f"{backend}/hotplug-status", "error")
+        raise OSError("bridge xenbr0 does not exist")
+
+    world.hotplug_add = hotplug_fails
+    restart_netback(world)
+    world.wait_state(BACK, "6")
+    world.store.write(f"{FRONT}/state", "6")
+    world.store.write(f"{FRONT}/state", "1")
+    world.wait_state(BACK, "2")
+    world.frontend_connect()
+    time.sleep(0.5)
+    assert failing == [BACK]
+    assert world.store.read(f"{BACK}/state") == "2"  # rings mapped, waiting for a hotplug that failed

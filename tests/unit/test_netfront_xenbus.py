@@ -562,3 +562,73 @@ def test_migration_keeps_the_tap_and_connects_new_rings(host):
     assert host.back_drv.take_tx(be) == [gratuitous_arp("00:16:3e:00:00:01", "192.0.2.9")]
     host.back_drv.send(be, eth(80))
     assert tap.received[-1] == eth(80)
+
+
+# -- reconfiguration while connected, recovery after a backend restart ---------------------------
+def test_mtu_changes_live_on_our_own_node_without_a_transition(host):
+    fe, be = host.connect()
+    tap, vif = host.taps["eth0"], host.front_drv.vifs[fe]
+    assert tap.mtu == 1500
+    before = host.transitions(fe)
+    host.xs.write(f"{fe}/mtu", "1400")  # xl network-set writes it (and the backend's)
+    host.pump()
+    assert tap.mtu == 1400 and vif.mtu == 1400 and vif.mtu_changes == 1
+    host.xs.write(f"{fe}/mtu", "1400")  # the same value again: nothing to do
+    host.xs.write(f"{fe}/mtu", "junk")  # unreadable: the default applies, as at connect
+    host.pump()
+    assert tap.mtu == 1500 and vif.mtu_changes == 2
+    assert host.transitions(fe) == before and (host.state(fe), host.state(be)) == (S.Connected, S.Connected)
+    host.back_drv.send(be, eth(80))  # the rings never stopped
+    assert tap.received[-1] == eth(80)
+
+
+def test_frontend_mtu_node_wins_over_the_backends(tmp_path):
+    h = Host(tmp_path, mtu=9000)
+    fe, be = h.add()
+    h.xs.write(f"{fe}/mtu", "1280")
+    h.pump()
+    assert h.taps["eth0"].mtu == 1280
+    h.close()
+
+
+def test_backend_restart_keeps_the_tap_and_reconnects_on_new_rings(host):
+    fe, be = host.connect()
+    tap, vif = host.taps["eth0"], host.front_drv.vifs[fe]
+    tap.addresses = ["192.0.2.9"]
+    old_refs = (host.xs.read(f"{fe}/tx-ring-ref"), host.xs.read(f"{fe}/rx-ring-ref"))
+    tap.inject(eth(300))  # in flight when the backend dies: never answered
+    assert until(lambda: vif.engine.inflight() == 1)
+    # netback (or dom0) was killed: its mappings and bindings went with it;
+    # the restarted one recovers the device and says Closed, no Closing first
+    host.back_drv.conns.clear()
+    host.back.device(be).switch_state(S.Closed)
+    host.pump()
+    assert host.state(fe) == S.Initialising
+    assert host.xen.gnttab.grants == {} and host.xen.evtchn.ports == {}  # old rings, pool and ports freed
+    assert host.xen.mem.pages == {}
+    assert not tap.closed and tap.carrier is False and host.taps == {"eth0": tap}
+    assert vif.engine.counters.tx_dropped == 1 and vif.resets == 1 and vif.leaked_grants == 0
+    host.back.device(be).switch_state(S.InitWait)  # its hotplug step ran again
+    host.pump()
+    assert (host.state(fe), host.state(be)) == (S.Connected, S.Connected)
+    assert (host.xs.read(f"{fe}/tx-ring-ref"), host.xs.read(f"{fe}/rx-ring-ref")) != old_refs  # new grants
+    assert tap.carrier and vif.connects == 2
+    # the gratuitous ARP tells the bridge where we are, then traffic flows both ways
+    assert host.back_drv.take_tx(be) == [gratuitous_arp("00:16:3e:00:00:01", "192.0.2.9")]
+    host.back_drv.send(be, eth(90))
+    assert tap.received[-1] == eth(90)
+    tap.inject(eth(120, seed=4))
+    assert host.back_drv.take_tx(be) == [eth(120, seed=4)]
+    assert host.transitions(fe)[-3:] == [(S.Connected, S.Closed), (S.Closed, S.Initialising),
+                                         (S.Initialising, S.Connected)]
+    assert host.transitions(be)[-3:] == [(S.Connected, S.Closed), (S.Closed, S.InitWait),
+                                         (S.InitWait, S.Connected)]
+
+
+def test_unplug_still_goes_through_closing_and_keeps_closed(host):
+    """The reset path is only for Closed-without-Closing: a toolstack unplug
+    (backend Closing first) ends Closed, and the frontend stays Closed."""
+    fe, be = host.connect()
+    unplug(host, be)
+    assert (host.state(fe), host.state(be)) == (S.Closed, S.Closed)
+    assert host.front_drv.vifs[fe].resets == 0
