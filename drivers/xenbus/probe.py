@@ -15,8 +15,9 @@ watch event it does what xenbus_dev_changed() does:
   dev_fatal), calls driver.probe, then watches `<otherend>/state`;
 * a backend bus (`recovers`) also binds a device dir it does not know whose
   state says an earlier backend was serving it (InitWait, Initialised,
-  Connected, Reconfiguring, Reconfigured): this process is a restarted
-  backend (dom0 or the driver process was killed).  driver.recover(dev) is
+  Connected, Reconfiguring, Reconfigured, or Closed while `online` is 1):
+  this process is a restarted backend (dom0 or the driver process was
+  killed, perhaps in the middle of an earlier recovery).  driver.recover(dev) is
   called with `dev.state` = that stale state; the driver re-does its
   hotplug work and resets the connection (docs/xenbus.md, "Recovery").
 * it names a level above the devices (the type dir itself, which fires
@@ -184,8 +185,8 @@ class XenBus:
     def _probe_node(self, devicetype: str, nodename: str) -> None:
         state = XenbusState.parse(self.store.try_read(f"{nodename}/state"))
         driver = self.drivers[devicetype]
-        recovering = (state in RECOVERABLE_STATES and self.recovers
-                      and getattr(driver, "recover", None) is not None)
+        recovering = (self.recovers and getattr(driver, "recover", None) is not None
+                      and (state in RECOVERABLE_STATES or (state == XenbusState.Closed and self._online(nodename))))
         if state != XenbusState.Initialising and not recovering:
             # "Device is not new, so ignore it.  This can happen if a device
             # is going away after switching to Closed." (xenbus_probe_node)
@@ -211,6 +212,13 @@ class XenBus:
             return
         dev.driver = driver
         self._watch_otherend(dev)
+
+    def _online(self, nodename: str) -> bool:
+        """A Closed backend the toolstack still wants (`online` = 1, as libxl
+        writes it): an earlier backend closed it to reset the connection (and
+        may have died before the frontend reset), or the frontend closed it
+        and may come back.  An unplug writes `online` = 0 first."""
+        return self.store.try_read(f"{nodename}/online") == "1"
 
     def _read_otherend_details(self, dev: XenbusDevice) -> bool:
         id_key, path_key = self.otherend_keys

@@ -233,16 +233,17 @@ def test_hotplug_error_is_reported(world):
     assert "nonexistent" in world.store.read(f"{BACK}/hotplug-error")
 
 
-def restart_blkback(world):
+def restart_blkback(world, holding_the_disk=True):
     """What a killed blkback (or dom0) leaves: its rings and loop are gone with
     the process (shutdown() closes them; autoclear frees the loop), the store
     keeps every node it wrote.  A new blkback on a new bus then finds them."""
     world.bus.close()
     world.driver.shutdown()
     deadline = time.monotonic() + 5
-    while world.loops() and time.monotonic() < deadline:
+    while holding_the_disk and world.loops() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert world.loops() == []
+    # a blkback that held the disk open: autoclear freed the loop with its last close
+    assert world.loops() == [] or not holding_the_disk
     world.bus.store.close()
     world.driver = Blkback(world.grants, world.evtchn)
     world.bus = BackendBus(XenStoreClient(world.xsd.path), 0, [world.driver]).start()
@@ -287,3 +288,24 @@ def test_restarted_blkback_connects_a_device_left_in_initwait(world):
     assert len(world.loops()) == 1
     assert world.backend_states[-2:] == ["2", "4"] or world.backend_states[-1:] == ["4"]
     assert "6" not in world.backend_states
+
+
+def test_blkback_killed_again_in_the_middle_of_recovering(world):
+    connect(world)
+    restart_blkback(world)
+    world.wait_state(BACK, "6")  # the second blkback reset the connection ...
+    # ... and died before the frontend reset (Closed, online=1), its hotplug's
+    # loop attached but not yet opened (so no autoclear): the next one detaches it
+    restart_blkback(world, holding_the_disk=False)
+    deadline = time.monotonic() + 5
+    while BACK not in world.bus.devices and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert world.bus.devices[BACK].priv is not None  # the third one took it up
+    world.store.write(f"{FRONT}/state", "6")
+    world.store.write(f"{FRONT}/state", "1")
+    world.wait_state(BACK, "2")
+    world.frontend_initialise()
+    world.wait_state(BACK, "4")
+    g, _ = world.grants.grant_page()
+    assert world.io(BlkifRequest(BLKIF_OP_READ, 0, 5, 0, (Segment(g, 0, 7),))).status == BLKIF_RSP_OKAY
+    assert len(world.loops()) == 1
