@@ -243,7 +243,8 @@ def steps(records: list[dict], device: str, kinds=ALL_KINDS) -> list[Step]:
                 out.append(Step(r["ts"], "all", _chaos_label(r), kind="chaos"))
             continue
         end = ends[i]
-        following = next((e for e in ends[i + 1:] if e is not None), None)
+        # who acts next: the hotplug script is nobody's answer to a state change
+        following = next((e for e in ends[i + 1:] if e in (BACKEND, FRONTEND)), None)
         if r["kind"] == "hotplug" or (r["kind"] == "xenstore" and end == HOTPLUG):
             label = str(r.get("event", "hotplug")) if r["kind"] == "hotplug" else _write_label(r)
             out.append(Step(r["ts"], HOTPLUG, label, to=BACKEND if following == BACKEND else None, kind="hotplug"))

@@ -67,6 +67,7 @@ SHORT_VALUE = 64  # bytes of a store value kept in a record; `value_len` has the
 XENSTORE, WATCH, GRANT, EVTCHN, TRACE = "xenstore", "watch", "grant", "evtchn", "trace"
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_quote = json.encoder.encode_basestring  # a str as a JSON string, quotes included (C)
 
 # Hypercalls whose refusals are recorded, as (kind, op, renames of the call's body keys).
 TRACED_CALLS = {
@@ -115,41 +116,69 @@ def _args(payload: bytes) -> list[str]:
     return [_text(p) for p in payload.split(b"\0")[:-1]]
 
 
+# Plain ints and a name table: IntEnum comparisons and lookups cost microseconds here.
+_OP_NAMES = {int(op): op.name for op in Op}
+_WRITE, _ERROR, _READ, _DIRECTORY = int(Op.WRITE), int(Op.ERROR), int(Op.READ), int(Op.DIRECTORY)
+_ONE_PATH = frozenset(int(op) for op in (Op.READ, Op.DIRECTORY, Op.MKDIR, Op.RM, Op.GET_PERMS, Op.DIRECTORY_PART))
+_WATCHES = frozenset((int(Op.WATCH), int(Op.UNWATCH)))
+_SET_PERMS, _TX_START, _TX_END = int(Op.SET_PERMS), int(Op.TRANSACTION_START), int(Op.TRANSACTION_END)
+
+
 def xenstore_record(ts: float, domid: int, conn: int, op: int, tx: int, payload: bytes,
                     reply_op: int, reply: bytes) -> dict:
     """One store request and how it was answered."""
-    record = {"ts": ts, "kind": XENSTORE, "op": Op.name_of(op), "domid": domid, "conn": conn, "tx": tx}
-    failed = reply_op == Op.ERROR
-    record["result"] = _text(reply.rstrip(b"\0")) if failed else "OK"
-    if op == Op.WRITE:
+    name = _OP_NAMES.get(op)
+    record = {"ts": ts, "kind": XENSTORE, "op": name or f"UNKNOWN({op})", "domid": domid, "conn": conn, "tx": tx}
+    failed = reply_op == _ERROR
+    record["result"] = reply.rstrip(b"\0").decode("ascii", "replace") if failed else "OK"
+    if op in _ONE_PATH:
+        end = payload.find(b"\0")
+        record["path"] = _absolute(_text(payload[:end] if end >= 0 else payload), domid)
+        if op == _READ and not failed:
+            record["value"] = _text(reply[:SHORT_VALUE])
+            record["value_len"] = len(reply)
+        elif op == _DIRECTORY and not failed:
+            record["entries"] = reply.count(b"\0")
+    elif op == _WRITE:
         raw_path, _, value = payload.partition(b"\0")
         record["path"] = _absolute(_text(raw_path), domid)
         record["value"] = _text(value[:SHORT_VALUE])
         record["value_len"] = len(value)
-    elif op in (Op.READ, Op.DIRECTORY, Op.MKDIR, Op.RM, Op.GET_PERMS, Op.DIRECTORY_PART):
-        args = _args(payload)
-        record["path"] = _absolute(args[0], domid) if args else ""
-        if op == Op.READ and not failed:
-            record["value"] = _text(reply[:SHORT_VALUE])
-            record["value_len"] = len(reply)
-        elif op == Op.DIRECTORY and not failed:
-            record["entries"] = reply.count(b"\0")
-    elif op in (Op.WATCH, Op.UNWATCH):
+    elif op in _WATCHES:
         args = _args(payload) + ["", ""]
         record["path"] = _absolute(args[0], domid)
         record["token"] = args[1]
-    elif op == Op.SET_PERMS:
+    elif op == _SET_PERMS:
         args = _args(payload)
         record["path"] = _absolute(args[0], domid) if args else ""
         record["perms"] = args[1:]
-    elif op == Op.TRANSACTION_START:
+    elif op == _TX_START:
         if not failed:
             record["tx"] = int(reply.rstrip(b"\0") or 0)
-    elif op == Op.TRANSACTION_END:
+    elif op == _TX_END:
         record["commit"] = payload[:1] == b"T"
     else:
         record["args"] = _args(payload)[:4]
     return record
+
+
+def xenstore_line(ts: float, domid: int, conn: int, op: int, tx: int, payload: bytes,
+                  reply_op: int, reply: bytes) -> str:
+    """`xenstore_record` already as its JSON line.  A successful READ or
+    WRITE (nearly every request) is written out directly, a few times
+    cheaper than building the dict and encoding it; the rest goes through
+    the dict.  Both give the same JSON object."""
+    if reply_op != _ERROR and (op == _READ or op == _WRITE):
+        if op == _READ:
+            end = payload.find(b"\0")
+            raw_path, value = (payload[:end] if end >= 0 else payload), reply
+        else:
+            raw_path, _, value = payload.partition(b"\0")
+        path = _absolute(_text(raw_path), domid)
+        return (f'{{"ts":{ts!r},"kind":"xenstore","op":"{_OP_NAMES[op]}","domid":{domid},"conn":{conn},'
+                f'"tx":{tx},"result":"OK","path":{_quote(path)},"value":{_quote(_text(value[:SHORT_VALUE]))},'
+                f'"value_len":{len(value)}}}')
+    return _encode(xenstore_record(ts, domid, conn, op, tx, payload, reply_op, reply))
 
 
 def watch_record(ts: float, domid: int, conn: int, payload: bytes) -> dict:
@@ -219,8 +248,9 @@ class Tracer:
 
     # -- the request path: append and return --------------------------------------
     def add(self, formatter: Callable | None, args) -> None:
-        """Queue one record: `formatter(ts, *args)` makes it at flush time
-        (formatter None: `args` is the record without its ts)."""
+        """Queue one record: `formatter(ts, *args)` makes it (a dict, or its
+        JSON line) at flush time (formatter None: `args` is the record
+        without its ts)."""
         pending = self.pending
         if len(pending) >= self.max_pending:
             self._lose(1)
@@ -233,7 +263,7 @@ class Tracer:
 
     def xenstore(self, domid: int, conn: int, packet, reply) -> None:
         if self.enabled:
-            self.add(xenstore_record, (domid, conn, packet.op, packet.tx_id, packet.payload, reply.op, reply.payload))
+            self.add(xenstore_line, (domid, conn, packet.op, packet.tx_id, packet.payload, reply.op, reply.payload))
 
     def watch_events(self, domid: int, conn: int, packets) -> None:
         if self.enabled:
@@ -282,9 +312,9 @@ class Tracer:
         for ts, formatter, args in batch:
             try:
                 record = formatter(ts, *args) if formatter is not None else {"ts": ts, **args}
+                lines.append(record if type(record) is str else _encode(record))  # a formatter may give the line
             except Exception as exc:  # a record we cannot format must not cost the others
-                record = {"ts": ts, "kind": TRACE, "event": "unformattable", "error": repr(exc)}
-            lines.append(_encode(record))
+                lines.append(_encode({"ts": ts, "kind": TRACE, "event": "unformattable", "error": repr(exc)}))
         if not lines:
             return b"", 0
         return ("\n".join(lines) + "\n").encode("utf-8"), len(lines)
@@ -335,6 +365,7 @@ class FileSink:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         self._size = os.fstat(self._fd).st_size
         self._lost = 0
+        self.rotations = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="trace-writer")
         self._inflight: deque[Future] = deque()
         self._lock = threading.Lock()  # close() vs the writer
@@ -371,7 +402,9 @@ class FileSink:
         self._fd = -1
         os.replace(self.path, self.path + ".1")
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        note = _encode({"ts": self.clock(), "kind": TRACE, "event": "rotated", "previous": self.path + ".1"})
+        self.rotations += 1
+        note = _encode({"ts": self.clock(), "kind": TRACE, "event": "rotated", "previous": self.path + ".1",
+                        "generation": self.rotations, "pid": os.getpid()})
         os.write(self._fd, note.encode() + b"\n")
         self._size = len(note) + 1
 
