@@ -4,6 +4,14 @@ in the same run, written to out/bench.json and printed as a table.
 Every figure is `{"value": number, "unit": str}` under the report's
 `figures` key, named `<area>.<what>`; ratios compare xenbed against the limit
 (for a round trip, xenbed / limit: lower is better, 1.0 is the limit).
+
+The hypervisor's trace (hypervisor/trace.py) is off while the figures are
+measured (SIGUSR2 to the hypervisor; restored afterwards to what the
+container's XENBED_TRACE says); the xenstore suite measures again with it
+on, so its cost is a figure too: `xenstore.read_rtt_us_traced`,
+`xenstore.ops_per_s_traced` and `xenstore.trace_cost_us` (traced minus
+untraced read round trip, p50; each from the better of two runs taken
+alternately off and on).
 """
 
 from __future__ import annotations
@@ -32,17 +40,51 @@ def _guest_script(name: str) -> str:
     return (BENCH_DIR / name).read_text()
 
 
+HYPERVISOR = "hypervisor"
+
+
+def set_tracing(testbed: Testbed, on: bool) -> None:
+    """Turn the hypervisor's trace on or off while it runs (SIGUSR1/SIGUSR2:
+    hypervisor/__main__.py); the signal is handled by its loop at once."""
+    testbed.container(HYPERVISOR).kill(signal="SIGUSR1" if on else "SIGUSR2")
+    time.sleep(0.2)
+
+
+def tracing_configured(testbed: Testbed) -> bool:
+    """Whether the run's hypervisor traces by its configuration (XENBED_TRACE, default on)."""
+    env = dict(item.split("=", 1) for item in testbed.container(HYPERVISOR).attrs["Config"].get("Env") or []
+               if "=" in item)
+    return env.get("XENBED_TRACE", "1").strip().lower() not in ("0", "off", "no", "false", "")
+
+
 def bench_xenstore(testbed: Testbed, guest: str = "domu1", samples: int = 3000, clients: int = 8,
                    seconds: float = 3.0) -> dict[str, dict]:
-    result = testbed.exec(guest, ["python3", "-c", _guest_script("guest_xenstore.py"),
-                                  str(samples), str(clients), str(seconds)], check=True)
-    raw = json.loads(result.stdout.strip().splitlines()[-1])
+    def measure() -> dict:
+        result = testbed.exec(guest, ["python3", "-c", _guest_script("guest_xenstore.py"),
+                                      str(samples), str(clients), str(seconds)], check=True)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    # off, on, off, on: whatever else the machine does (2 cores) weighs on
+    # both alike; each figure is from the better of its two runs
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    try:
+        for on in (False, True, False, True):
+            set_tracing(testbed, on)
+            runs[on].append(measure())
+    finally:
+        set_tracing(testbed, False)
+    raw, traced = (min(runs[on], key=lambda r: r["read_rtt_us"]) for on in (False, True))
     return {
         "xenstore.read_rtt_us": {"value": round(raw["read_rtt_us"], 1), "unit": "us"},
         "xenstore.read_rtt_us_p99": {"value": round(raw["read_rtt_us_p99"], 1), "unit": "us"},
         "xenstore.echo_rtt_us": {"value": round(raw["echo_rtt_us"], 1), "unit": "us"},
         "xenstore.read_rtt_ratio": {"value": round(raw["read_rtt_us"] / raw["echo_rtt_us"], 2), "unit": "x"},
         "xenstore.ops_per_s": {"value": round(raw["ops"] / raw["ops_seconds"]), "unit": "ops/s"},
+        # the same with the hypervisor's trace on: what tracing every operation costs
+        "xenstore.read_rtt_us_traced": {"value": round(traced["read_rtt_us"], 1), "unit": "us"},
+        "xenstore.read_rtt_us_p99_traced": {"value": round(traced["read_rtt_us_p99"], 1), "unit": "us"},
+        "xenstore.ops_per_s_traced": {"value": round(traced["ops"] / traced["ops_seconds"]), "unit": "ops/s"},
+        "xenstore.trace_cost_us": {"value": round(traced["read_rtt_us"] - raw["read_rtt_us"], 1), "unit": "us"},
     }
 
 
@@ -201,11 +243,15 @@ SUITES = {"xenstore": bench_xenstore, "evtchn": bench_evtchn, "blk": bench_blk, 
 
 def run(testbed: Testbed, suites: list[str] | None = None, progress=print) -> dict:
     figures: dict[str, dict] = {}
-    for name in suites or list(SUITES):
-        progress(f"bench: {name} ...")
-        started = time.monotonic()
-        figures.update(SUITES[name](testbed))
-        progress(f"bench: {name} done in {time.monotonic() - started:.1f}s")
+    set_tracing(testbed, False)  # every figure without the trace; xenstore's measures it on too
+    try:
+        for name in suites or list(SUITES):
+            progress(f"bench: {name} ...")
+            started = time.monotonic()
+            figures.update(SUITES[name](testbed))
+            progress(f"bench: {name} done in {time.monotonic() - started:.1f}s")
+    finally:
+        set_tracing(testbed, tracing_configured(testbed))
     return {
         "figures": figures,
         "machine": {"cpus": _cpus(), "platform": platform.platform()},

@@ -61,9 +61,13 @@ def _parser() -> argparse.ArgumentParser:
                                      "or a domain's transitions.jsonl")
     trace.add_argument("file", help="JSONL trace file")
     trace.add_argument("--device", help="the device's backend or frontend dir (default: every device)")
-    trace.add_argument("--format", choices=("mermaid", "svg", "markdown"), default="mermaid",
+    trace.add_argument("--format", choices=("mermaid", "svg", "markdown", "jsonl"), default="mermaid",
                        help="mermaid: one sequenceDiagram (needs --device when there are several); "
-                            "svg: seed 000's layout; markdown: a Mermaid block per device (default: mermaid)")
+                            "svg: seed 000's layout; markdown: a Mermaid block per device; "
+                            "jsonl: the records drawn, one a line (default: mermaid)")
+    trace.add_argument("--kinds", default=",".join(diagram_kinds()),
+                       help="which records to draw, comma-separated (default: all of "
+                            f"{','.join(diagram_kinds())}; e.g. transition,chaos for the states only)")
     trace.add_argument("-o", "--output", help="write here instead of standard output")
     check = commands.add_parser("check", help="judge a block workload's history against a disk image",
                                 description="The nothing-lost checker on files: a workload history (JSONL) "
@@ -78,8 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def diagram_kinds() -> tuple[str, ...]:
+    from .diagram import ALL_KINDS
+    return ALL_KINDS
+
+
 def _trace(args) -> int:
     from . import diagram, trace
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(diagram.ALL_KINDS))
+    if unknown:
+        print(f"xenbed trace: unknown kinds {', '.join(unknown)}; known: {', '.join(diagram.ALL_KINDS)}",
+              file=sys.stderr)
+        return 2
     try:
         with open(args.file, encoding="utf-8") as f:
             records = trace.transition_records(f, service="")  # a trace's own kinds are kept
@@ -93,16 +108,20 @@ def _trace(args) -> int:
               file=sys.stderr)
         return 1
     if args.format == "svg":
-        text = diagram.render_svg(records, device)
+        text = diagram.render_svg(records, device, kinds)
     elif args.format == "markdown":
-        text = diagram.render_markdown([r for r in records if device is None or diagram.concerns(r, device)],
-                                       args.file)
+        text = diagram.render_markdown(records, args.file, kinds, only=device)
+    elif args.format == "jsonl":
+        import json
+        chosen = [device] if device else found
+        drawn = {id(r): r for d in chosen for r in diagram.device_records(records, d, kinds)}
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(drawn.values(), key=lambda r: r["ts"]))
     else:
         if device is None and len(found) != 1:
             print(f"xenbed trace: {len(found)} devices in {args.file}, say which with --device: "
                   f"{', '.join(found) or 'none'} (or use --format markdown)", file=sys.stderr)
             return 2
-        text = diagram.render_mermaid(records, device or found[0])
+        text = diagram.render_mermaid(records, device or found[0], kinds)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

@@ -263,7 +263,8 @@ def trace_dir(config: pytest.Config) -> Path:
 @pytest.fixture(autouse=True)
 def xenbus_invariant(request: pytest.FixtureRequest):
     """After every test that used the testbed: its trace (the XenBus
-    transitions every domain made during it, and the chaos history) goes to
+    transitions every domain made during it, the hypervisor's store, watch,
+    grant and event-channel records, and the chaos history) goes to
     out/traces/<test>.jsonl, with its diagrams when the test failed; and every
     transition must be one the seeds allow (DESIGN.md: a transition the seeds
     do not allow is a test failure, not a log line)."""
@@ -279,7 +280,7 @@ def xenbus_invariant(request: pytest.FixtureRequest):
 
     reader = request.config.stash.setdefault(_READER, trace.TranscriptReader())
     try:
-        new = reader.new_transitions(bed)
+        new = reader.new_records(bed)
     except Exception as error:  # the engine may be what failed; say so, do not hide the test's own failure
         warnings.warn(f"xenbed: no trace for {request.node.nodeid}: {error!r}")
         return

@@ -16,6 +16,8 @@ import sys
 from xenbed.hypervisor.domains import DomainTable, parse_credentials
 from xenbed.hypervisor.server import HypervisorServer
 from xenbed.hypervisor.sharing import Sharing
+from xenbed.hypervisor.trace import DEFAULT_MAX_BYTES, FileSink, Tracer, enabled_by_environment
+from xenbed.hypervisor.trace import default_path as trace_default_path
 from xenbed.hypervisor.xenstored import XenStore, XenStoreError
 from xenbed.hypervisor.xenstored.quota import Quota
 from xenbed.protocols import hypercall as hc
@@ -28,6 +30,12 @@ def parse_args(argv):
     parser.add_argument("--memory-dir", default=os.environ.get("XENBED_MEMORY_DIR", "/var/lib/xenbed/memory"),
                         help="guest memory: page files on a tmpfs only the hypervisor and dom0 mount")
     parser.add_argument("--health", action="store_true", help="check that a running service answers, then exit")
+    parser.add_argument("--trace-file", default=trace_default_path(),
+                        help="the trace (JSONL) of every store, watch, grant and event-channel operation; "
+                             "XENBED_TRACE=0 turns it off, SIGUSR1/SIGUSR2 turn it on/off while running")
+    parser.add_argument("--trace-max-bytes", type=int,
+                        default=int(os.environ.get("XENBED_TRACE_MAX_BYTES", DEFAULT_MAX_BYTES)),
+                        help="rotate the trace to <file>.1 at this size (one old file is kept)")
     parser.epilog = ("xenstored quotas may follow, as --quota-NAME VALUE (names: "
                      + ", ".join(Quota.names()) + "); dom0 is exempt from all of them.")
     args, rest = parser.parse_known_args(argv)
@@ -59,13 +67,30 @@ def health(run_dir: str) -> int:
     return 0
 
 
+def open_trace(path: str, max_bytes: int) -> tuple[Tracer, FileSink | None]:
+    """The trace (XENBED_TRACE, default on) and its file; tracing stays off,
+    with a warning, when the file cannot be opened."""
+    tracer = Tracer(enabled=enabled_by_environment())
+    try:
+        return tracer, FileSink(path, max_bytes=max_bytes)
+    except OSError as exc:
+        logging.getLogger("xenbed.hypervisor").warning("no trace: cannot open %s: %s", path, exc)
+        return Tracer.disabled(), None
+
+
 async def serve(args) -> None:
     credentials = parse_credentials(os.environ.get("XENBED_CREDENTIALS", ""))
-    server = HypervisorServer(args.run_dir, DomainTable(credentials), XenStore(args.quota), Sharing(args.memory_dir))
+    tracer, sink = open_trace(args.trace_file, args.trace_max_bytes)
+    server = HypervisorServer(args.run_dir, DomainTable(credentials), XenStore(args.quota), Sharing(args.memory_dir),
+                              tracer, sink)
     await server.start()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.stopping.set)
+    if sink is not None:
+        # A running service's trace switch: the bench measures with it off and on.
+        loop.add_signal_handler(signal.SIGUSR1, server.tracer.set_enabled, True)
+        loop.add_signal_handler(signal.SIGUSR2, server.tracer.set_enabled, False)
     await server.stopping.wait()
     await server.close()
 

@@ -14,6 +14,12 @@ Two kinds of sockets are served:
 
 `echo.sock` answers every byte with itself: the raw Unix-socket round trip
 the benchmarks compare xenstored against, served by the same loop.
+
+Tracing (trace.py): every store request with its answer, every watch event
+sent, and every refused grant or event-channel call are told to
+`self.tracer` here; the accepted grant and event-channel calls in
+sharing.py.  The tracer only queues them; it writes in batches from this
+loop's timers through its own writer thread.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 
 from xenbed.hypervisor.domains import Domain, DomainError, DomainState, DomainTable, Privilege
 from xenbed.hypervisor.sharing import LinkResources, Reply, Sharing
+from xenbed.hypervisor.trace import FileSink, Tracer
 from xenbed.hypervisor.xenstored import XenStore
 from xenbed.protocols import hypercall as hc
 from xenbed.protocols import xs_wire
@@ -85,9 +92,12 @@ class XenStoreConnection(asyncio.Protocol):
         replies = []
         introduced = []
         handle, conn = self.server.store.handle, self.conn
+        tracer = self.server.tracer
         try:
             for packet in self.reader:
                 reply = handle(conn, packet)
+                if tracer.enabled:
+                    tracer.xenstore(self.domid, conn.id, packet, reply)
                 replies.append(reply.encode())
                 if packet.op == xs_wire.Op.INTRODUCE and reply.op != xs_wire.Op.ERROR:
                     introduced.append(int(packet.strings()[0]))
@@ -130,12 +140,17 @@ class EchoProtocol(asyncio.Protocol):
 
 
 class HypervisorServer:
-    def __init__(self, run_dir: str, domains: DomainTable, store: XenStore, sharing: Sharing) -> None:
+    def __init__(self, run_dir: str, domains: DomainTable, store: XenStore, sharing: Sharing,
+                 tracer: Tracer | None = None, trace_sink: FileSink | None = None) -> None:
         self.run_dir = run_dir
         self.domains = domains
         self.store = store
         self.sharing = sharing
         sharing.deliver = self._send
+        # The trace: a disabled tracer when there is no file to write it to.
+        self.tracer = tracer if tracer is not None and trace_sink is not None else Tracer.disabled()
+        self.trace_sink = trace_sink
+        sharing.tracer = self.tracer
         self.links: set[DomainLink] = set()
         self.xs_connections: dict = {}  # store Connection -> its XenStoreConnection
         self._listeners: list[socket.socket] = []
@@ -151,6 +166,8 @@ class HypervisorServer:
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        if self.trace_sink is not None:
+            self.tracer.attach(self.loop.call_later, self.trace_sink)
         os.makedirs(self.run_dir, exist_ok=True)
         # dom0 exists from boot and is introduced to its store from the start,
         # as Xen's xenstored knows dom0 without an XS_INTRODUCE.
@@ -185,6 +202,9 @@ class HypervisorServer:
         if self._echo_server is not None:
             self._echo_server.close()
         _unlink(self.socket_path)
+        if self.trace_sink is not None:
+            self.tracer.flush()
+            self.trace_sink.close()
 
     # -- hypervisor.sock -------------------------------------------------------
     def _accept_link(self, listener: socket.socket) -> None:
@@ -251,6 +271,8 @@ class HypervisorServer:
     def _refuse(self, link: DomainLink, frame: hc.Frame, wants_reply: bool, code: str, message: str) -> None:
         self._close_fds(frame.fds)
         link.after_reply.clear()
+        if self.tracer.enabled and link.domain is not None and isinstance(frame.body, dict):
+            self.tracer.refused(frame.op, link.domain.domid, frame.body, code)
         if wants_reply:
             self._send(link, hc.error(frame, code, message))
         else:
@@ -317,6 +339,7 @@ class HypervisorServer:
             target = self.xs_connections.get(conn)
             if target is not None:
                 target.send_packets(packets)
+                self.tracer.watch_events(conn.domid, conn.id, packets)
 
     def adopt_xenstore_socket(self, domain: Domain, fd: int) -> None:
         sock = socket.socket(fileno=fd)

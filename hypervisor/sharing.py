@@ -10,6 +10,12 @@ the link (an open "device") that made them.  When a link closes, its mappings
 are unmapped, its ports closed (their peers go back to unbound) and its grants
 ended where nobody maps them any more -- so a killed driver process leaks
 nothing.  Upcalls for a port go to the link that owns it.
+
+Every grant and event-channel operation that changes who shares what with
+whom is told to `self.tracer` (trace.py) after it happened: grant, map,
+unmap, end, copy, set_entry; alloc_unbound, bind, send (upcall, coalesced or
+dropped), unmask, close, also those done for a closing link (`why`).
+Refusals are recorded by the server, which sees them all in one place.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from xenbed.hypervisor import gnttab as gt
 from xenbed.hypervisor.domains import DomainError
 from xenbed.hypervisor.evtchn import EventChannels, EvtchnError, Notify
 from xenbed.hypervisor.memory import GuestMemory, MemoryError_
+from xenbed.hypervisor.trace import Tracer
 from xenbed.protocols import hypercall as hc
 from xenbed.protocols.gntst import GNTST_NAMES
 
@@ -70,6 +77,7 @@ class Sharing:
         self.port_owner: dict[tuple[int, int], object] = {}
         self._privileged: set[int] = set()
         self.deliver = None  # set by the server: deliver(link, frame)
+        self.tracer = Tracer.disabled()  # set by the server
 
     # -- domain lifecycle --------------------------------------------------------
     def add_domain(self, domid: int, memory_mb: int, privileged: bool) -> None:
@@ -99,19 +107,28 @@ class Sharing:
         self._privileged.discard(domid)
 
     def release_link(self, domid: int, resources: LinkResources) -> None:
+        tracer = self.tracer
+        why = "link closed"
         for handle in sorted(resources.mappings):
-            self.gnttab.unmap(domid, handle)
+            mapping = self.gnttab.mapping(domid, handle) if tracer.enabled else None
+            status = self.gnttab.unmap(domid, handle)
+            if mapping is not None:
+                tracer.grant("unmap", domid, granter=mapping.granter, ref=mapping.gref, handle=handle,
+                             status=status, why=why)
         for port in sorted(resources.ports):
             try:
                 self.evtchn.close(domid, port)
             except EvtchnError:
                 pass  # already closed with its domain
+            else:
+                tracer.evtchn("close", domid, port=port, why=why)
             self.port_owner.pop((domid, port), None)
         for gref in sorted(resources.grants):
             try:
                 ended = self.gnttab.end_access(domid, gref)
             except gt.GnttabUsageError:
                 continue  # the domain is gone already
+            tracer.grant("end", domid, ref=gref, status=ended.status, why=why)
             if not ended.ok:
                 log.info("dom%d grant %d still mapped by %s after its link closed", domid, gref, ended.mappers)
         resources.ports.clear()
@@ -165,6 +182,8 @@ class Sharing:
         if not granted.ok:
             raise GrantRefused(granted.status, "grant")
         link.resources.grants.add(granted.gref)
+        self.tracer.grant("grant", domid, to=int(frame.body["domid"]), ref=granted.gref, gfn=gfn,
+                          readonly=bool(frame.body.get("readonly", False)), status=granted.status)
         return {"gref": granted.gref}
 
     def set_entry(self, link, frame):
@@ -174,6 +193,8 @@ class Sharing:
         if status != gt.GNTST_okay:
             raise GrantRefused(status, "set entry")
         link.resources.grants.add(int(b["gref"]))
+        self.tracer.grant("set_entry", link.domain.domid, ref=int(b["gref"]), to=int(b["domid"]),
+                          flags=int(b["flags"]), gfn=int(b["frame"]), status=status)
         return {}
 
     def end(self, link, frame):
@@ -182,6 +203,7 @@ class Sharing:
         if not ended.ok:
             raise GrantRefused(ended.status, f"end access to gref {gref} (mapped by {list(ended.mappers)})")
         link.resources.grants.discard(gref)
+        self.tracer.grant("end", link.domain.domid, ref=gref, status=ended.status)
         return {}
 
     def map(self, link, frame):
@@ -197,14 +219,20 @@ class Sharing:
             self.gnttab.unmap(mapper, result.handle)
             raise GrantRefused(gt.GNTST_bad_page, f"map dom{granter} gref {gref}: {exc}") from None
         link.resources.mappings.add(result.handle)
+        self.tracer.grant("map", mapper, granter=granter, ref=gref, readonly=readonly, handle=result.handle,
+                          status=result.status)
         return Reply({"handle": result.handle, "gfn": result.frame}, [fd])
 
     def unmap(self, link, frame):
         handle = int(frame.body["handle"])
+        mapping = self.gnttab.mapping(link.domain.domid, handle) if self.tracer.enabled else None
         status = self.gnttab.unmap(link.domain.domid, handle)
         if status != gt.GNTST_okay:
             raise GrantRefused(status, f"unmap handle {handle}")
         link.resources.mappings.discard(handle)
+        if mapping is not None:
+            self.tracer.grant("unmap", mapping.mapper, granter=mapping.granter, ref=mapping.gref, handle=handle,
+                              status=status)
         return {}
 
     def copy(self, link, frame):
@@ -221,6 +249,12 @@ class Sharing:
                 except (MemoryError_, OSError):
                     result = gt.CopyResult(gt.GNTST_bad_page, None, None, 0)
             statuses.append(result.status)
+        if self.tracer.enabled:
+            failed = [s for s in statuses if s != gt.GNTST_okay]
+            self.tracer.grant("copy", caller, count=len(statuses), failed=len(failed),
+                              status=failed[0] if failed else gt.GNTST_okay,
+                              refs=sorted({(int(e["domid"]), int(e["gref"])) for op in frame.body["ops"]
+                                           for e in (op["src"], op["dst"]) if "gref" in e})[:8])
         return {"statuses": statuses}
 
     @staticmethod
@@ -246,6 +280,7 @@ class Sharing:
         port = self._evtchn(self.evtchn.alloc_unbound, domid, int(frame.body["remote_dom"]))
         link.resources.ports.add(port)
         self.port_owner[(domid, port)] = link
+        self.tracer.evtchn("alloc_unbound", domid, remote_domid=int(frame.body["remote_dom"]), port=port)
         return {"port": port}
 
     def bind_interdomain(self, link, frame):
@@ -254,13 +289,31 @@ class Sharing:
                              int(frame.body["remote_port"]))
         link.resources.ports.add(bound.port)
         self.port_owner[(domid, bound.port)] = link
+        self.tracer.evtchn("bind_interdomain", domid, remote_domid=int(frame.body["remote_dom"]),
+                           remote_port=int(frame.body["remote_port"]), port=bound.port,
+                           upcall=bound.notify is not None)
         # A newly bound port starts pending: the upcall follows the reply.
         link.after_reply.append(lambda: self._notify(bound.notify))
         return {"port": bound.port}
 
     def send(self, link, frame):
-        self._notify(self._evtchn(self.evtchn.send, link.domain.domid, _port(frame.body)))
+        domid, port = link.domain.domid, _port(frame.body)
+        notify = self._evtchn(self.evtchn.send, domid, port)
+        if self.tracer.enabled:
+            self._trace_send(domid, port, notify)
+        self._notify(notify)
         return {}
+
+    def _trace_send(self, domid: int, port: int, notify: Notify | None) -> None:
+        peer = self.evtchn.status(domid, port, caller=domid)
+        if notify is not None:
+            result = "upcall"
+        elif peer.get("status") == "interdomain":
+            result = "coalesced"  # the peer's port was pending already, or masked
+        else:
+            result = "dropped"  # unbound: Xen drops it silently
+        self.tracer.evtchn("send", domid, port=port, remote_domid=peer.get("remote_dom"),
+                           remote_port=peer.get("remote_port"), result=result)
 
     def clear(self, link, frame):
         notify = self._evtchn(self.evtchn.clear_pending, link.domain.domid, _port(frame.body))
@@ -270,6 +323,7 @@ class Sharing:
     def unmask(self, link, frame):
         notify = self._evtchn(self.evtchn.unmask, link.domain.domid, _port(frame.body))
         link.after_reply.append(lambda: self._notify(notify))
+        self.tracer.evtchn("unmask", link.domain.domid, port=_port(frame.body), upcall=notify is not None)
         return {}
 
     def mask(self, link, frame):
@@ -281,6 +335,7 @@ class Sharing:
         self._evtchn(self.evtchn.close, domid, port)
         link.resources.ports.discard(port)
         self.port_owner.pop((domid, port), None)
+        self.tracer.evtchn("close", domid, port=port)
         return {}
 
     def status(self, link, frame):
