@@ -17,6 +17,7 @@ MARKERS = {
     "integration": "needs a Docker engine and the testbed images",
     "chaos": "kills or pauses containers on purpose",
     "slow": "takes more than a few seconds",
+    "soak": "long chaos schedules and soaks: left out of `make test`, run by `make chaos`",
     "block_workload": "options of the block_workload fixture: block_workload(domain=, vdev=, workers=, rate=, ...)",
 }
 FAILURE_LOG_LINES = 100

@@ -90,6 +90,26 @@ class GuestMemory:
             raise
         return out
 
+    def populate(self, domid: int, gfns) -> None:
+        """Make exactly these gfns exist (zeroed if new), as a restore does
+        before it writes the saved contents."""
+        pages = self._pages[domid]
+        wanted = [g for g in dict.fromkeys(gfns) if g not in pages]
+        if any(not isinstance(g, int) or not 0 <= g < self._max_pages[domid] for g in wanted):
+            raise MemoryError_("EINVAL", f"gfns outside dom{domid}'s {self._max_pages[domid]} pages")
+        if len(pages) + len(wanted) > self._max_pages[domid]:
+            raise MemoryError_("ENOMEM", f"dom{domid} cannot hold {len(pages) + len(wanted)} pages")
+        for gfn in wanted:
+            fd = os.open(self._path(domid, gfn), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.ftruncate(fd, PAGE_SIZE)
+            finally:
+                os.close(fd)
+            pages.add(gfn)
+
+    def folder(self, domid: int) -> str:
+        return self._dir(domid)
+
     def open_page(self, domid: int, gfn: int, writable: bool) -> int:
         if not self.has_page(domid, gfn):
             raise MemoryError_("ENOENT", f"dom{domid} has no page {gfn}")

@@ -153,6 +153,29 @@ class Sharing:
             raise DomainError(exc.code, exc.message) from None
         return Reply({"gfns": [g for g, _ in pages]}, [fd for _, fd in pages])
 
+    def mem_list(self, link, frame):
+        domid = self._foreign_memory(link, frame, "list the pages of")
+        return {"gfns": sorted(self.memory.pages(domid)), "max_pages": self.memory.max_pages(domid)}
+
+    def mem_populate(self, link, frame):
+        domid = self._foreign_memory(link, frame, "populate")
+        gfns = frame.body.get("gfns")
+        if not isinstance(gfns, list):
+            raise DomainError("EINVAL", "gfns must be a list")
+        try:
+            self.memory.populate(domid, gfns)
+        except MemoryError_ as exc:
+            raise DomainError(exc.code, exc.message) from None
+        return {"path": self.memory.folder(domid)}
+
+    def _foreign_memory(self, link, frame, what: str) -> int:
+        if not link.domain.is_control:
+            raise DomainError("EPERM", f"only the control domain may {what} another domain's memory")
+        domid = frame.body.get("domid")
+        if not isinstance(domid, int) or domid not in self.memory._pages:
+            raise DomainError("ESRCH", f"no domain {domid!r} with memory")
+        return domid
+
     def mem_map(self, link, frame):
         try:
             fd = self.memory.open_page(link.domain.domid, int(frame.body["gfn"]), writable=True)
@@ -347,6 +370,8 @@ class Sharing:
         hc.Call.MEM_ALLOC: mem_alloc,
         hc.Call.MEM_MAP: mem_map,
         hc.Call.MEM_FREE: mem_free,
+        hc.Call.MEM_LIST: mem_list,
+        hc.Call.MEM_POPULATE: mem_populate,
         hc.Call.GNTTAB_GRANT: grant,
         hc.Call.GNTTAB_SET_ENTRY: set_entry,
         hc.Call.GNTTAB_END: end,

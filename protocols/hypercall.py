@@ -50,6 +50,13 @@ class Call(enum.IntEnum):
     MEM_ALLOC = 30  # {"count" (1..64)} -> {"gfns": [...]} + one read-write fd per page
     MEM_MAP = 31  # {"gfn"} -> {} + the fd of one of the caller's own pages
     MEM_FREE = 32  # {"gfns": [...]}
+    # The toolstack's view of another domain's memory (control only), for
+    # save/migrate: which gfns it has (xc's p2m walk) and making exactly
+    # these gfns exist, zeroed (xc_domain_populate_physmap_exact); the
+    # contents go through dom0's own mount of the memory volume, as a
+    # privileged foreign mapping would.
+    MEM_LIST = 33  # {"domid"} -> {"gfns": [...], "max_pages"}
+    MEM_POPULATE = 34  # {"domid", "gfns": [...]} -> {"path": the domain's page folder}
     # Grant table v1 (the caller's own table; see docs/hypervisor-socket.md).
     GNTTAB_GRANT = 40  # {"domid", "gfn", "readonly"} -> {"gref"}
     GNTTAB_END = 41  # {"gref"} -> {}; GNTST_eagain while mapped

@@ -61,7 +61,7 @@ class XenStoreClient:
         self._events: queue.Queue = queue.Queue()
         self.closed = threading.Event()
         self.close_reason = ""
-        threading.Thread(target=self._read_loop, name="xenbus", daemon=True).start()
+        threading.Thread(target=self._read_loop, args=(self.sock,), name="xenbus", daemon=True).start()
         threading.Thread(target=self._watch_loop, name="xenwatch", daemon=True).start()
 
     # -- plumbing ----------------------------------------------------------------
@@ -89,10 +89,10 @@ class XenStoreClient:
             raise XenStoreError(reply.error_name(), op.name, path)
         return reply
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, sock: socket.socket) -> None:
         reader = xs_wire.PacketReader()
         try:
-            while data := self.sock.recv(65536):
+            while data := sock.recv(65536):
                 reader.feed(data)
                 for packet in reader:
                     if packet.op == Op.WATCH_EVENT:
@@ -107,11 +107,12 @@ class XenStoreClient:
         except (OSError, xs_wire.WireProtocolError) as exc:
             self.close_reason = str(exc)
         finally:
-            self.closed.set()
-            self._events.put(None)
             with self._lock:
                 for call in self._calls.values():
                     call.event.set()
+            if sock is self.sock:  # not a connection `reconnect` replaced on purpose
+                self.closed.set()
+                self._events.put(None)
 
     def _watch_loop(self) -> None:
         while (packet := self._events.get()) is not None:
@@ -124,6 +125,27 @@ class XenStoreClient:
             for (wpath, wtoken), callback in list(self._watches.items()):
                 if wtoken == token:
                     callback(path, token)
+
+    def reconnect(self, path: str | None = None) -> None:
+        """Linux's xs_resume, for a domain that resumed elsewhere (or whose
+        store moved): a new connection (to `path`, default the same socket),
+        then every watch registered again -- each fires once, as a new watch
+        does, so callers re-read what they watch.  Requests in flight on the
+        old connection fail with StoreClosed; call this while quiescent."""
+        old = self.sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path or self.path)
+        self.path = path or self.path
+        with self._send_lock:
+            self.sock = sock
+        for end in (lambda: old.shutdown(socket.SHUT_RDWR), old.close):
+            try:
+                end()
+            except OSError:
+                pass
+        threading.Thread(target=self._read_loop, args=(sock,), name="xenbus", daemon=True).start()
+        for path_, token in list(self._watches):
+            self.request(Op.WATCH, xs_wire.join_strings(path_, token))
 
     def close(self) -> None:
         try:

@@ -16,6 +16,10 @@ from xenbed.protocols import hypercall as hc
 class FakeDomain:  # only what the handlers read
     domid: int
 
+    @property
+    def is_control(self) -> bool:
+        return self.domid == 0
+
 
 @dataclass(eq=False)
 class Link:
@@ -131,3 +135,25 @@ def test_a_dying_domains_grants_cannot_be_mapped(world):
     sharing.domain_dying(1)
     with pytest.raises(DomainError):
         call(sharing, links[2], hc.Call.GNTTAB_MAP, domid=1, gref=gref)
+
+
+def test_the_toolstack_lists_and_populates_a_guests_pages_for_migration(world):
+    sharing, links = world
+    reply = call(sharing, links[1], hc.Call.MEM_ALLOC, count=3)
+    for fd in reply.fds:
+        os.close(fd)
+    listed = call(sharing, links[0], hc.Call.MEM_LIST, domid=1)
+    assert listed == {"gfns": [0, 1, 2], "max_pages": 256}
+    populated = call(sharing, links[0], hc.Call.MEM_POPULATE, domid=2, gfns=[7, 0, 7])
+    assert sorted(os.listdir(populated["path"])) == ["0", "7"]
+    assert call(sharing, links[0], hc.Call.MEM_LIST, domid=2)["gfns"] == [0, 7]
+    with open(os.path.join(populated["path"], "7"), "r+b") as page:  # dom0's mount: the contents
+        page.write(b"moved")
+    assert sharing.memory.read(2, 7, 0, 5) == b"moved"
+    for op, body in ((hc.Call.MEM_LIST, {"domid": 2}), (hc.Call.MEM_POPULATE, {"domid": 2, "gfns": [1]})):
+        with pytest.raises(DomainError) as refused:
+            call(sharing, links[1], op, **body)
+        assert refused.value.code == "EPERM"  # a guest may not look at or grow another's memory
+    with pytest.raises(DomainError) as refused:
+        call(sharing, links[0], hc.Call.MEM_POPULATE, domid=2, gfns=[256])
+    assert refused.value.code == "EINVAL"
