@@ -49,6 +49,11 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
+    if report.when == "call" and "testbed" in getattr(item, "fixturenames", ()):
+        # every testbed test's trace is written at its teardown: link it in the JUnit XML
+        link = ("xenbed_trace", str(trace.trace_path(item.nodeid, trace_dir(item.config))))
+        if link not in item.user_properties:
+            item.user_properties.append(link)
     if report.failed and "testbed" in getattr(item, "fixturenames", ()):
         testbed = item.config.stash.get(TESTBED_KEY, None)
         if testbed is not None:

@@ -144,8 +144,15 @@ class XenStoreClient:
             except OSError:
                 pass
         threading.Thread(target=self._read_loop, args=(sock,), name="xenbus", daemon=True).start()
+        refused = []
         for path_, token in list(self._watches):
-            self.request(Op.WATCH, xs_wire.join_strings(path_, token))
+            try:
+                self.request(Op.WATCH, xs_wire.join_strings(path_, token))
+            except XenStoreError as exc:  # e.g. EACCES: the path is another domain's on the new store
+                self._watches.pop((path_, token), None)
+                refused.append(f"{path_} ({exc.errno_name})")
+        if refused:
+            raise XenStoreError("EACCES", "WATCH", f"not re-registered after reconnecting: {', '.join(refused)}")
 
     def close(self) -> None:
         try:
