@@ -18,6 +18,7 @@ MARKERS = {
     "chaos": "kills or pauses containers on purpose",
     "slow": "takes more than a few seconds",
     "block_workload": "options of the block_workload fixture: block_workload(domain=, vdev=, workers=, rate=, ...)",
+    "testbed_compose": "testbed_compose(FILE): the compose file of the module's private_testbed (e.g. compose/two-hosts.yml)",
 }
 FAILURE_LOG_LINES = 100
 
