@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the result as JSON instead of the report")
     check.set_defaults(action=_check)
     xl = command("xl", _xl, "run xl in dom0 of the run, with these arguments")
+    xl.add_argument("--host", help="which Xen host's dom0, when the run has several: a host name (host-b) or "
+                                   "a service of it (dom0-b); before xl's own arguments")
     xl.add_argument("xl_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments of xl (e.g. list)")
     return parser
 
@@ -156,8 +158,8 @@ def _xl(args) -> int:
     """`xl ARGS` in dom0: its output and its exit status, as if run there."""
     testbed = Testbed(args.project, client=connect())
     try:
-        result = testbed.exec("dom0", ["xl", *args.xl_args])
-    except LookupError as error:
+        result = testbed.exec(testbed.dom0(args.host), ["xl", *args.xl_args])
+    except LookupError as error:  # no such container, or HostError: no such host / say which
         print(f"xenbed xl: {error}", file=sys.stderr)
         return 1
     sys.stdout.write(result.stdout)
@@ -213,17 +215,21 @@ def _status(args) -> int:
 def _print_status(testbed: Testbed) -> None:
     rows = testbed.status()
     print(render_status_table(rows))
-    # The domains as the toolstack sees them, when dom0 runs.
-    if any(row.get("service") == "dom0" and row.get("state") == "running" for row in rows):
-        listing = testbed.exec("dom0", ["xl", "list"])
+    # The domains as each host's toolstack sees them, for each host whose dom0 runs.
+    running = {row.get("service") for row in rows if row.get("state") == "running"}
+    hosts = [h for h in testbed.xen_hosts().values() if h.dom0 in running]
+    for host in hosts:
         print()
+        if len(hosts) > 1:
+            print(f"== {host.name} (xl and store of {host.dom0}) ==")
+        listing = testbed.exec(host.dom0, ["xl", "list"])
         print(listing.stdout.rstrip() if listing.exit_code == 0 else f"xl list failed: {listing.stderr.strip()}")
         from .domains import devices_in, domain_names, render_devices_table, store_tree
         try:
-            tree = store_tree(testbed)
+            tree = store_tree(testbed, host=host.dom0)
         except Exception as error:  # the store may be what is broken: the rest was still worth printing
             print(f"\ndevices: cannot read the store: {error}")
-            return
+            continue
         print()
         print(render_devices_table(devices_in(tree), domain_names(tree)))
 

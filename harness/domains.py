@@ -128,8 +128,11 @@ def render_devices_table(devices: Iterable[DeviceView], names: dict[int, str] | 
 
 
 # -- against a running testbed ------------------------------------------------------------------
-def store_tree(testbed: Testbed, root: str = "/local/domain") -> dict[str, str]:
-    result = testbed.exec("dom0", ["xenstore-ls", "-f", root], check=True)
+def store_tree(testbed: Testbed, root: str = "/local/domain", host: str | None = None) -> dict[str, str]:
+    """The store under `root`, as the dom0 of `host` (a host name or one of
+    its services; by default the run's only host) sees it: every host has a
+    store of its own."""
+    result = testbed.exec(testbed.dom0(host), ["xenstore-ls", "-f", root], check=True)
     return parse_xenstore_ls(result.stdout)
 
 
@@ -156,7 +159,7 @@ class Device:
         return f"/local/domain/{self.domain.domid}/device/{self.kind}/{self.devid}"
 
     def view(self) -> DeviceView | None:
-        tree = store_tree(self.testbed, f"/local/domain")
+        tree = store_tree(self.testbed, "/local/domain", host=self.domain.dom0)
         for d in devices_in(tree, self.domain.domid):
             if d.kind == self.kind and d.devid == self.devid:
                 return d
@@ -198,16 +201,17 @@ def _state(value: str | XenbusState | None) -> XenbusState | None:
 
 
 class Domain:
-    """A domain of the run, driven through `xl` in dom0."""
+    """A domain of the run, driven through `xl` in the dom0 of its host
+    (`dom0`: that dom0's service name, "dom0" in the default topology)."""
 
-    def __init__(self, testbed: Testbed, name: str) -> None:
-        self.testbed, self.name = testbed, name
+    def __init__(self, testbed: Testbed, name: str, dom0: str = "dom0") -> None:
+        self.testbed, self.name, self.dom0 = testbed, name, dom0
 
     def __repr__(self) -> str:
-        return f"<Domain {self.name}>"
+        return f"<Domain {self.name} on {self.dom0}>"
 
     def xl(self, *args: str, check: bool = True):
-        return self.testbed.exec("dom0", ["xl", *args], check=check)
+        return self.testbed.exec(self.dom0, ["xl", *args], check=check)
 
     @property
     def domid(self) -> int:
@@ -217,7 +221,7 @@ class Domain:
 
     @property
     def service(self) -> str:
-        return "dom0" if self.name == "Domain-0" else self.name
+        return self.dom0 if self.name == "Domain-0" else self.name
 
     def exec(self, cmd, **kwargs):
         return self.testbed.exec(self.service, cmd, **kwargs)
@@ -237,7 +241,7 @@ class Domain:
         self.testbed.destroy_domain(self.name)
 
     def devices(self, kind: str | None = None) -> list[DeviceView]:
-        views = devices_in(store_tree(self.testbed), self.domid)
+        views = devices_in(store_tree(self.testbed, host=self.dom0), self.domid)
         return [v for v in views if kind is None or v.kind == kind]
 
     def device(self, kind: str, devid: str | int) -> Device:

@@ -64,17 +64,26 @@ def testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
 def private_testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[Testbed]:
     """A testbed of this module's own, whatever `--testbed-scope` and
     `--testbed-shared` say: for chaos tests, whose kills must not disturb
-    other tests.  A module opts in by overriding `testbed` with it:
+    other tests, and for modules that need another topology.  A module opts
+    in by overriding `testbed` with it:
+
+        pytestmark = [pytest.mark.integration,
+                      pytest.mark.testbed_compose("compose/two-hosts.yml")]  # optional
 
         @pytest.fixture(scope="module")
         def testbed(private_testbed):
             return private_testbed
+
+    The `testbed_compose` marker (on the module) names the compose file,
+    relative to the rootdir; without it, `--testbed-compose`'s.
     """
     config = request.config
     before = config.stash.get(TESTBED_KEY, None)
     name = f"{session_project_name(config)}-{secrets.token_hex(2)}"
+    marker = request.node.get_closest_marker("testbed_compose")
+    compose_file = str(Path(config.rootpath, marker.args[0])) if marker else None
     try:
-        with own_testbed(config, docker_client, name) as bed:
+        with own_testbed(config, docker_client, name, compose_file) as bed:
             yield bed
             # leak_audit (module-scoped too) runs after this testbed is gone:
             # audit it here, while its hypervisor still answers
@@ -86,9 +95,10 @@ def private_testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[T
 
 
 @contextlib.contextmanager
-def own_testbed(config: pytest.Config, docker_client, project: str) -> Iterator[Testbed]:
+def own_testbed(config: pytest.Config, docker_client, project: str,
+                compose_file: str | None = None) -> Iterator[Testbed]:
     keep = config.getoption("--keep-testbed")
-    compose_file = config.getoption("--testbed-compose")
+    compose_file = compose_file or config.getoption("--testbed-compose")
     bed = Testbed.from_compose(compose_file, project, client=docker_client, keep=keep,
                                env=run_environment(docker_client, compose_file))
     config.stash[TESTBED_KEY] = bed
@@ -344,7 +354,7 @@ def leak_audit(request: pytest.FixtureRequest):
                for item in request.session.items):
         return
     bed = request.config.stash.get(TESTBED_KEY, None)
-    if not isinstance(bed, Testbed) or "dom0" not in bed.services():
+    if not isinstance(bed, Testbed) or not any(h.dom0 in bed.services() for h in bed.xen_hosts().values()):
         return  # no hypervisor to ask (a topology of one's own, e.g. the harness's own tests)
     leaks = {kind: found for kind, found in bed.audit().items() if found}
     if leaks:

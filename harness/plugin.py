@@ -19,6 +19,7 @@ MARKERS = {
     "slow": "takes more than a few seconds",
     "soak": "long chaos schedules and soaks: left out of `make test`, run by `make chaos`",
     "block_workload": "options of the block_workload fixture: block_workload(domain=, vdev=, workers=, rate=, ...)",
+    "testbed_compose": "testbed_compose(FILE): the compose file of the module's private_testbed (e.g. compose/two-hosts.yml)",
 }
 FAILURE_LOG_LINES = 100
 

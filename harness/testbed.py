@@ -22,6 +22,7 @@ from .chaos import History
 from .compose import Project, load_project
 from .container_spec import container_spec, network_kwargs, network_name, volume_kwargs
 from .execs import ExecError, ExecResult, run_exec
+from .hosts import Host, HostError, find_hosts, resolve_host
 from .resources import PROJECT, SERVICE, connect, reap_stale_runs, remove_project
 from .status import rows_from_containers, status_row
 from .waits import StopWaiting, WaitTimeout, wait_for
@@ -216,16 +217,20 @@ class Testbed:
         the domid.  The container carries the run's labels, so `down` and the
         leak audit know it.  `environment` overrides the template's, e.g.
         `{"XENBED_MODULES": ""}` for a guest whose kernel starts no driver
-        daemon (a program of one's own is then its frontend)."""
+        daemon (a program of one's own is then its frontend).  With several
+        Xen hosts (compose/two-hosts.yml) the domain goes on the template's
+        host: its dom0 creates it, and the container has the template's
+        host label and hypervisor socket."""
         from dataclasses import replace
 
         if self.project is None:
             raise TestbedError("this Testbed was not loaded from a compose file")
         if name in self.project.services:
             raise TestbedError(f"{name} already exists in this run")
+        dom0 = self.dom0(template)
         config = f'name = "{name}"\nmemory = {memory_mb}\n'
-        created = self.exec("dom0", ["sh", "-c", f"cat > /tmp/{name}.cfg <<'EOF'\n{config}EOF\n"
-                                                 f"xl create --print-credential /tmp/{name}.cfg"], check=True)
+        created = self.exec(dom0, ["sh", "-c", f"cat > /tmp/{name}.cfg <<'EOF'\n{config}EOF\n"
+                                               f"xl create --print-credential /tmp/{name}.cfg"], check=True)
         credential = created.stdout.strip().splitlines()[-1]
         template_service = self.project.services[template]
         environment = {**template_service.environment, **(environment or {}),
@@ -233,30 +238,90 @@ class Testbed:
         self.project.services[name] = replace(template_service, name=name, environment=environment, depends_on={})
         self._start_service(name)
         self._await(name, "service_healthy", time.monotonic() + timeout, progress, needed_by=None)
-        return int(self.exec("dom0", ["xl", "domid", name], check=True).stdout.strip())
+        return int(self.exec(dom0, ["xl", "domid", name], check=True).stdout.strip())
 
-    def domain(self, name: str):
+    def domain(self, name: str, host: str | None = None):
         """A handle to drive domain `name` through the toolstack and read its
-        devices (harness/domains.py); "dom0" is Domain-0."""
+        devices (harness/domains.py); "dom0" (or a host's dom0 service, e.g.
+        "dom0-b") is that host's Domain-0.  `host` names the Xen host whose
+        toolstack knows the domain -- a host name or one of its services,
+        e.g. `testbed.domain("domu1", host="dom0-b")` after a migration --
+        by default the host the service `name` belongs to (or the only one)."""
         from .domains import Domain
-        return Domain(self, "Domain-0" if name == "dom0" else name)
+        hosts = self.xen_hosts()
+        dom0_services = {h.dom0 for h in hosts.values()} - {None}
+        if name in ("dom0", "Domain-0") or name in dom0_services:
+            which = host if host is not None else (name if name in dom0_services else None)
+            return Domain(self, "Domain-0", dom0=self.dom0(which))
+        return Domain(self, name, dom0=self.dom0(host if host is not None else self._host_hint(name, hosts)))
 
-    def audit(self) -> dict:
+    # ------------------------------------------------------------------ Xen hosts
+
+    def xen_hosts(self) -> dict[str, Host]:
+        """The run's Xen hosts (harness/hosts.py): one, `host`, for the
+        default topology; host-a and host-b for compose/two-hosts.yml."""
+        if self.project is not None:
+            labels = {name: service.labels for name, service in self.project.services.items()}
+        else:
+            labels = {c.labels.get(SERVICE, c.name): c.labels
+                      for c in self.client.containers.list(all=True, filters={"label": self.label})}
+        return find_hosts(labels)
+
+    def xen_host(self, which: str | None = None) -> Host:
+        """The host `which` names (a host name or any of its services), or the only one."""
+        return resolve_host(self.xen_hosts(), which)
+
+    def dom0(self, which: str | None = None) -> str:
+        """The service name of the dom0 of host `which` (see xen_host): "dom0",
+        or "dom0-a" / "dom0-b" in compose/two-hosts.yml."""
+        host = self.xen_host(which)
+        if host.dom0 is None:
+            raise HostError(f"host {host.name} has no dom0 service")
+        return host.dom0
+
+    def hypervisor(self, which: str | None = None) -> str:
+        """The service name of the hypervisor of host `which` (see xen_host)."""
+        host = self.xen_host(which)
+        if host.hypervisor is None:
+            raise HostError(f"host {host.name} has no hypervisor service")
+        return host.hypervisor
+
+    @staticmethod
+    def _host_hint(name: str, hosts: dict[str, Host]) -> str | None:
+        """`name` when it is a service of some host (its host is then meant), else None (the only host)."""
+        return name if any(name in h for h in hosts.values()) else None
+
+    def audit(self, host: str | None = None) -> dict:
         """The hypervisor's report of what dead domains left behind (grant
         mappings of their pages, ports offered to them, their store nodes,
-        domains dying and never destroyed), asked from dom0."""
+        domains dying and never destroyed), asked from dom0.  Without `host`,
+        of every host of the run; with several, each finding says its host."""
         import json
 
         script = ("import json\n"
                   "from xenbed.drivers.xen.hypercall import HypervisorLink\n"
                   "from xenbed.protocols import hypercall as hc\n"
                   "print(json.dumps(HypervisorLink.open(role='device').call(hc.Call.AUDIT)))\n")
-        result = self.exec("dom0", ["python3", "-c", script], check=True)
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        hosts = [self.xen_host(host)] if host is not None else \
+            [h for h in self.xen_hosts().values() if h.dom0 is not None]
+        reports = {}
+        for each in hosts:
+            result = self.exec(each.dom0, ["python3", "-c", script], check=True)
+            reports[each.name] = json.loads(result.stdout.strip().splitlines()[-1])
+        if len(reports) == 1:
+            return next(iter(reports.values()))
+        merged: dict[str, list] = {}
+        for name, report in reports.items():
+            for kind, found in report.items():
+                merged.setdefault(kind, []).extend(
+                    {"host": name, **item} if isinstance(item, dict) else {"host": name, "found": item}
+                    for item in found)
+        return merged
 
-    def destroy_domain(self, name: str) -> None:
-        """`xl destroy` in dom0, then the domain's container goes."""
-        self.exec("dom0", ["xl", "destroy", name], check=True)
+    def destroy_domain(self, name: str, host: str | None = None) -> None:
+        """`xl destroy` in dom0 (of `host`, by default the domain's service's), then the domain's container goes."""
+        dom0 = self.dom0(host if host is not None else self._host_hint(name, self.xen_hosts()))
+        self.exec(dom0, ["xl", "destroy", name], check=True)
         try:
             self.container(name).remove(force=True)
         except LookupError:

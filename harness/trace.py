@@ -81,7 +81,7 @@ def transition_records(lines: Iterable[str], service: str) -> list[dict]:
     return out
 
 
-def hypervisor_records(output: str) -> tuple[dict | None, list[dict]]:
+def hypervisor_records(output: str, service: str = HYPERVISOR_SERVICE) -> tuple[dict | None, list[dict]]:
     """The output of `python3 -m xenbed.hypervisor.trace --since ...`: its
     header (the new read position; None if there is none) and its records,
     each marked as the hypervisor's (unreadable lines are skipped)."""
@@ -99,7 +99,7 @@ def hypervisor_records(output: str) -> tuple[dict | None, list[dict]]:
         except json.JSONDecodeError:
             continue
         if isinstance(data, dict) and isinstance(data.get("ts"), (int, float)):
-            records.append({**data, "service": HYPERVISOR_SERVICE})
+            records.append({**data, "service": service})
     return header, records
 
 
@@ -202,38 +202,48 @@ def write_diagrams(nodeid: str, records: list[dict], directory: str | Path = TRA
 
 
 class TranscriptReader:
-    """Reads each container's transitions file, and the hypervisor's trace,
-    incrementally, across tests."""
+    """Reads each container's transitions file, and the trace of each Xen
+    host's hypervisor (several in compose/two-hosts.yml), incrementally,
+    across tests."""
 
     def __init__(self) -> None:
         self.seen: dict[str, int] = {}  # service -> lines already read
-        self.hypervisor_position = ":0"  # "<file identity>:<byte offset>" read up to (trace.py read_since)
+        # hypervisor service -> "<file identity>:<byte offset>" read up to (trace.py read_since)
+        self.hypervisor_positions: dict[str, str] = {}
 
     def new_records(self, testbed) -> list[dict]:
         """Everything since the last call: every domain's transitions and the
-        hypervisor's records (unsorted; `merge` sorts)."""
+        hypervisors' records (unsorted; `merge` sorts)."""
         rows = testbed.status()
         return self.new_transitions(testbed, rows) + self.new_hypervisor_records(testbed, rows)
 
     def new_hypervisor_records(self, testbed, rows: list[dict] | None = None) -> list[dict]:
-        """What the hypervisor traced since the last call ([] when it does not
-        run, or traces nothing)."""
-        if not any(row["service"] == HYPERVISOR_SERVICE and row.get("state") == "running"
-                   for row in (testbed.status() if rows is None else rows)):
-            return []
-        result = testbed.exec(HYPERVISOR_SERVICE, ["python3", "-m", "xenbed.hypervisor.trace",
-                                                   "--since", self.hypervisor_position,
-                                                   "--file", HYPERVISOR_TRACE])
+        """What each running hypervisor traced since the last call, each record
+        marked with its hypervisor's service ([] when none runs or traces)."""
+        running = {row["service"] for row in (testbed.status() if rows is None else rows)
+                   if row.get("state") == "running"}
+        hypervisors = [h.hypervisor for h in testbed.xen_hosts().values() if h.hypervisor] \
+            if hasattr(testbed, "xen_hosts") else [HYPERVISOR_SERVICE]
+        records = []
+        for service in hypervisors:
+            if service in running:
+                records += self._hypervisor_records(testbed, service)
+        return records
+
+    def _hypervisor_records(self, testbed, service: str) -> list[dict]:
+        position = self.hypervisor_positions.get(service, ":0")
+        result = testbed.exec(service, ["python3", "-m", "xenbed.hypervisor.trace",
+                                        "--since", position, "--file", HYPERVISOR_TRACE])
         if result.exit_code != 0:
             return []
-        header, records = hypervisor_records(result.stdout)
+        header, records = hypervisor_records(result.stdout, service)
         if header is None:
             return []
         if header.get("lost"):
             ts = records[0]["ts"] if records else 0.0
-            records.insert(0, {"ts": ts, "kind": TRACE, "event": "lost", "service": HYPERVISOR_SERVICE,
+            records.insert(0, {"ts": ts, "kind": TRACE, "event": "lost", "service": service,
                                "why": "the hypervisor's trace rotated twice (or was replaced) between two reads"})
-        self.hypervisor_position = f"{header.get('ident', '')}:{int(header['offset'])}"
+        self.hypervisor_positions[service] = f"{header.get('ident', '')}:{int(header['offset'])}"
         return records
 
     def new_transitions(self, testbed, rows: list[dict] | None = None) -> list[dict]:

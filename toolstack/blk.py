@@ -7,6 +7,19 @@ the spec names with `backend=`); the hotplug step attaches the target to a
 loop device and writes `physical-device`, after the backend went InitWait,
 as libxl runs the block script.
 
+A driver domain's backend (`backend=driverdom`; seed 004: a domain with the
+backend privilege only): the directories are written as for dom0, with
+libxl's permissions -- the backend dir under /local/domain/<driverdom>/
+backend/vbd/<guest>/<devid>, owned by the driver domain and readable by the
+guest; the frontend dir owned by the guest and readable by the driver domain.
+The target names a file IN the driver domain (its storage, not dom0's), so
+the hotplug step runs there: on Xen `xl devd` in the driver domain runs the
+block script; here the driver domain's blkback runs the same step itself
+(drivers/blk/back.py, on for any domain without the control privilege), and
+the toolstack waits for its `hotplug-status`.  On removal the driver domain
+releases the loop device (blkback closes it at Closed with online=0 and runs
+the hotplug removal); dom0 then removes both directories, as it may.
+
 Reconfiguration while Connected (seed 000, Device reconfiguration; both ends
 stay Connected, the guest's file stays open):
 
@@ -40,6 +53,7 @@ from xenbed.toolstack.devices import Device, DeviceError
 from xenbed.toolstack.disk_spec import DiskSpec, parse_disk_spec
 
 INITWAIT_TIMEOUT = 20.0  # libxl waits LIBXL_INIT_TIMEOUT (10 s); containers start slower
+HOTPLUG_TIMEOUT = 20.0  # for a driver domain's own hotplug step
 CLOSE_TIMEOUT = 10.0  # libxl's LIBXL_DESTROY_TIMEOUT
 
 
@@ -71,13 +85,25 @@ def run_hotplug(action: str, backend_path: str) -> None:
         raise DeviceError(f"block hotplug {action} for {backend_path} failed: {result.stderr.strip() or result.stdout.strip()}")
 
 
-def attach(store: XenStoreClient, frontend_domid: int, spec_text: str, backend_domid: int = 0,
+def attach(store: XenStoreClient, frontend_domid: int, spec_text: str, backend_domid: int | None = None,
            wait_connected: float = 20.0) -> Device:
+    """Add the disk; its backend domain is `backend_domid`, else the spec's
+    `backend=` (a domain name or id), else dom0."""
     spec = parse_disk_spec(spec_text)
+    if backend_domid is None:
+        backend_domid = devices.backend_domid(store, spec.backend)
     device = vbd_device(spec, frontend_domid, backend_domid)
     devices.write_device(store, device)
-    return devices.bring_up(store, device, spec.vdev, lambda path: run_hotplug("add", path), remove,
+    return devices.bring_up(store, device, spec.vdev, lambda path: _hotplug_add(store, device), remove,
                             initwait_timeout=INITWAIT_TIMEOUT, wait_connected=wait_connected)
+
+
+def _hotplug_add(store: XenStoreClient, device: Device) -> None:
+    """Here in dom0 for dom0's backends; a driver domain runs its own (module doc)."""
+    if device.backend_domid == devices.TOOLSTACK_DOMID:
+        run_hotplug("add", device.backend_path)
+    else:
+        devices.wait_for_hotplug(store, device.backend_path, HOTPLUG_TIMEOUT, f"vbd {device.devid}")
 
 
 def find(store: XenStoreClient, frontend_domid: int, vdev: str) -> Device:
@@ -108,7 +134,8 @@ def remove(store: XenStoreClient, device: Device, force: bool = False, timeout: 
             print(f"xl: {exc}; forcing the removal", file=sys.stderr)
             orderly = False
     try:
-        run_hotplug("remove", device.backend_path)
+        if device.backend_domid == devices.TOOLSTACK_DOMID:  # a driver domain releases its own (module doc)
+            run_hotplug("remove", device.backend_path)
     finally:
         devices.remove_directories(store, device)
     return orderly

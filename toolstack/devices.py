@@ -64,6 +64,44 @@ def wait_for_state(store: XenStoreClient, path: str, wanted: set[int], timeout: 
         time.sleep(0.05)
 
 
+TOOLSTACK_DOMID = 0  # the domain this toolstack runs in (libxl's LIBXL_TOOLSTACK_DOMID)
+
+
+def backend_domid(store: XenStoreClient, backend: str | None) -> int:
+    """The domid of the backend domain a device spec names (`backend=NAME`
+    in xl's disk and vif syntax): a name or a domid; None is dom0.  Names are
+    looked up in the store, as libxl_name_to_domid reads the domains' names."""
+    if backend is None or backend in ("0", "Domain-0"):
+        return TOOLSTACK_DOMID
+    if backend.isdigit():
+        if not store.exists(f"/local/domain/{backend}"):
+            raise DeviceError(f"backend domain {backend} does not exist")
+        return int(backend)
+    for domid in store.directory("/local/domain"):
+        if domid.isdigit() and store.try_read(f"/local/domain/{domid}/name") == backend:
+            return int(domid)
+    raise DeviceError(f"backend domain {backend!r} does not exist")
+
+
+def wait_for_hotplug(store: XenStoreClient, backend_path: str, timeout: float, what: str) -> None:
+    """A backend in a driver domain: the hotplug step runs THERE (Xen runs
+    `xl devd` in the driver domain for it; here its blkback does it), so the
+    toolstack only waits for its outcome, `hotplug-status` connected, and
+    reports `hotplug-error` if it failed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = store.try_read(f"{backend_path}/hotplug-status")
+        if status == "connected":
+            return
+        if status == "error":
+            reason = store.try_read(f"{backend_path}/hotplug-error", default="no reason given")
+            raise DeviceError(f"the hotplug step of {what} failed in its backend domain: {reason}")
+        if time.monotonic() > deadline:
+            raise DeviceError(f"timed out after {timeout:.0f}s waiting for the backend domain's hotplug step "
+                              f"of {what} ({backend_path}/hotplug-status is {status!r})")
+        time.sleep(0.05)
+
+
 def write_device(store: XenStoreClient, device: Device) -> None:
     front, back = device.frontend_path, device.backend_path
     fe, be = device.frontend_domid, device.backend_domid

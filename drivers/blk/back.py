@@ -66,7 +66,13 @@ specific watches, both ends stay Connected):
 
 The hotplug step (`xenbed.drivers.blk.hotplug add`) is run by the toolstack
 after InitWait, as libxl does; `--run-hotplug` makes the daemon run it itself
-on probe and on removal instead (udev-style), for tests without xl.
+on probe and on removal instead (udev-style), for tests without xl.  In a
+driver domain (a domain without the control privilege, seed 004) it is
+always on: the disks it serves are its own storage, which dom0's toolstack
+cannot reach, and there is no toolstack in it -- on Xen, `xl devd` runs in
+the driver domain for exactly this.  There the step's removal also runs when
+the toolstack unplugs the device (Closed with online=0), before dom0 removes
+the directories, as devd runs the script on that state.
 
 The data path (`BlkifServer`) is independent of XenBus: give it a BackRing,
 something with GrantTable's `map`/`unmap`, a file descriptor and a
@@ -915,8 +921,13 @@ class Blkback(XenbusDriver):
 
     def _unregister(self, dev: XenbusDevice) -> None:
         """device_unregister after a toolstack unplug: release the disk now
-        (the dirs stay until the toolstack removes them)."""
+        (the dirs stay until the toolstack removes them).  Running our own
+        hotplug step (a driver domain's devd), its removal too: a loop it
+        attached that we never opened has no autoclear to free it."""
         self._close_disk(dev)
+        if self.run_hotplug and dev.priv.hotplug_ran:
+            self._hotplug("remove", dev)
+            dev.priv.hotplug_ran = False
 
     def _reopen(self, dev: XenbusDevice) -> None:
         dev.switch_state(XenbusState.InitWait)
@@ -1112,8 +1123,9 @@ def main(argv: list[str] | None = None) -> int:
     from xenbed.drivers.xen.gnttab import GrantTable
     from xenbed.drivers.xenbus.daemon import run_backend
 
+    # A driver domain runs its own hotplug step (module doc): xl devd's job.
     return run_backend("blkback", lambda link: Blkback(GrantTable(link), EventChannels(link),
-                                                      run_hotplug=args.run_hotplug),
+                                                      run_hotplug=args.run_hotplug or link.privilege != "control"),
                        transitions=args.transitions, domid=args.domid)
 
 

@@ -51,6 +51,9 @@ def test_xl_is_forwarded_to_dom0_with_its_status(monkeypatch, capsys):
         def __init__(self, project, client=None):
             calls.append(project)
 
+        def dom0(self, which=None):  # the dom0 of host `which` (Testbed.dom0): here "dom0-<host>"
+            return "dom0" if which is None else f"dom0-{which}"
+
         def exec(self, service, cmd):
             calls.append((service, cmd))
             return ExecResult(3, "Name ID\n", "oops\n")
@@ -61,3 +64,6 @@ def test_xl_is_forwarded_to_dom0_with_its_status(monkeypatch, capsys):
     assert calls == ["run1", ("dom0", ["xl", "list", "-l"])]
     captured = capsys.readouterr()
     assert captured.out == "Name ID\n" and captured.err == "oops\n"
+    calls.clear()
+    assert cli.main(["xl", "-p", "run1", "--host", "b", "list"]) == 3
+    assert calls == ["run1", ("dom0-b", ["xl", "list"])]

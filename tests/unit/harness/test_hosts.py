@@ -1,0 +1,69 @@
+"""Which services make up which Xen host (harness/hosts.py), for the two
+topologies in compose/ and for labels as containers carry them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xenbed.harness.compose import load_project
+from xenbed.harness.hosts import DEFAULT_HOST, HostError, find_hosts, resolve_host
+
+COMPOSE = Path(__file__).resolve().parents[3] / "compose"
+
+
+def hosts_of(file: str):
+    project = load_project(COMPOSE / file, {})
+    return find_hosts({name: service.labels for name, service in project.services.items()})
+
+
+def test_the_default_topology_is_one_host_by_service_names():
+    hosts = hosts_of("testbed.yml")
+    assert list(hosts) == [DEFAULT_HOST]
+    host = resolve_host(hosts)
+    assert (host.hypervisor, host.dom0) == ("hypervisor", "dom0")
+    assert resolve_host(hosts, "domu1") is host and resolve_host(hosts, "peer") is host
+
+
+def test_two_hosts_each_with_its_own_pillars_and_guests_and_the_peer_on_neither():
+    hosts = hosts_of("two-hosts.yml")
+    assert {name: (h.hypervisor, h.dom0) for name, h in hosts.items()} == {
+        "host-a": ("hypervisor-a", "dom0-a"), "host-b": ("hypervisor-b", "dom0-b")}
+    assert resolve_host(hosts, "domu1").name == "host-a"
+    assert resolve_host(hosts, "domu2").dom0 == "dom0-b"
+    assert resolve_host(hosts, "dom0-b").name == resolve_host(hosts, "host-b").name == "host-b"
+    with pytest.raises(HostError, match="2 Xen hosts"):
+        resolve_host(hosts)          # which one?
+    with pytest.raises(HostError, match="neither a host nor a service"):
+        resolve_host(hosts, "peer")  # on the uplink, part of no host
+
+
+def test_the_driver_domain_topology_is_one_host():
+    host = resolve_host(hosts_of("driver-domain.yml"))
+    assert host.dom0 == "dom0" and "driverdom" in host
+
+
+def test_labels_as_containers_carry_them_and_a_host_with_two_dom0s_is_refused():
+    labels = {"h": {"org.xenbed.host": "x", "org.xenbed.role": "hypervisor", "com.docker.compose.service": "h"},
+              "d": {"org.xenbed.host": "x", "org.xenbed.role": "dom0"},
+              "g": {"org.xenbed.host": "x"}}
+    assert resolve_host(find_hosts(labels), "g").dom0 == "d"
+    with pytest.raises(HostError, match="several dom0"):
+        find_hosts({**labels, "d2": {"org.xenbed.host": "x", "org.xenbed.role": "dom0"}})
+
+
+def test_a_testbed_sends_each_domains_toolstack_calls_to_its_hosts_dom0():
+    from xenbed.harness.testbed import Testbed
+
+    two = Testbed.from_compose(COMPOSE / "two-hosts.yml", "unit", client=object())  # no engine is asked
+    assert two.domain("domu1").dom0 == "dom0-a" and two.domain("domu2").dom0 == "dom0-b"
+    assert two.domain("domu1", host="dom0-b").dom0 == "dom0-b"  # where a migrated domu1 would be
+    assert (two.domain("dom0-b").name, two.domain("dom0-b").service) == ("Domain-0", "dom0-b")
+    assert two.hypervisor("domu2") == "hypervisor-b"
+    with pytest.raises(HostError):
+        two.domain("scratch")  # not a service: which host's toolstack knows it?
+    assert two.domain("scratch", host="host-a").dom0 == "dom0-a"
+    one = Testbed.from_compose(COMPOSE / "testbed.yml", "unit", client=object())
+    assert (one.domain("dom0").name, one.domain("dom0").service) == ("Domain-0", "dom0")
+    assert one.domain("scratch").dom0 == "dom0" and one.hypervisor() == "hypervisor"
