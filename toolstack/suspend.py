@@ -276,15 +276,26 @@ def resume(store, link, domid: int, cancel: bool = False, timeout: float = RESUM
         reply = link.call(hc.Call.DOMAIN_RESUME, {"domid": domid, "cancelled": True})
         return {"cancelled": True, "devices": [], "guest_answered": reply.get("guest_answered"),
                 "seconds": time.monotonic() - started}
+    phases = {}
+    mark = started
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name] = round(now - mark, 3)
+        mark = now
+
     saved = [save_device(store, d) for d in devices_of(store, domid)]
     for s in saved:
         tear_down_backend(store, link, s)
+    phase("teardown")
     rewrite_directories(store, saved)
     for s in saved:
         d = s.device
         module = _hotplug(d.kind)
         devices.bring_up(store, d, f"{d.kind} {d.devid}", lambda path, m=module: m.run_hotplug("add", path),
                          module.remove, initwait_timeout=module.INITWAIT_TIMEOUT, wait_connected=0)
+    phase("new_backends")
     reply = link.call(hc.Call.DOMAIN_RESUME, {"domid": domid, "cancelled": False})
     deadline = time.monotonic() + timeout
     for s in saved:
@@ -292,5 +303,7 @@ def resume(store, link, domid: int, cancel: bool = False, timeout: float = RESUM
         for path, what in ((d.backend_path, "backend"), (d.frontend_path, "frontend")):
             devices.wait_for_state(store, path, {devices.XENBUS_CONNECTED}, max(0.1, deadline - time.monotonic()),
                                    f"the {what} of {d.kind} {d.devid} to connect again after the resume")
+    phase("reconnect")
     return {"cancelled": False, "devices": [f"{s.device.kind}/{s.device.devid}" for s in saved],
-            "guest_answered": reply.get("guest_answered"), "seconds": time.monotonic() - started}
+            "guest_answered": reply.get("guest_answered"), "seconds": time.monotonic() - started,
+            "phases": phases}

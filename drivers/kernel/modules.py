@@ -117,17 +117,27 @@ class ModuleSupervisor:
         return [c.module for c in frozen]
 
     def thaw_all(self, cancelled: bool, timeout: float, **arguments) -> dict[str, str]:
-        """Thaw every module that takes part; `arguments` go with the request
-        (see control.py).  Returns module -> "ok" or the error: one module's
-        failure does not keep the others frozen."""
-        results = {}
-        for channel in self._taking_part("thaw"):
+        """Thaw every module that takes part, all at once (each reconnects its
+        own devices; one after the other the guest would wait for the sum);
+        `arguments` go with the request (see control.py).  Returns module ->
+        "ok" or the error: one module's failure does not keep the others
+        frozen."""
+        results: dict[str, str] = {}
+
+        def thaw(channel: ModuleChannel) -> None:
             try:
                 channel.call("thaw", timeout, cancelled=cancelled, **arguments)
                 results[channel.module] = "ok"
             except ControlError as exc:
                 log.error("%s", exc)
                 results[channel.module] = str(exc)
+
+        threads = [threading.Thread(target=thaw, args=(c,), name=f"thaw-{c.module}")
+                   for c in self._taking_part("thaw")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         return results
 
     def _watch(self) -> None:
