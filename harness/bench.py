@@ -238,7 +238,32 @@ def bench_net(testbed: Testbed, seconds: int = 5, pings: int = 50) -> dict[str, 
     }
 
 
-SUITES = {"xenstore": bench_xenstore, "evtchn": bench_evtchn, "blk": bench_blk, "net": bench_net}
+def bench_suspend(testbed: Testbed, guest: str = "domu1", rounds: int = 3) -> dict[str, dict]:
+    """Suspend and resume `guest` in place (toolstack/suspend.py), `rounds`
+    times on new backends and `rounds` times cancelled.  resume_ms: from
+    the suspend request to the guest running again with every device
+    Connected at both ends (the p50 of the rounds); the limit beside it is
+    the suspend alone (guest acknowledges, freezes, makes the hypercall)."""
+    result = testbed.exec("dom0", ["python3", "-c", _guest_script("dom0_suspend.py"), guest, str(rounds)],
+                          check=True)
+    raw = json.loads(result.stdout.strip().splitlines()[-1])
+
+    def p50(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    phases = {name: p50([p[name] for p in raw["phases"]]) * 1000 for name in raw["phases"][0]}
+    return {
+        "suspend.resume_ms": {"value": round(p50(raw["resume_ms"]), 1), "unit": "ms"},
+        **{f"suspend.resume_{name}_ms": {"value": round(ms, 1), "unit": "ms"} for name, ms in phases.items()},
+        "suspend.resume_ms_max": {"value": round(max(raw["resume_ms"]), 1), "unit": "ms"},
+        "suspend.suspend_ms": {"value": round(p50(raw["suspend_ms"]), 1), "unit": "ms"},
+        "suspend.cancelled_ms": {"value": round(p50(raw["cancelled_ms"]), 1), "unit": "ms"},
+        "suspend.devices": {"value": raw["devices"], "unit": "devices"},
+    }
+
+
+SUITES = {"xenstore": bench_xenstore, "evtchn": bench_evtchn, "blk": bench_blk, "net": bench_net,
+          "suspend": bench_suspend}
 
 
 def run(testbed: Testbed, suites: list[str] | None = None, progress=print) -> dict:

@@ -42,6 +42,10 @@ class DomainState(str, enum.Enum):
     DYING = "dying"  # its kernel went away; resources are being torn down
 
 
+# SCHEDOP_shutdown's reasons (sched.h SHUTDOWN_*), by the names xl prints.
+SHUTDOWN_REASONS = ("poweroff", "reboot", "suspend", "crash")
+
+
 class DomainError(Exception):
     """A call the domain table refuses; `code` is the errno name sent back."""
 
@@ -61,6 +65,9 @@ class Domain:
     state: DomainState = DomainState.RUNNING
     created_at: float = field(default_factory=time.time)
     kernel_connected: bool = False
+    # Why the domain last shut down (Xen's shutdown_code): "suspend" while it
+    # is suspended, "" while it runs.
+    shutdown_reason: str = ""
 
     @property
     def is_control(self) -> bool:
@@ -75,6 +82,7 @@ class Domain:
             "state": self.state.value,
             "connected": self.kernel_connected,
             "created_at": self.created_at,
+            "shutdown_reason": self.shutdown_reason,
         }
 
 
@@ -177,7 +185,28 @@ class DomainTable:
         if suspended == (domain.state is DomainState.SUSPENDED):
             raise DomainError("EINVAL", f"domain {domid} is {'already' if suspended else 'not'} suspended")
         domain.state = DomainState.SUSPENDED if suspended else DomainState.RUNNING
+        domain.shutdown_reason = "suspend" if suspended else ""
         return domain
+
+    def shutdown_self(self, caller: Domain, reason: str) -> Domain:
+        """SCHEDOP_shutdown: a domain stops itself.  Only "suspend" changes
+        the state here (the domain stays, its memory, grants and ports too);
+        "poweroff", "reboot" and "crash" are recorded as the reason -- the
+        toolstack destroys or recreates the domain, as libxl does on
+        @releaseDomain.  dom0 cannot suspend (it runs the toolstack that
+        would have to resume it)."""
+        if reason not in SHUTDOWN_REASONS:
+            raise DomainError("EINVAL", f"unknown shutdown reason {reason!r}; one of {', '.join(SHUTDOWN_REASONS)}")
+        if caller.domid == 0 and reason == "suspend":
+            raise DomainError("EINVAL", "dom0 cannot suspend itself")
+        if caller.state is DomainState.DYING:
+            raise DomainError("ESRCH", f"domain {caller.domid} is dying")
+        if reason == "suspend":
+            if caller.state is DomainState.SUSPENDED:
+                raise DomainError("EBUSY", f"domain {caller.domid} is suspended already")
+            caller.state = DomainState.SUSPENDED
+        caller.shutdown_reason = reason
+        return caller
 
     def mark_dying(self, domid: int) -> Domain:
         domain = self.get(domid)

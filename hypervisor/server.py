@@ -41,6 +41,9 @@ from xenbed.protocols import xs_wire
 log = logging.getLogger("xenbed.hypervisor")
 
 MAX_FDS_PER_MESSAGE = 64
+# A handler's answer meaning "the reply comes later" (SCHEDOP_SHUTDOWN
+# suspend: answered by the DOMAIN_RESUME that ends the suspension).
+DEFERRED = object()
 XS_WRITE_HIGH_WATER = 256 * 1024  # stop reading a store client that does not read its replies
 
 
@@ -158,6 +161,9 @@ class HypervisorServer:
         self._audit_conn = None  # a privileged store connection of the hypervisor's own
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = asyncio.Event()
+        # domid -> (kernel link, its SCHEDOP_SHUTDOWN suspend call): the
+        # guest blocked in its suspend hypercall until DOMAIN_RESUME.
+        self.suspend_callers: dict[int, tuple[DomainLink, hc.Frame]] = {}
 
     @property
     def socket_path(self) -> str:
@@ -258,6 +264,8 @@ class HypervisorServer:
         except (KeyError, TypeError, ValueError) as exc:
             self._refuse(link, frame, wants_reply, "EINVAL", f"bad arguments to {frame.op_name}: {exc!r}")
             return
+        if result is DEFERRED:
+            return
         if wants_reply:
             if isinstance(result, Reply):
                 self._send(link, hc.reply(frame, result.body, result.fds))
@@ -316,6 +324,8 @@ class HypervisorServer:
         connections and nodes, its ports and its grants (once only)."""
         if domain.state is DomainState.DYING:
             return
+        self.suspend_callers.pop(domain.domid, None)
+        self.sharing.resume_domain(domain.domid, deliver=False)
         self.domains.mark_dying(domain.domid)
         for link in [l for l in self.links if l.domain is domain]:
             self._drop_link(link, f"domain {domain.domid} is dying")
@@ -417,11 +427,51 @@ class HypervisorServer:
     def _call_domain_unpause(self, link, frame):
         return self.domains.set_paused(link.domain, int(frame.body["domid"]), False).summary()
 
+    # -- suspend / resume (docs/suspend-resume.md) ------------------------------
+    def _call_schedop_shutdown(self, link: DomainLink, frame: hc.Frame):
+        """The guest's own SCHEDOP_shutdown.  For "suspend" the caller's
+        kernel blocks in it: the domain is suspended (memory, grants and
+        ports stay; upcalls are held, the ports stay pending), @releaseDomain
+        fires so the toolstack sees the shutdown, and the reply is sent by
+        DOMAIN_RESUME with its `cancelled` flag.  Other reasons are recorded
+        (the domain's summary says them) and answered at once."""
+        if link.role != "kernel":
+            raise DomainError("EPERM", "only the domain's kernel shuts it down (a device link cannot)")
+        reason = str(frame.body.get("reason", ""))
+        if reason == "suspend" and frame.seq == 0:
+            raise DomainError("EINVAL", "a suspend call needs a reply (seq != 0): it returns at resume")
+        domain = self.domains.shutdown_self(link.domain, reason)
+        log.info("dom%d (%s) shut down: %s", domain.domid, domain.name, reason)
+        if reason == "suspend":
+            self.sharing.suspend_domain(domain.domid)
+            self.suspend_callers[domain.domid] = (link, frame)
+        self.store.domain_shutdown(domain.domid)
+        self.flush_watch_events()
+        return DEFERRED if reason == "suspend" else {}
+
     def _call_domain_suspend(self, link, frame):
-        return self.domains.set_suspended(link.domain, int(frame.body["domid"]), True).summary()
+        domain = self.domains.set_suspended(link.domain, int(frame.body["domid"]), True)
+        self.sharing.suspend_domain(domain.domid)
+        self.store.domain_shutdown(domain.domid)
+        self.flush_watch_events()
+        return domain.summary()
 
     def _call_domain_resume(self, link, frame):
-        return self.domains.set_suspended(link.domain, int(frame.body["domid"]), False).summary()
+        """Run a suspended domain again.  The guest's suspend call returns
+        now, saying whether the suspend was cancelled (its devices go on on
+        their old rings) or not (they reconnect to the backends the
+        toolstack made afresh); then the upcalls held while it was
+        suspended are delivered."""
+        cancelled = bool(frame.body.get("cancelled", False))
+        domain = self.domains.set_suspended(link.domain, int(frame.body["domid"]), False)
+        caller = self.suspend_callers.pop(domain.domid, None)
+        answered = caller is not None and caller[0] in self.links
+        if answered:
+            self._send(caller[0], hc.reply(caller[1], {"cancelled": cancelled}))
+        self.sharing.resume_domain(domain.domid)
+        log.info("dom%d (%s) resumed (%s)%s", domain.domid, domain.name, "cancelled" if cancelled else "new devices",
+                 "" if answered else ": no suspend call was waiting")
+        return {**domain.summary(), "guest_answered": answered}
 
     def _call_audit(self, link, frame):
         """What dead or destroyed domains left behind: mappings of their pages,
@@ -465,6 +515,7 @@ class HypervisorServer:
         hc.Call.PING: _call_ping,
         hc.Call.HELLO: _call_hello,
         hc.Call.WHOAMI: _call_whoami,
+        hc.Call.SCHEDOP_SHUTDOWN: _call_schedop_shutdown,
         hc.Call.XS_ADOPT: _call_xs_adopt,
         hc.Call.DOMAIN_CREATE: _call_domain_create,
         hc.Call.DOMAIN_DESTROY: _call_domain_destroy,

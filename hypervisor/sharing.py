@@ -78,6 +78,11 @@ class Sharing:
         self._privileged: set[int] = set()
         self.deliver = None  # set by the server: deliver(link, frame)
         self.tracer = Tracer.disabled()  # set by the server
+        # Suspended domains do not run, so they get no upcalls: a send to
+        # them sets the port pending as always and the upcall is held here
+        # (domid -> ports) until the domain resumes (Xen: the pending bit
+        # stays set and the guest sees it when it runs again).
+        self.held_upcalls: dict[int, set[int]] = {}
 
     # -- domain lifecycle --------------------------------------------------------
     def add_domain(self, domid: int, memory_mb: int, privileged: bool) -> None:
@@ -135,8 +140,29 @@ class Sharing:
         resources.grants.clear()
         resources.mappings.clear()
 
+    def suspend_domain(self, domid: int) -> None:
+        self.held_upcalls.setdefault(domid, set())
+
+    def resume_domain(self, domid: int, deliver: bool = True) -> None:
+        """The domain runs again: the upcalls held meanwhile, for the ports
+        still open and pending (a port closed since is gone with its event)."""
+        held = self.held_upcalls.pop(domid, set())
+        if not deliver:
+            return
+        for port in sorted(held):
+            try:
+                st = self.evtchn.status(domid, port, caller=domid)
+            except EvtchnError:
+                continue
+            if st.get("pending") and not st.get("masked"):
+                self._notify(Notify(domid, port))
+
     def _notify(self, notify: Notify | None) -> None:
         if notify is None:
+            return
+        held = self.held_upcalls.get(notify.domid)
+        if held is not None:
+            held.add(notify.port)
             return
         owner = self.port_owner.get((notify.domid, notify.port))
         if owner is not None and self.deliver is not None:

@@ -36,14 +36,20 @@ class Call(enum.IntEnum):
     # Any authenticated domain.
     XS_ADOPT = 10  # carries one fd: a connected stream socket that becomes a xenstored connection of the caller's domain
     WHOAMI = 11
+    # The guest's own call on itself (Xen's SCHEDOP_shutdown): {"reason":
+    # "suspend"|"poweroff"|"reboot"|"crash"}.  Suspend: the domain becomes
+    # suspended (its memory stays) and the reply comes only when the
+    # toolstack resumes it: {"cancelled": bool} -- SCHEDOP_shutdown returning
+    # 1 in a guest whose suspend was cancelled (docs/suspend-resume.md).
+    SCHEDOP_SHUTDOWN = 12
     # Control domain (dom0) only.
     DOMAIN_CREATE = 20  # {"name", "memory_mb", "privilege"} -> {"domid", "credential"}
     DOMAIN_DESTROY = 21  # {"domid"}
     DOMAIN_LIST = 22  # {} -> {"domains": [...]}
     DOMAIN_PAUSE = 23
     DOMAIN_UNPAUSE = 24
-    DOMAIN_SUSPEND = 25  # {"domid"}: the guest acknowledged a suspend request; memory stays
-    DOMAIN_RESUME = 26  # {"domid"}
+    DOMAIN_SUSPEND = 25  # {"domid"}: suspend a guest without its cooperation (no SCHEDOP reply pending); memory stays
+    DOMAIN_RESUME = 26  # {"domid", "cancelled": bool}: run a suspended domain again; answers its SCHEDOP_SHUTDOWN
     AUDIT = 27  # {} -> what dead domains left behind (control only; the harness's leak audit)
     # Guest memory: pages are files on the hypervisor's tmpfs; a domain gets
     # them only as descriptors (SCM_RIGHTS).

@@ -4,6 +4,11 @@
     xl list [DOMAIN...]              Name / ID / Mem / VCPUs / State / Time(s)
     xl destroy DOMAIN                destroy at once (no guest cooperation)
     xl pause DOMAIN / unpause DOMAIN
+    xl suspend [-t SECONDS] DOMAIN       ask the guest to suspend (xenbed extension: real xl
+                                         suspends only inside `xl save` / `xl migrate`)
+    xl resume [--cancel] DOMAIN          run a suspended guest again: --cancel on its old
+                                         devices (as `xl save -c`), else on new backends (as a
+                                         restore); xenbed extension, see toolstack/suspend.py
     xl domid NAME / domname ID
     xl block-attach DOMAIN DISKSPEC...   add a disk (xl-disk-configuration(5) syntax)
     xl block-detach DOMAIN VDEV          orderly closedown, forced after a timeout
@@ -156,6 +161,16 @@ def main(argv=None) -> int:
     lst.add_argument("domains", nargs="*")
     for name in ("destroy", "pause", "unpause"):
         sub.add_parser(name).add_argument("domain")
+    sus = sub.add_parser("suspend", help="xenbed extension: ask a guest to suspend via control/shutdown "
+                                         "(real xl does this only inside `xl save` / `xl migrate`)")
+    sus.add_argument("domain")
+    sus.add_argument("-t", "--timeout", type=float, default=None,
+                     help="seconds the guest has to suspend (default 20); it keeps running if it does not")
+    res = sub.add_parser("resume", help="xenbed extension: run a suspended guest again, on new backends "
+                                        "(as after a restore) or with --cancel on its old ones (as `xl save -c`)")
+    res.add_argument("domain")
+    res.add_argument("--cancel", action="store_true",
+                     help="cancelled suspend: SCHEDOP_shutdown returns 1, devices go on on their old rings")
     sub.add_parser("domid").add_argument("name")
     attach = sub.add_parser("block-attach", help="attach a disk to a domain")
     attach.add_argument("domain")
@@ -224,6 +239,28 @@ def _run(xl: Toolstack, args) -> int:
         xl.destroy(args.domain)
     elif args.command in ("pause", "unpause"):
         xl.pause(args.domain, paused=args.command == "pause")
+    elif args.command == "suspend":
+        from xenbed.toolstack import suspend
+
+        domain = xl.resolve(args.domain)
+        try:
+            took = suspend.suspend(xl.store, xl.link, domain["domid"],
+                                   timeout=suspend.SUSPEND_TIMEOUT if args.timeout is None else args.timeout)
+        except suspend.SuspendError as exc:
+            raise XlError(str(exc)) from None
+        print(f"Domain {domain['domid']} ({domain['name']}) suspended in {took * 1000:.0f} ms", file=sys.stderr)
+    elif args.command == "resume":
+        from xenbed.toolstack import suspend
+
+        domain = xl.resolve(args.domain)
+        try:
+            done = suspend.resume(xl.store, xl.link, domain["domid"], cancel=args.cancel)
+        except suspend.SuspendError as exc:
+            raise XlError(str(exc)) from None
+        how = "suspend cancelled, devices on their old rings" if done["cancelled"] else \
+            f"{len(done['devices'])} device(s) reconnected to new backends"
+        print(f"Domain {domain['domid']} ({domain['name']}) resumed in {done['seconds'] * 1000:.0f} ms: {how}",
+              file=sys.stderr)
     elif args.command == "domid":
         print(xl.resolve(args.name)["domid"])
     elif args.command == "domname":

@@ -545,6 +545,10 @@ class BlkRing:
         self._waiting_replay: list[Shadow] = []  # taken off a dead ring, not yet put again
         self.flush_op: int | None = None
         self.discard_ok = False
+        # Suspend (docs/suspend-resume.md): while frozen nothing new goes on
+        # the ring -- callers wait in submit(), replays wait too -- and what
+        # is in flight stays in the shadow; responses are still taken.
+        self.frozen = False
         self.requests = 0  # counters, for tests and status
         self.responses = 0
         self.indirect_requests = 0
@@ -583,6 +587,22 @@ class BlkRing:
                 self._put_replays()
             self._cond.notify_all()
 
+    def freeze(self) -> int:
+        """Stop putting requests on the ring (new callers wait); returns how
+        many are in flight, kept in the shadow."""
+        with self._cond:
+            self.frozen = True
+            return len(self.shadow) + len(self._waiting_replay)
+
+    def thaw(self) -> None:
+        """Go on: on the same ring after a cancelled suspend, or (after
+        detach) on the next one attach gives."""
+        with self._cond:
+            self.frozen = False
+            if self.state == EngineState.RUNNING and self._waiting_replay:
+                self._put_replays()
+            self._cond.notify_all()
+
     def _fits(self, sh: Shadow) -> bool:  # lock held, RUNNING: its id and pages are free
         n = sh.npages
         if self.ids.available < 1 or n > len(self._free_pages):
@@ -590,6 +610,8 @@ class BlkRing:
         return n <= BLKIF_MAX_SEGMENTS_PER_REQUEST or len(self._free_indirect) >= indirect_pages_needed(n)
 
     def _put_replays(self) -> None:  # lock held, RUNNING
+        if self.frozen:
+            return
         put = 0
         while self._waiting_replay and self._fits(self._waiting_replay[0]):
             self._put(self._waiting_replay.pop(0))
@@ -647,6 +669,7 @@ class BlkRing:
         with self._cond:
             ok = self._cond.wait_for(
                 lambda: self.state != EngineState.DETACHED
+                and not (self.frozen and self.state == EngineState.RUNNING)
                 and (self.state != EngineState.RUNNING
                      or shadow.npages > self.max_segments  # never fits: EINVAL below
                      or (not self._waiting_replay and self._fits(shadow))),
@@ -1016,6 +1039,32 @@ class BlkFront(XenbusDriver):
         self._free_connection(vbd, backend_gone=True)
         self._talk_to_backend(vbd)
 
+    # -- suspend (docs/suspend-resume.md) ---------------------------------------------
+    def freeze(self) -> dict:
+        """Before the suspend hypercall: no disk puts anything new on its
+        ring; requests in flight stay in the shadow (blkif_recover replays
+        them after a resume).  The FUSE files stay open; their callers wait."""
+        with self._lock:
+            vbds = list(self.vbds.values())
+        return {"inflight": {vbd.name: vbd.engine.freeze() for vbd in vbds}}
+
+    def thaw(self, cancelled: bool) -> dict:
+        """After the hypercall.  Cancelled: the same rings go on, responses
+        that came while suspended are taken now.  Not cancelled: the bus has
+        called `resume` for every device already (old rings detached, new
+        ones offered); the shadowed requests are put when the new backend
+        is Connected (attach)."""
+        with self._lock:
+            vbds = list(self.vbds.values())
+        for vbd in vbds:
+            vbd.engine.thaw()
+            if cancelled:
+                try:
+                    vbd.engine.handle_responses()
+                except Exception as exc:
+                    log.warning("%s: taking responses after a cancelled suspend: %s", vbd.name, exc)
+        return {"disks": [vbd.name for vbd in vbds]}
+
     def _backend_lost(self, vbd: Vbd) -> None:
         """Reset the XenBus side and keep the disk: what was in flight stays
         in the shadow, callers of the FUSE file block until the next ring
@@ -1146,7 +1195,8 @@ class BlkFront(XenbusDriver):
         path = f"{vbd.dev.otherend}/sectors"
 
         def fired(_path: str, _token: str, vbd=vbd) -> None:
-            if vbd.sectors_token == _token and vbd.dev.state == XenbusState.Connected:
+            # frozen: the domain is suspended, its backend may be going away
+            if vbd.sectors_token == _token and vbd.dev.state == XenbusState.Connected and not vbd.engine.frozen:
                 try:
                     self._check_resize(vbd)
                 except Exception as exc:

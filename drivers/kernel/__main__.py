@@ -13,7 +13,12 @@ kernel's Xen platform code does:
    see modules.py), then in dom0, with --autostart DIR, runs the toolstack's
    boot steps (dom0's own store nodes, then `xl create` for each config in DIR
    not already running);
-4. writes /run/xen/ready, and stays until SIGTERM or until its domain is
+4. in a guest, watches `control/shutdown` (shutdown.py): "suspend" freezes
+   the modules over their control channels (control.py), makes the suspend
+   hypercall and thaws them with its outcome (docs/suspend-resume.md).
+   XENBED_CONTROL_SHUTDOWN=ignore leaves the node unwatched: a guest that
+   never answers, as one without PV drivers;
+5. writes /run/xen/ready, and stays until SIGTERM or until its domain is
    destroyed.  If this process dies the domain dies with it (dom0 excepted).
 """
 
@@ -30,6 +35,7 @@ import threading
 
 from xenbed.drivers.kernel import netconfig
 from xenbed.drivers.kernel.modules import ModuleSupervisor, default_modules
+from xenbed.drivers.kernel.shutdown import ShutdownWatcher, Suspender
 from xenbed.drivers.xen.hypercall import HypercallError, HypervisorLink, LinkClosed, connect_with_retry
 from xenbed.protocols import hypercall as hc
 
@@ -138,6 +144,14 @@ def main(argv=None) -> int:
     if args.autostart:
         run_autostart(args.autostart)
 
+    store = None
+    if link.domid != 0 and os.environ.get("XENBED_CONTROL_SHUTDOWN", "watch") != "ignore":
+        from xenbed.drivers.xen.store import XenStoreClient
+
+        store = XenStoreClient(args.xenstored_path)
+        suspender = Suspender(link, modules)
+        ShutdownWatcher(store, f"/local/domain/{link.domid}", {"suspend": suspender.suspend}).start()
+
     os.makedirs(os.path.dirname(READY_FILE), exist_ok=True)
     with open(READY_FILE, "w") as ready:
         ready.write(f"{link.domid}\n")
@@ -150,6 +164,8 @@ def main(argv=None) -> int:
                 return 1
     finally:
         modules.stop()
+        if store is not None:
+            store.close()
     link.close()
     return 0
 

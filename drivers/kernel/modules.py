@@ -7,6 +7,10 @@ store is ready and stops when the domain halts.  Which ones: by privilege
 exactly the list in XENBED_MODULES (comma-separated module names, empty for
 none) -- so a driver author can switch a built-in driver off and run their own.
 A module that crashes is started again, as a driver re-probes its devices.
+
+Each module gets a control channel from the kernel (control.py): the
+kernel freezes every module that takes part before its suspend hypercall
+and thaws them after it (`freeze_all`, `thaw_all`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import sys
 import threading
 import time
 
+from xenbed.drivers.kernel.control import ENV_FD, ControlError, ModuleChannel
+
 log = logging.getLogger("xenbed.kernel.modules")
 
 BACKENDS = ("xenbed.drivers.blk.back", "xenbed.drivers.net.back")
 FRONTENDS = ("xenbed.drivers.blk.front", "xenbed.drivers.net.front")
 RESTART_DELAY = 1.0
+HELLO_GRACE = 5.0  # how long a module just started may take to say hello before a suspend goes on without it
 
 
 def default_modules(privilege: str) -> list[str]:
@@ -47,6 +54,8 @@ class ModuleSupervisor:
     def __init__(self, modules: list[str]) -> None:
         self.modules = modules
         self.processes: dict[str, subprocess.Popen] = {}
+        self.channels: dict[str, ModuleChannel] = {}
+        self.started_at: dict[str, float] = {}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -58,7 +67,78 @@ class ModuleSupervisor:
 
     def _spawn(self, module: str) -> None:
         log.info("starting module %s", module)
-        self.processes[module] = subprocess.Popen([sys.executable, "-m", module])
+        old = self.channels.pop(module, None)
+        if old is not None:
+            old.close()
+        channel = ModuleChannel(module)
+        env = {**os.environ, ENV_FD: str(channel.child_fd)}
+        try:
+            self.processes[module] = subprocess.Popen([sys.executable, "-m", module], env=env,
+                                                      pass_fds=(channel.child_fd,))
+        finally:
+            channel.child_started()
+        self.channels[module] = channel
+        self.started_at[module] = time.monotonic()
+
+    # -- suspend / resume ------------------------------------------------------------------
+    def _taking_part(self, op: str) -> list[ModuleChannel]:
+        """The modules to ask: those that said they take `op`.  One started
+        moments ago may not have said hello yet: wait a little for it."""
+        out = []
+        for module, channel in list(self.channels.items()):
+            if not channel.greeted.is_set():
+                grace = HELLO_GRACE - (time.monotonic() - self.started_at.get(module, 0.0))
+                if grace > 0:
+                    channel.greeted.wait(grace)
+            if channel.takes(op) and not channel.closed.is_set():
+                out.append(channel)
+            elif not channel.greeted.is_set():
+                log.info("module %s has no control channel in use: it keeps running through %s", module, op)
+        return out
+
+    def freeze_all(self, timeout: float) -> list[str]:
+        """Freeze every module that takes part, one after the other (a module
+        answers once it issues nothing new).  If one fails, those frozen
+        already are thawed with cancelled=True and ControlError says why:
+        the suspend is aborted and the domain keeps running, as Linux's
+        do_suspend does when dpm_suspend_start fails."""
+        frozen: list[ModuleChannel] = []
+        try:
+            for channel in self._taking_part("freeze"):
+                frozen.append(channel)  # thawed on failure too: it may have frozen after its timeout
+                channel.call("freeze", timeout)
+        except ControlError:
+            for channel in reversed(frozen):
+                try:
+                    channel.call("thaw", timeout, cancelled=True)
+                except ControlError as exc:
+                    log.error("thawing %s after a failed freeze: %s", channel.module, exc)
+            raise
+        return [c.module for c in frozen]
+
+    def thaw_all(self, cancelled: bool, timeout: float, **arguments) -> dict[str, str]:
+        """Thaw every module that takes part, all at once (each reconnects its
+        own devices; one after the other the guest would wait for the sum);
+        `arguments` go with the request (see control.py).  Returns module ->
+        "ok" or the error: one module's failure does not keep the others
+        frozen."""
+        results: dict[str, str] = {}
+
+        def thaw(channel: ModuleChannel) -> None:
+            try:
+                channel.call("thaw", timeout, cancelled=cancelled, **arguments)
+                results[channel.module] = "ok"
+            except ControlError as exc:
+                log.error("%s", exc)
+                results[channel.module] = str(exc)
+
+        threads = [threading.Thread(target=thaw, args=(c,), name=f"thaw-{c.module}")
+                   for c in self._taking_part("thaw")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.5):
@@ -83,3 +163,5 @@ class ModuleSupervisor:
                 log.warning("module %s ignored SIGTERM; killing it", module)
                 process.kill()
                 process.wait()
+        for channel in self.channels.values():
+            channel.close()

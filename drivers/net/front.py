@@ -525,6 +525,11 @@ class VifEngine:
         self._rx_asm = RxReassembler()
         self._warned_ids = False
         self.max_tx_slots = XEN_NETIF_NR_SLOTS_MIN  # 1 when the backend has no feature-sg
+        # Suspend: while frozen nothing is transmitted (the tap reader stops
+        # reading, so the guest's stack queues or drops what it sends, as
+        # on a stopped queue); frames in flight stay until answered or, on
+        # a resume onto new rings, are counted as dropped (detach).
+        self.frozen = False
 
     # -- lifecycle ---------------------------------------------------------------------
     def attach(self, tx_ring: FrontRing, rx_ring: FrontRing, tx_pool: Sequence[GrantedPage],
@@ -618,7 +623,19 @@ class VifEngine:
 
     def wait_running(self, timeout: float | None = None) -> bool:
         with self._tx:
-            return self._tx.wait_for(lambda: self.state == EngineState.RUNNING, timeout)
+            return self._tx.wait_for(lambda: self.state == EngineState.RUNNING and not self.frozen, timeout)
+
+    def freeze(self) -> int:
+        """No new transmits; returns the frames in flight."""
+        with self._tx:
+            self.frozen = True
+            self._tx.notify_all()
+            return len({id(p) for p in self._tx_inflight.values()})
+
+    def thaw(self) -> None:
+        with self._tx:
+            self.frozen = False
+            self._tx.notify_all()
 
     # -- transmit ------------------------------------------------------------------------
     def transmit(self, frame: bytes | memoryview, timeout: float | None = None) -> _TxPacket | None:
@@ -636,7 +653,7 @@ class VifEngine:
         view = memoryview(frame).cast("B")
         with self._tx:
             while True:
-                if self.state != EngineState.RUNNING:
+                if self.state != EngineState.RUNNING or self.frozen:
                     self.counters.tx_dropped += 1
                     return None
                 if nslots > min(self.tx_ring.size, self.max_tx_slots):
@@ -987,6 +1004,32 @@ class NetFront(XenbusDriver):
             self._free_connection(vif)
             vif.engine.reopen()
         self._write_status(vif)
+
+    # -- suspend (docs/suspend-resume.md) -----------------------------------------------
+    def freeze(self) -> dict:
+        """Before the suspend hypercall: nothing more goes on the tx rings
+        (eth0 stays, with its carrier: the guest just stops running)."""
+        with self._lock:
+            vifs = list(self.vifs.values())
+        return {"inflight": {vif.ifname: vif.engine.freeze() for vif in vifs}}
+
+    def thaw(self, cancelled: bool) -> dict:
+        """After the hypercall.  Cancelled: transmit again on the same rings,
+        take what came meanwhile.  Not cancelled: `resume` (called by the
+        bus already) forgot the old rings; the new backend's InitWait makes
+        new ones and its Connected brings the carrier back."""
+        with self._lock:
+            vifs = list(self.vifs.values())
+        for vif in vifs:
+            vif.engine.thaw()
+            if cancelled:
+                try:
+                    vif.engine.handle_tx_responses()
+                    vif.engine.handle_rx_responses()
+                except Exception as exc:
+                    log.warning("%s: taking responses after a cancelled suspend: %s", vif.ifname, exc)
+            self._write_status(vif)
+        return {"interfaces": [vif.ifname for vif in vifs]}
 
     def _backend_lost(self, vif: Vif) -> None:
         """The backend went away under a live connection (it was killed, and

@@ -88,6 +88,7 @@ def run_frontend(name: str, make_driver: Callable, *, transitions: str | None = 
     recorder = TransitionRecorder(transitions) if transitions else None
     bus = FrontendBus(store, link.domid, [driver], hooks=hooks, recorder=recorder)
     bus.start()
+    control = serve_kernel_control(name, bus, driver)
     log.info("%s of domain %s: watching device/%s", name, link.domid, driver.devicetype)
     try:
         while not stop.wait(interval):
@@ -101,7 +102,44 @@ def run_frontend(name: str, make_driver: Callable, *, transitions: str | None = 
             before_close()
         if not link.closed.is_set() and not store.closed.is_set():
             driver.close_all()
+        if control is not None:
+            control.close()
         bus.close()
         store.close()
         link.close()
     return 0
+
+
+def serve_kernel_control(name: str, bus, driver):
+    """Answer the kernel's freeze / thaw (drivers/kernel/control.py) for a
+    frontend: the order of Linux's do_suspend and its resume.
+
+    freeze: the bus first (wait for the watch callback running, hold the
+    others: no XenBus work while suspended), then the driver (nothing new
+    on the rings, in-flight kept in the shadow).
+    thaw cancelled: the driver goes on on its old rings, then the bus lets
+    the held events through (xenbus "cancel": no state written).
+    thaw not cancelled: the bus resumes every device (driver.resume: new
+    backend details, rings, grants, ports, watches), then the driver lets
+    its callers through -- onto the new rings once they are Connected.
+
+    Returns the channel, or None when this process has no kernel to talk
+    to (started by hand)."""
+    from xenbed.drivers.kernel.control import KernelControl
+
+    def freeze(message: dict) -> dict:
+        bus.suspend()
+        return driver.freeze() if hasattr(driver, "freeze") else {}
+
+    def thaw(message: dict) -> dict:
+        cancelled = bool(message.get("cancelled", False))
+        if cancelled:
+            result = driver.thaw(True) if hasattr(driver, "thaw") else {}
+            bus.resume_cancelled()
+        else:
+            bus.resume()
+            result = driver.thaw(False) if hasattr(driver, "thaw") else {}
+        log.info("%s thawed (%s)", name, "cancelled: same rings" if cancelled else "resumed: new rings")
+        return result or {}
+
+    return KernelControl.from_environment(name, {"freeze": freeze, "thaw": thaw})

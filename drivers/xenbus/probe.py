@@ -85,6 +85,14 @@ class XenBus:
         self._tokens = itertools.count(1)
         self._closed = False
         self.base = f"{self.domain_path}/{self.root}"
+        # Every watch callback runs holding this (Linux's xenwatch_mutex), so
+        # suspend() waits for the one running; from suspend() until resume()
+        # or resume_cancelled() events are held in `_held` instead of
+        # handled (Linux: xs_suspend takes xs_watch_rwsem), and handled
+        # after, in order, before any newer one.
+        self._watch_mutex = threading.Lock()
+        self.frozen = False
+        self._held: list[tuple] = []
 
     # -- life of the bus -------------------------------------------------------------
     def start(self) -> XenBus:
@@ -128,6 +136,13 @@ class XenBus:
 
     # -- device discovery (xenbus_dev_changed) -----------------------------------------
     def _bus_event(self, path: str, token: str) -> None:
+        with self._watch_mutex:
+            if self.frozen:
+                self._held.append((self._bus_changed, path, token))
+                return
+            self._bus_changed(path, token)
+
+    def _bus_changed(self, path: str, token: str) -> None:
         if self._closed:
             return
         try:
@@ -257,6 +272,13 @@ class XenBus:
 
     # -- the other end's state (xenbus_otherend_changed) ---------------------------------
     def _otherend_event(self, path: str, token: str) -> None:
+        with self._watch_mutex:
+            if self.frozen:
+                self._held.append((self._otherend_changed, path, token))
+                return
+            self._otherend_changed(path, token)
+
+    def _otherend_changed(self, path: str, token: str) -> None:
         dev = self._by_token.get(token)
         if dev is None or dev.removed or dev.driver is None or self._closed:
             return  # a watch already dropped; its events may still be queued
@@ -280,12 +302,42 @@ class XenBus:
             if not isinstance(exc, XenbusFatal):
                 dev_fatal(dev, exc, f"otherend_changed {state.name}")
 
+    # -- suspend / resume (xenbus_dev_suspend, _cancel, _resume) -----------------------------
+    def suspend(self) -> None:
+        """The domain is about to suspend: wait for the watch callback that
+        may be running, then hold every watch event until resume() or
+        resume_cancelled()."""
+        with self._watch_mutex:
+            self.frozen = True
+
+    def resume_cancelled(self) -> None:
+        """The suspend was cancelled (xenbus "cancel"): the devices go on on
+        their old rings with their old backends, nothing on the bus
+        changes; the events held meanwhile are delivered now, filtered as
+        always (a state the driver saw already is not delivered again)."""
+        self._thaw()
+
+    def _thaw(self) -> None:
+        with self._watch_mutex:
+            self.frozen = False
+            held, self._held = self._held, []
+            for handle, path, token in held:
+                handle(path, token)
+
     # -- migration (xenbus_dev_resume) -------------------------------------------------
     def resume(self) -> None:
         """After the domain was migrated or restored: for every bound device,
         re-read the other end (it is a new backend now), reset `dev.state`
         to Initialising without writing (the toolstack created the dirs
-        afresh), call driver.resume, and watch the new other end."""
+        afresh), call driver.resume, and watch the new other end.  After a
+        suspend() the held watch events are let through at the end; those
+        for the old other end are dropped (their token is forgotten)."""
+        try:
+            self._resume_devices()
+        finally:
+            self._thaw()
+
+    def _resume_devices(self) -> None:
         with self._lock:
             devs = [d for d in self.devices.values() if d.driver is not None]
         for dev in devs:

@@ -176,6 +176,14 @@ class XenStore:
         self.introduced.add(domid)
         self._fire([Event(paths.INTRODUCE_DOMAIN)])
 
+    def domain_shutdown(self, domid: int) -> None:
+        """The domain shut down (suspend included) but stays: as Xen's
+        xenstored on VIRQ_DOM_EXC (domain_cleanup sees dominfo.shutdown),
+        @releaseDomain fires, so toolstacks re-read domain info; nothing of
+        the domain's is removed."""
+        if domid in self.introduced:
+            self._fire([Event(paths.RELEASE_DOMAIN)])
+
     def release_domain(self, domid: int) -> None:
         was_introduced = domid in self.introduced
         self.introduced.discard(domid)
