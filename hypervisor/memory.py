@@ -90,9 +90,11 @@ class GuestMemory:
             raise
         return out
 
-    def populate(self, domid: int, gfns) -> None:
+    def populate(self, domid: int, gfns, remove=()) -> None:
         """Make exactly these gfns exist (zeroed if new), as a restore does
-        before it writes the saved contents."""
+        before it writes the saved contents; `remove`: gfns the guest freed
+        since they were sent (a later pre-copy round)."""
+        self.free(domid, [g for g in remove if isinstance(g, int)])
         pages = self._pages[domid]
         wanted = [g for g in dict.fromkeys(gfns) if g not in pages]
         if any(not isinstance(g, int) or not 0 <= g < self._max_pages[domid] for g in wanted):

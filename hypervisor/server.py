@@ -463,11 +463,21 @@ class HypervisorServer:
         toolstack made afresh); then the upcalls held while it was
         suspended are delivered."""
         cancelled = bool(frame.body.get("cancelled", False))
+        relocate = frame.body.get("relocate")
+        if relocate is not None and (cancelled or not isinstance(relocate, dict)
+                                     or not all(isinstance(relocate.get(k), str) and relocate.get(k)
+                                                for k in ("hypervisor", "credential"))):
+            raise DomainError("EINVAL", "relocate needs {hypervisor, credential} and a resume that is not cancelled")
         domain = self.domains.set_suspended(link.domain, int(frame.body["domid"]), False)
         caller = self.suspend_callers.pop(domain.domid, None)
         answered = caller is not None and caller[0] in self.links
         if answered:
-            self._send(caller[0], hc.reply(caller[1], {"cancelled": cancelled}))
+            # Live migration: the guest resumes on another host.  It learns
+            # where (that host's hypervisor socket as the guest mounts it,
+            # and the credential of its domain there) in its suspend call's
+            # answer, as a Xen guest simply finds itself on new hardware.
+            answer = {"cancelled": cancelled, **({"relocate": relocate} if relocate else {})}
+            self._send(caller[0], hc.reply(caller[1], answer))
         self.sharing.resume_domain(domain.domid)
         log.info("dom%d (%s) resumed (%s)%s", domain.domid, domain.name, "cancelled" if cancelled else "new devices",
                  "" if answered else ": no suspend call was waiting")

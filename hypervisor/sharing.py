@@ -185,11 +185,11 @@ class Sharing:
 
     def mem_populate(self, link, frame):
         domid = self._foreign_memory(link, frame, "populate")
-        gfns = frame.body.get("gfns")
-        if not isinstance(gfns, list):
-            raise DomainError("EINVAL", "gfns must be a list")
+        gfns, remove = frame.body.get("gfns"), frame.body.get("remove", [])
+        if not isinstance(gfns, list) or not isinstance(remove, list):
+            raise DomainError("EINVAL", "gfns and remove must be lists")
         try:
-            self.memory.populate(domid, gfns)
+            self.memory.populate(domid, gfns, remove)
         except MemoryError_ as exc:
             raise DomainError(exc.code, exc.message) from None
         return {"path": self.memory.folder(domid)}

@@ -62,7 +62,7 @@ class Call(enum.IntEnum):
     # contents go through dom0's own mount of the memory volume, as a
     # privileged foreign mapping would.
     MEM_LIST = 33  # {"domid"} -> {"gfns": [...], "max_pages"}
-    MEM_POPULATE = 34  # {"domid", "gfns": [...]} -> {"path": the domain's page folder}
+    MEM_POPULATE = 34  # {"domid", "gfns": [...], "remove"?: [...]} -> {"path": the domain's page folder}
     # Grant table v1 (the caller's own table; see docs/hypervisor-socket.md).
     GNTTAB_GRANT = 40  # {"domid", "gfn", "readonly"} -> {"gref"}
     GNTTAB_END = 41  # {"gref"} -> {}; GNTST_eagain while mapped

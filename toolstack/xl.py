@@ -9,6 +9,9 @@
     xl resume [--cancel] DOMAIN          run a suspended guest again: --cancel on its old
                                          devices (as `xl save -c`), else on new backends (as a
                                          restore); xenbed extension, see toolstack/suspend.py
+    xl migrate DOMAIN HOST[:PORT]        live migration: pre-copy rounds, stop-and-copy, the guest
+                                         resumes on HOST's dom0 (which runs the receiver)
+    xl migrate-receive [--port N]        the receiver, in the foreground (dom0's kernel runs it)
     xl domid NAME / domname ID
     xl block-attach DOMAIN DISKSPEC...   add a disk (xl-disk-configuration(5) syntax)
     xl block-detach DOMAIN VDEV          orderly closedown, forced after a timeout
@@ -203,6 +206,12 @@ def main(argv=None) -> int:
     nset.add_argument("which", help="devid or MAC")
     nset.add_argument("settings", nargs="+", help="mtu=N and/or rate=RATE (xl's rate syntax; 'unlimited' lifts it)")
     sub.add_parser("domname").add_argument("domid")
+    mig = sub.add_parser("migrate", help="live-migrate a domain to another host's dom0 (toolstack/migrate.py)")
+    mig.add_argument("domain")
+    mig.add_argument("host", help="the destination dom0, HOST[:PORT] (port 8002 by default)")
+    mig.add_argument("--json", action="store_true", help="print the figures (rounds, pages, downtime) as JSON")
+    rcv = sub.add_parser("migrate-receive", help="receive migrations (dom0's kernel runs this as a daemon)")
+    rcv.add_argument("--port", type=int, default=None)
     args = parser.parse_args(argv)
 
     try:
@@ -285,6 +294,19 @@ def _run(xl: Toolstack, args) -> int:
     elif args.command == "network-set":
         settings = net.parse_live_settings(args.settings)
         net.set_live(xl.store, xl.resolve(args.domain)["domid"], args.which, settings)
+    elif args.command == "migrate":
+        import json
+
+        from xenbed.toolstack import migrate
+        try:
+            report = migrate.migrate(xl, args.domain, args.host, say=lambda line: print(line, file=sys.stderr))
+        except migrate.MigrationError as exc:
+            raise XlError(str(exc)) from None
+        if args.json:
+            print(json.dumps(report.as_dict(), sort_keys=True))
+    elif args.command == "migrate-receive":
+        from xenbed.toolstack import migrate
+        return migrate.main([] if args.port is None else ["--port", str(args.port)])
     elif args.command == "network-list":
         print(net.format_list(net.list_rows(xl.store, xl.resolve(args.domain)["domid"])))
     elif args.command == "block-list":

@@ -1027,6 +1027,22 @@ class BlkFront(XenbusDriver):
         self._free_connection(vbd)
         dev.priv = None
 
+    def relocated(self, dev, old_nodename: str) -> None:
+        """Live migration (XenBus.relocate): the device has a new path; the
+        port and grant refs of its connection were the old host's -- they
+        went with it and must not be closed or ended on this one (the ring
+        and pool pages are the guest's and are freed here by resume)."""
+        vbd: Vbd | None = dev.priv
+        if vbd is None:
+            return
+        with self._lock:
+            if self.vbds.get(old_nodename) is vbd:
+                del self.vbds[old_nodename]
+            self.vbds[dev.nodename] = vbd
+        conn = vbd.conn
+        if conn is not None:
+            conn.port, conn.ring_ref, conn.pool_grefs = None, None, []
+
     def resume(self, dev) -> None:
         """After migration: the new backend gets a new ring; requests in
         flight wait in the shadow and are put again when it is Connected.

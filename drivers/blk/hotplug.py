@@ -55,6 +55,7 @@ from xenbed.drivers.xenbus.hotplug_status import write_error
 
 log = logging.getLogger("xenbed.blk.hotplug")
 
+MIGRATION_SHARING = "XENBED_HOTPLUG_MIGRATION"  # set by `xl migrate-receive` (toolstack/migrate.py)
 HOTPLUG_KEYS = ("physical-device", "physical-device-path", "hotplug-status", "hotplug-error")
 
 
@@ -97,6 +98,11 @@ def add(store, backend: str) -> loop.LoopDevice:
             raise HotplugError(f"{backend}/params is missing")
         target = target_of(params)
         readonly, shared = parse_mode(store.try_read(f"{backend}/mode"))
+        # A live migration's destination on shared storage: the source host's
+        # loop device still holds the image read-write, and on one kernel the
+        # two "hosts" share loop devices; reuse it, as "w!" does (on Xen the
+        # check is per host and the hosts are two machines).
+        shared = shared or os.environ.get(MIGRATION_SHARING) == "1"
         dev = _bring_online(target, readonly, shared)
     except (HotplugError, OSError) as exc:
         message = str(exc)

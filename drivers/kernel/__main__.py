@@ -123,7 +123,15 @@ def main(argv=None) -> int:
         log.info("the domain was destroyed: halting")
         stop.set()
 
-    upcalls = {hc.Call.UP_XENSTORE_READY: lambda frame: store_ready.set(), hc.Call.UP_DESTROYED: destroyed}
+    # After a live migration the domain left behind on the old host is
+    # destroyed by its toolstack: that host's "destroyed" must not halt us.
+    generation = {"now": 0}
+
+    def destroyed_unless_moved(gen: int):
+        return lambda frame: destroyed(frame) if generation["now"] == gen else None
+
+    upcalls = {hc.Call.UP_XENSTORE_READY: lambda frame: store_ready.set(),
+               hc.Call.UP_DESTROYED: destroyed_unless_moved(0)}
     link = connect_with_retry(credential, "kernel", report=log.info, upcalls=upcalls, stop=stop)
     if link is None:
         return 0
@@ -145,12 +153,43 @@ def main(argv=None) -> int:
         run_autostart(args.autostart)
 
     store = None
+    current = {"link": link}  # a live migration replaces it (relocate below)
     if link.domid != 0 and os.environ.get("XENBED_CONTROL_SHUTDOWN", "watch") != "ignore":
         from xenbed.drivers.xen.store import XenStoreClient
 
         store = XenStoreClient(args.xenstored_path)
-        suspender = Suspender(link, modules)
-        ShutdownWatcher(store, f"/local/domain/{link.domid}", {"suspend": suspender.suspend}).start()
+        watcher = None
+
+        def relocate(target: dict) -> None:
+            """Live migration: this domain now lives on the host whose
+            hypervisor socket is target["hypervisor"] (as mounted here), with
+            credential target["credential"].  The new kernel link first; the
+            store device adopts through it from then on; later spawns and
+            `xenstore-*` tools inherit the new environment; the kernel's own
+            store connection and shutdown watch move to the new domain; the
+            old link goes last (the source host then sees this domain die)."""
+            generation["now"] += 1
+            new_ready = threading.Event()
+            new_upcalls = {hc.Call.UP_XENSTORE_READY: lambda frame: new_ready.set(),
+                           hc.Call.UP_DESTROYED: destroyed_unless_moved(generation["now"])}
+            try:
+                new = HypervisorLink.open(target["credential"], "kernel", target["hypervisor"], upcalls=new_upcalls)
+                if not new_ready.wait(30):
+                    new.close()
+                    raise RuntimeError(f"dom{new.domid} on {target['hypervisor']} was never introduced to its store")
+            except BaseException:
+                generation["now"] -= 1  # still here: this host's "destroyed" counts again
+                raise
+            old = current["link"]
+            current["link"] = device.link = suspender.link = new
+            os.environ["XENBED_HYPERVISOR_SOCKET"] = target["hypervisor"]
+            os.environ["XENBED_CREDENTIAL"] = target["credential"]
+            watcher.move(lambda: store.reconnect(), f"/local/domain/{new.domid}")
+            log.info("moved: now dom%d (%s) via %s", new.domid, new.name, target["hypervisor"])
+            old.close()
+
+        suspender = Suspender(link, modules, relocate=relocate)
+        watcher = ShutdownWatcher(store, f"/local/domain/{link.domid}", {"suspend": suspender.suspend}).start()
 
     os.makedirs(os.path.dirname(READY_FILE), exist_ok=True)
     with open(READY_FILE, "w") as ready:
@@ -159,6 +198,7 @@ def main(argv=None) -> int:
 
     try:
         while not stop.wait(0.5):
+            link = current["link"]
             if link.closed.is_set():
                 log.error("lost the hypervisor: %s", link.close_reason)
                 return 1
@@ -166,7 +206,7 @@ def main(argv=None) -> int:
         modules.stop()
         if store is not None:
             store.close()
-    link.close()
+    current["link"].close()
     return 0
 
 

@@ -30,6 +30,9 @@ log = logging.getLogger("xenbed.kernel.modules")
 
 BACKENDS = ("xenbed.drivers.blk.back", "xenbed.drivers.net.back")
 FRONTENDS = ("xenbed.drivers.blk.front", "xenbed.drivers.net.front")
+# dom0's toolstack daemons: the live-migration receiver (`xl migrate` on
+# another host connects to it; toolstack/migrate.py).
+CONTROL_ONLY = ("xenbed.toolstack.migrate",)
 RESTART_DELAY = 1.0
 HELLO_GRACE = 5.0  # how long a module just started may take to say hello before a suspend goes on without it
 
@@ -39,6 +42,8 @@ def default_modules(privilege: str) -> list[str]:
     if configured is not None:
         return [m.strip() for m in configured.split(",") if m.strip()]
     wanted = BACKENDS if privilege in ("control", "backend") else FRONTENDS
+    if privilege == "control":
+        wanted = wanted + CONTROL_ONLY
     # Only the modules this image ships (a role image copies the rooms it runs).
     return [m for m in wanted if _available(m)]
 

@@ -63,11 +63,12 @@ class Suspender:
     """The suspend sequence of do_suspend, with the modules as the devices."""
 
     def __init__(self, link, modules, *, log_path: str | None = SUSPEND_LOG,
-                 freeze_timeout: float = FREEZE_TIMEOUT) -> None:
+                 freeze_timeout: float = FREEZE_TIMEOUT, relocate: Callable[[dict], object] | None = None) -> None:
         self.link = link
         self.modules = modules
         self.log_path = log_path
         self.freeze_timeout = freeze_timeout
+        self.relocate = relocate  # live migration: move the kernel's own links (see __main__)
 
     def suspend(self) -> dict:
         from xenbed.drivers.kernel.control import ControlError
@@ -100,8 +101,26 @@ class Suspender:
             return record
         record["resumed_at"] = time.time()
         record["cancelled"] = cancelled
+        target = None if cancelled else reply.get("relocate") if isinstance(reply, dict) else None
+        if target and self.relocate is not None:
+            # Live migration: this domain runs on another host now.  The
+            # kernel moves first (so that new store connections go to the
+            # new xenstored), then each module with the same target.
+            record["relocated_to"] = target.get("hypervisor")
+            try:
+                self.relocate(target)
+                record["relocated_at"] = time.time()
+            except Exception as exc:
+                # Still on the old host with everything as it was: go on
+                # there, on the old rings (the source toolstack sees the
+                # domain still connected and calls the migration off).
+                log.exception("could not move to %s: resuming here, cancelled", target.get("hypervisor"))
+                record["error"] = f"relocation failed: {exc}"
+                cancelled, target = True, None
+                record["cancelled"] = True
         log.info("resumed (%s): thawing the modules", "cancelled" if cancelled else "devices reconnect")
-        record["modules"] = self.modules.thaw_all(cancelled, self.freeze_timeout)
+        extra = {"relocate": target} if target else {}
+        record["modules"] = self.modules.thaw_all(cancelled, self.freeze_timeout, **extra)
         record["thawed_at"] = time.time()
         record["outcome"] = "cancelled" if cancelled else "resumed"
         self._record(record)
@@ -135,6 +154,19 @@ class ShutdownWatcher:
         self.store.watch(self.node, WATCH_TOKEN, self._changed)
         log.info("watching %s", self.node)
         return self
+
+    def move(self, reconnect: Callable[[], object], domain_path: str) -> None:
+        """Live migration: the store connection moves (`reconnect`) and the
+        watch follows the domain's new path."""
+        old = self.node
+        try:
+            self.store.unwatch(old, WATCH_TOKEN)
+        except Exception as exc:  # the old store may be gone already
+            log.debug("unwatching %s: %s", old, exc)
+        reconnect()
+        self.node = f"{domain_path.rstrip('/')}/control/shutdown"
+        self.store.watch(self.node, WATCH_TOKEN, self._changed)
+        log.info("watching %s", self.node)
 
     def _changed(self, path: str, token: str) -> None:
         if self._busy.locked():

@@ -990,6 +990,25 @@ class NetFront(XenbusDriver):
         dev.priv = None
         log.info("%s (%s): removed", vif.ifname, dev.nodename)
 
+    def relocated(self, dev, old_nodename: str) -> None:
+        """Live migration (XenBus.relocate): the device has a new path; the
+        ports and grant refs of its connection were the old host's -- they
+        went with it and must not be closed or ended on this one (the pages
+        are the guest's and are freed here by resume)."""
+        vif: Vif | None = dev.priv
+        if vif is None:
+            return
+        with self._lock:
+            if self.vifs.get(old_nodename) is vif:
+                del self.vifs[old_nodename]
+            self.vifs[dev.nodename] = vif
+        had_mtu_watch = vif.mtu_watch is not None
+        self._unwatch_mtu(vif)
+        if vif.conn is not None:
+            vif.conn.ports, vif.conn.grefs = [], []
+        if had_mtu_watch:
+            self._watch_mtu(vif)
+
     def resume(self, dev) -> None:
         """After migration: forget the old rings (the tap stays), and connect
         afresh when the new backend is in InitWait."""

@@ -62,7 +62,9 @@ class XenStoreClient:
         self.closed = threading.Event()
         self.close_reason = ""
         threading.Thread(target=self._read_loop, args=(self.sock,), name="xenbus", daemon=True).start()
-        threading.Thread(target=self._watch_loop, name="xenwatch", daemon=True).start()
+        self._watch_thread: threading.Thread | None = threading.Thread(
+            target=self._watch_loop, name="xenwatch", daemon=True)
+        self._watch_thread.start()
 
     # -- plumbing ----------------------------------------------------------------
     def request(self, op: Op, payload: bytes, tx: int = 0) -> Packet:
@@ -115,7 +117,14 @@ class XenStoreClient:
                 self._events.put(None)
 
     def _watch_loop(self) -> None:
-        while (packet := self._events.get()) is not None:
+        while True:
+            packet = self._events.get()
+            if packet is None:
+                with self._lock:  # closed for good, unless reconnect() came first
+                    if self.closed.is_set():
+                        self._watch_thread = None
+                        return
+                continue
             parts = packet.strings()
             if len(parts) < 2:
                 continue
@@ -126,12 +135,13 @@ class XenStoreClient:
                 if wtoken == token:
                     callback(path, token)
 
-    def reconnect(self, path: str | None = None) -> None:
+    def reconnect(self, path: str | None = None) -> list[str]:
         """Linux's xs_resume, for a domain that resumed elsewhere (or whose
         store moved): a new connection (to `path`, default the same socket),
         then every watch registered again -- each fires once, as a new watch
         does, so callers re-read what they watch.  Requests in flight on the
-        old connection fail with StoreClosed; call this while quiescent."""
+        old connection fail with StoreClosed; call this while quiescent.
+        Returns the watches the new store refused (dropped), as text."""
         old = self.sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path or self.path)
@@ -143,6 +153,14 @@ class XenStoreClient:
                 end()
             except OSError:
                 pass
+        # The old connection may have been closed by its xenstored already
+        # (the domain left that host): this client is open again.
+        with self._lock:
+            self.closed.clear()
+            self.close_reason = ""
+            if self._watch_thread is None:
+                self._watch_thread = threading.Thread(target=self._watch_loop, name="xenwatch", daemon=True)
+                self._watch_thread.start()
         threading.Thread(target=self._read_loop, args=(sock,), name="xenbus", daemon=True).start()
         refused = []
         for path_, token in list(self._watches):
@@ -151,8 +169,7 @@ class XenStoreClient:
             except XenStoreError as exc:  # e.g. EACCES: the path is another domain's on the new store
                 self._watches.pop((path_, token), None)
                 refused.append(f"{path_} ({exc.errno_name})")
-        if refused:
-            raise XenStoreError("EACCES", "WATCH", f"not re-registered after reconnecting: {', '.join(refused)}")
+        return refused
 
     def close(self) -> None:
         try:

@@ -58,6 +58,11 @@ class GuestXen:
         self.gnttab = GrantTable(link)
         self.evtchn = EventChannels(link)
 
+    def relocate(self, link) -> None:
+        """Live migration: the API objects now talk to the new host's
+        hypervisor (drivers look them up here each time, never keep them)."""
+        self.__init__(link)
+
 
 def run_frontend(name: str, make_driver: Callable, *, transitions: str | None = None, interval: float = 1.0,
                  tick: Callable | None = None, before_close: Callable | None = None) -> int:
@@ -84,20 +89,23 @@ def run_frontend(name: str, make_driver: Callable, *, transitions: str | None = 
     store = XenStoreClient()
     driver = make_driver(xen)
     hooks = XenbusHooks(grant_access=lambda domid, frame, ro: xen.gnttab.grant(domid, frame, ro),
-                        alloc_unbound=xen.evtchn.alloc_unbound, free_evtchn=xen.evtchn.close)
+                        alloc_unbound=lambda domid: xen.evtchn.alloc_unbound(domid),
+                        free_evtchn=lambda port: xen.evtchn.close(port))
     recorder = TransitionRecorder(transitions) if transitions else None
     bus = FrontendBus(store, link.domid, [driver], hooks=hooks, recorder=recorder)
     bus.start()
-    control = serve_kernel_control(name, bus, driver)
+    control = serve_kernel_control(name, bus, driver, xen=xen, store=store)
     log.info("%s of domain %s: watching device/%s", name, link.domid, driver.devicetype)
     try:
         while not stop.wait(interval):
-            if link.closed.is_set() or store.closed.is_set():
+            # xen.link, not link: a live migration moves it to another host
+            if xen.link.closed.is_set() or store.closed.is_set():
                 log.error("%s lost the hypervisor or the store: exiting", name)
                 break
             if tick is not None:
                 tick(driver)
     finally:
+        link = xen.link
         if before_close is not None:
             before_close()
         if not link.closed.is_set() and not store.closed.is_set():
@@ -110,7 +118,29 @@ def run_frontend(name: str, make_driver: Callable, *, transitions: str | None = 
     return 0
 
 
-def serve_kernel_control(name: str, bus, driver):
+def relocate_module(name: str, bus, xen, store, target: dict) -> None:
+    """Live migration, in a frozen module: a device link on the new host (its
+    hypervisor socket as this container mounts it, and the domain's
+    credential there), the guest API moved onto it, the bus and the store
+    connection moved to the new domain (the kernel already hands new store
+    connections to the new host's xenstored), the old link closed."""
+    from xenbed.drivers.xen.hypercall import HypervisorLink
+
+    new_link = HypervisorLink.open(target["credential"], "device", target["hypervisor"])
+    old_link = xen.link
+    xen.relocate(new_link)
+    refused = []
+    bus.relocate(lambda: refused.extend(store.reconnect()), new_link.domid)
+    if refused:
+        log.info("%s: watches of the old domain not kept: %s", name, ", ".join(refused))
+    try:
+        old_link.close()
+    except Exception as exc:
+        log.debug("closing the old link: %s", exc)
+    log.info("%s relocated: dom%d via %s", name, new_link.domid, target["hypervisor"])
+
+
+def serve_kernel_control(name: str, bus, driver, xen=None, store=None):
     """Answer the kernel's freeze / thaw (drivers/kernel/control.py) for a
     frontend: the order of Linux's do_suspend and its resume.
 
@@ -137,6 +167,9 @@ def serve_kernel_control(name: str, bus, driver):
             result = driver.thaw(True) if hasattr(driver, "thaw") else {}
             bus.resume_cancelled()
         else:
+            target = message.get("relocate")
+            if target:
+                relocate_module(name, bus, xen, store, target)
             bus.resume()
             result = driver.thaw(False) if hasattr(driver, "thaw") else {}
         log.info("%s thawed (%s)", name, "cancelled: same rings" if cancelled else "resumed: new rings")

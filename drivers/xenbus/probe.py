@@ -40,7 +40,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from xenbed.drivers.xen.store import StoreClosed, XenStoreError
 from xenbed.protocols.xenbus_state import Role, TransitionRecorder, XenbusState
@@ -336,6 +336,50 @@ class XenBus:
             self._resume_devices()
         finally:
             self._thaw()
+
+    def relocate(self, reconnect_store: Callable[[], object], domid: int) -> None:
+        """Live migration, between suspend() and resume(): the domain runs on
+        another host now, as `domid`, with another store.  Every watch of the
+        bus names the old domain and goes; `reconnect_store()` moves the
+        store connection (the client re-registers the watches left, as
+        Linux's xs_resume); the devices are renamed under the new domain
+        path and the bus watches registered again (their first events are
+        held until resume()).  Each bound driver hears `relocated(dev,
+        old_nodename)`: its connection's ports and grant refs were the old
+        host's and must not be released on this one (its pages, guest
+        memory, came along and are freed here as usual)."""
+        with self._watch_mutex:
+            self._held = []  # events of the old store
+        with self._lock:
+            devs = list(self.devices.values())
+            watches, self._bus_watches = self._bus_watches, []
+            self._by_token.clear()
+        for dev in devs:
+            if dev._token:
+                watches.append((f"{dev.otherend}/state", dev._token))
+                dev._token = ""
+        for path, token in watches:
+            self._unwatch(path, token)  # the old store may be gone: the client forgets it either way
+        reconnect_store()
+        old_base = self.base
+        self.domid = domid
+        self.domain_path = f"/local/domain/{domid}"
+        self.base = f"{self.domain_path}/{self.root}"
+        with self._lock:
+            self.devices = {}
+            for dev in devs:
+                old_nodename = dev.nodename
+                dev.nodename = self.base + old_nodename[len(old_base):]
+                self.devices[dev.nodename] = dev
+        for dev in devs:
+            hook = getattr(dev.driver, "relocated", None) if dev.driver is not None else None
+            if hook is not None:
+                hook(dev, old_base + dev.nodename[len(self.base):])
+        for devicetype in self.drivers:
+            path = f"{self.base}/{devicetype}"
+            token = f"xenbus-{self.role.value}:{path}"
+            self.store.watch(path, token, self._bus_event)
+            self._bus_watches.append((path, token))
 
     def _resume_devices(self) -> None:
         with self._lock:

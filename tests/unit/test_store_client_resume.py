@@ -42,3 +42,23 @@ def test_reconnect_to_another_store_re_registers_watches(tmp_path):
     client.close()
     host_a.close()
     host_b.close()
+
+
+def test_reconnect_after_the_old_store_closed_the_connection(tmp_path):
+    """The host a domain left drops its store connections; the client is
+    closed then, and reconnect() opens it again with its watch thread."""
+    host_a = InProcessXenstored(str(tmp_path / "a.sock"))
+    host_b = InProcessXenstored(str(tmp_path / "b.sock"))
+    client = XenStoreClient(host_a.path)
+    seen = []
+    client.watch("/w", "t", lambda path, token: seen.append(path))
+    host_a.close()  # closes every client connection
+    assert wait_until(client.closed.is_set)
+    time.sleep(0.1)  # the watch thread saw the end
+    assert client.reconnect(host_b.path) == []
+    assert not client.closed.is_set()
+    seen.clear()
+    client.write("/w/x", "1")
+    assert wait_until(lambda: "/w/x" in seen)
+    client.close()
+    host_b.close()

@@ -1,0 +1,388 @@
+"""Live migration between two hosts: `xl migrate` (source) and the
+receiving side `xl migrate-receive` (destination), over one TCP connection.
+
+Real xl pipes the stream through ssh to `xl migrate-receive` on the other
+host; here every dom0 runs the receiver as a daemon (a control-domain
+module, port MIGRATION_PORT) and the source connects to `dom0-b:8002`
+across the hosts' shared uplink.  Stream and pre-copy rounds:
+toolstack/migration.py.  The whole sequence (docs/migration.md):
+
+    source (dom0-a)                              destination (dom0-b)
+    HELLO name, memory, config       ------->    DOMAIN_CREATE (new domid, its credential), store nodes, introduce
+                                     <-------    ACCEPT domid
+    rounds: PAGES/GONE/ROUND (guest runs) --->   MEM_POPULATE + page files (dom0's mount of guest memory)
+    suspend the guest (control/shutdown)
+    final round, COMMIT devices      ------->    device dirs for this host's backends, InitWait, hotplug
+                                     <-------    READY domid, credential, hypervisor socket (as guests mount it)
+    DOMAIN_RESUME relocate -> the guest's kernel and modules move their links to the destination;
+    the guest's kernel link on the source closes (its domain there dies)
+    DONE                             ------->    waits for every device Connected at both ends
+                                     <-------    DONE connected_at
+    xl destroy of the source domain (its backends, loop devices, vifs go)
+
+Failure before the guest is told to move (destination refuses or dies, the
+network breaks): the source sends ABORT if it can, resumes the guest
+CANCELLED -- it goes on on its old rings and backends, intact -- and the
+destination destroys what it made when it sees ABORT or the connection end.
+If the guest cannot move (its kernel fails to reach the destination) it
+resumes on the source by itself (drivers/kernel/shutdown.py); the source
+sees it still connected and calls the migration off the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from xenbed.drivers.xen.store import XenStoreError
+from xenbed.protocols import hypercall as hc
+from xenbed.toolstack import devices, domain_store, suspend
+from xenbed.toolstack.migration import (PAGE_SIZE, PAGES_PER_FRAME, FrameReader, Kind, PrecopyPlanner, StreamError,
+                                        decode_json, decode_pages, encode_json, encode_pages, page_digest)
+
+MIGRATION_PORT = 8002
+MEMORY_ROOT = "/var/lib/xenbed/memory"  # dom0's mount of its host's guest memory
+CONNECT_TIMEOUT = 10.0
+PEER_TIMEOUT = 60.0  # for a reply across the stream
+MOVE_TIMEOUT = 40.0  # for the guest to leave the source after DOMAIN_RESUME relocate
+CONNECTED_TIMEOUT = 60.0
+
+
+class MigrationError(Exception):
+    """The migration did not happen; the message says where it stopped and
+    where the guest runs now."""
+
+
+@dataclass
+class MigrationReport:
+    domain: str
+    source_domid: int
+    destination_domid: int = -1
+    rounds: list[int] = field(default_factory=list)  # pages sent per round, the last one after the suspend
+    pages_sent: int = 0
+    total_ms: float = 0.0
+    downtime_ms: float = 0.0  # guest suspended -> every device Connected at the destination
+    precopy_ms: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# -- the stream over a socket -------------------------------------------------------------------
+class Stream:
+    def __init__(self, sock: socket.socket, timeout: float = PEER_TIMEOUT) -> None:
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.reader = FrameReader()
+        self.pending: list[tuple[Kind, bytes]] = []
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_json(self, kind: Kind, body: dict) -> None:
+        self.send(encode_json(kind, body))
+
+    def receive(self) -> tuple[Kind, bytes]:
+        while not self.pending:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise StreamError("the peer closed the migration stream")
+            self.pending += self.reader.feed(data)
+        return self.pending.pop(0)
+
+    def expect(self, *kinds: Kind) -> dict:
+        kind, payload = self.receive()
+        if kind == Kind.ABORT or kind == Kind.REFUSE:
+            raise MigrationError(f"the destination gave up: {decode_json(payload).get('reason', '?')}")
+        if kind not in kinds:
+            raise StreamError(f"expected {'/'.join(k.name for k in kinds)}, got {kind.name}")
+        return decode_json(payload)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _domain(link, domid: int) -> dict | None:
+    for d in link.call(hc.Call.DOMAIN_LIST)["domains"]:
+        if d["domid"] == domid:
+            return d
+    return None
+
+
+# -- source ---------------------------------------------------------------------------------------
+def read_pages(domid: int, gfns, root: str = MEMORY_ROOT) -> dict[int, bytes]:
+    """The guest's pages through dom0's mount (a privileged foreign mapping);
+    a page freed meanwhile is simply not there."""
+    folder = os.path.join(root, f"dom{domid}")
+    pages = {}
+    for gfn in gfns:
+        try:
+            with open(os.path.join(folder, str(gfn)), "rb") as f:
+                data = f.read(PAGE_SIZE)
+        except FileNotFoundError:
+            continue
+        pages[gfn] = data.ljust(PAGE_SIZE, b"\0")
+    return pages
+
+
+def _send_round(stream: Stream, planner: PrecopyPlanner, domid: int, link, number: int, final: bool,
+                root: str) -> int:
+    gfns = link.call(hc.Call.MEM_LIST, {"domid": domid})["gfns"]
+    pages = read_pages(domid, gfns, root)
+    current = {g: page_digest(d) for g, d in pages.items()}
+    send, gone = planner.dirty(current)
+    for i in range(0, len(send), PAGES_PER_FRAME):
+        stream.send(encode_pages((g, pages[g]) for g in send[i:i + PAGES_PER_FRAME]))
+    if gone:
+        stream.send_json(Kind.GONE, {"gfns": gone})
+    stream.send_json(Kind.ROUND, {"round": number, "pages": len(send), "final": final})
+    planner.record({g: current[g] for g in send}, gone)
+    return len(send)
+
+
+def _dirty_count(planner: PrecopyPlanner, domid: int, link, root: str) -> int:
+    gfns = link.call(hc.Call.MEM_LIST, {"domid": domid})["gfns"]
+    pages = read_pages(domid, gfns, root)
+    send, gone = planner.dirty({g: page_digest(d) for g, d in pages.items()})
+    return len(send) + len(gone)
+
+
+def migrate(xl, name: str, destination: str, *, port: int = MIGRATION_PORT, say=print,
+            memory_root: str = MEMORY_ROOT, planner: PrecopyPlanner | None = None) -> MigrationReport:
+    """Move domain `name` to the host whose dom0 answers at `destination`."""
+    info = xl.resolve(name)
+    domid = info["domid"]
+    if domid == 0:
+        raise MigrationError("dom0 does not migrate")
+    if info["state"] != "running":
+        raise MigrationError(f"{name} is {info['state']}: only a running domain migrates")
+    report = MigrationReport(domain=info["name"], source_domid=domid)
+    planner = planner or PrecopyPlanner()
+    started = time.monotonic()
+    host, _, port_text = destination.partition(":")
+    try:
+        sock = socket.create_connection((host, int(port_text or port)), timeout=CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise MigrationError(f"cannot reach the migration receiver at {destination}: {exc}; "
+                             f"{name} keeps running here") from None
+    stream = Stream(sock)
+    suspended = moved = False
+    try:
+        stream.send_json(Kind.HELLO, {"name": info["name"], "memory_mb": info["memory_mb"],
+                                      "source": os.environ.get("XENBED_HOST", "")})
+        report.destination_domid = int(stream.expect(Kind.ACCEPT)["domid"])
+        say(f"migrating {name} (dom{domid}) to {destination} as dom{report.destination_domid}")
+        number = 0
+        while True:  # live rounds, the guest running
+            sent = _send_round(stream, planner, domid, xl.link, number, False, memory_root)
+            say(f"  round {number}: {sent} pages")
+            number += 1
+            if not planner.another_live_round(_dirty_count(planner, domid, xl.link, memory_root)):
+                break
+        report.precopy_ms = (time.monotonic() - started) * 1000
+        saved = [suspend.save_device(xl.store, d) for d in suspend.devices_of(xl.store, domid)]
+        suspend.suspend(xl.store, xl.link, domid)
+        suspended_at = time.time()  # wall clock: the destination stamps Connected with it (one machine)
+        suspended = True
+        sent = _send_round(stream, planner, domid, xl.link, number, True, memory_root)
+        say(f"  round {number} (guest suspended): {sent} pages")
+        stream.send_json(Kind.COMMIT, {"devices": [{"kind": s.device.kind, "devid": s.device.devid,
+                                                    "frontend": s.frontend, "backend": s.backend} for s in saved]})
+        ready = stream.expect(Kind.READY)
+        relocate = {"hypervisor": ready["hypervisor"], "credential": ready["credential"]}
+        xl.link.call(hc.Call.DOMAIN_RESUME, {"domid": domid, "cancelled": False, "relocate": relocate})
+        moved = _wait_until_gone(xl.link, domid, MOVE_TIMEOUT)
+        if not moved:
+            raise MigrationError(f"{name} did not move to {destination} (it resumed here, on its old devices)")
+        stream.send_json(Kind.DONE, {})
+        done = stream.expect(Kind.DONE)
+        report.downtime_ms = (float(done["connected_at"]) - suspended_at) * 1000
+    except (OSError, StreamError, MigrationError, suspend.SuspendError, XenStoreError) as exc:
+        _call_off(xl, stream, domid, suspended and not moved, str(exc))
+        if isinstance(exc, MigrationError) and not suspended:
+            raise
+        raise MigrationError(f"migration of {name} to {destination} failed: {exc}; "
+                             f"{name} {'is gone from here' if moved else 'keeps running here'}") from None
+    finally:
+        stream.close()
+    # The guest runs at the destination: what is left here goes, as xl destroy does.
+    xl._destroy(domid)
+    report.rounds, report.pages_sent = list(planner.rounds), sum(planner.rounds)
+    report.total_ms = (time.monotonic() - started) * 1000
+    say(f"migrated {name}: {len(report.rounds)} rounds, {report.pages_sent} pages, "
+        f"downtime {report.downtime_ms:.0f} ms, total {report.total_ms:.0f} ms")
+    return report
+
+
+def _wait_until_gone(link, domid: int, timeout: float) -> bool:
+    """The guest's kernel left this host (its link closed: the domain is
+    dying here) -- or it came back running here, having failed to move."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d = _domain(link, domid)
+        if d is None or d["state"] == "dying" or not d.get("connected", True):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _call_off(xl, stream: Stream, domid: int, resume_here: bool, reason: str) -> None:
+    try:
+        stream.send_json(Kind.ABORT, {"reason": reason})
+    except OSError:
+        pass
+    if resume_here:
+        try:
+            d = _domain(xl.link, domid)
+            if d is not None and d["state"] == "suspended":
+                xl.link.call(hc.Call.DOMAIN_RESUME, {"domid": domid, "cancelled": True})
+        except Exception as exc:
+            print(f"xl migrate: resuming dom{domid} here failed too: {exc}", file=sys.stderr)
+
+
+# -- destination --------------------------------------------------------------------------------
+def guest_hypervisor_path(host: str | None = None) -> str:
+    """Where a guest container mounts this host's hypervisor socket
+    (compose/two-hosts.yml mounts each host's xenbus volume at
+    /run/xenbed/<host>)."""
+    host = host or os.environ.get("XENBED_HOST", "")
+    if not host:
+        raise MigrationError("this dom0 does not know its host name (XENBED_HOST): guests could not find it")
+    return f"/run/xenbed/{host}/hypervisor.sock"
+
+
+def receive(xl, stream: Stream, *, memory_root: str = MEMORY_ROOT, say=print) -> dict:
+    """One incoming migration, to its end (DONE) or until it is called off;
+    whatever was made for a migration that did not finish is destroyed."""
+    hello = stream.expect(Kind.HELLO)
+    name, memory_mb = str(hello["name"]), int(hello["memory_mb"])
+    if any(d["name"] == name for d in xl.domains()):
+        stream.send_json(Kind.REFUSE, {"reason": f"a domain named {name} runs here already"})
+        raise MigrationError(f"refused {name}: already here")
+    created = xl.link.call(hc.Call.DOMAIN_CREATE, {"name": name, "memory_mb": memory_mb, "privilege": "none"})
+    domid = int(created["domid"])
+    finished = False
+    try:
+        domain_store.write_domain(xl.store, domid, name, memory_mb)
+        xl.store.introduce(domid, 0, 1)
+        stream.send_json(Kind.ACCEPT, {"domid": domid})
+        say(f"receiving {name} as dom{domid}")
+        made: list[devices.Device] = []
+        while True:
+            kind, payload = stream.receive()
+            if kind == Kind.PAGES:
+                pages = decode_pages(payload)
+                folder = xl.link.call(hc.Call.MEM_POPULATE, {"domid": domid, "gfns": [g for g, _ in pages]})["path"]
+                for gfn, data in pages:
+                    with open(os.path.join(memory_root, os.path.basename(folder), str(gfn)), "r+b") as f:
+                        f.write(data)
+            elif kind == Kind.GONE:
+                xl.link.call(hc.Call.MEM_POPULATE, {"domid": domid, "gfns": [], "remove": decode_json(payload)["gfns"]})
+            elif kind == Kind.ROUND:
+                body = decode_json(payload)
+                say(f"  round {body['round']}: {body['pages']} pages{' (final)' if body.get('final') else ''}")
+            elif kind == Kind.COMMIT:
+                made = _make_devices(xl, domid, decode_json(payload)["devices"])
+                stream.send_json(Kind.READY, {"domid": domid, "credential": created["credential"],
+                                              "hypervisor": guest_hypervisor_path()})
+            elif kind == Kind.DONE:
+                for device in made:
+                    devices.wait_for_state(xl.store, device.backend_path, {devices.XENBUS_CONNECTED},
+                                           CONNECTED_TIMEOUT, f"the backend of {device.kind} {device.devid}")
+                    devices.wait_for_state(xl.store, device.frontend_path, {devices.XENBUS_CONNECTED},
+                                           CONNECTED_TIMEOUT, f"the frontend of {device.kind} {device.devid}")
+                stream.send_json(Kind.DONE, {"connected_at": time.time()})
+                finished = True
+                say(f"{name} runs here as dom{domid}")
+                return {"name": name, "domid": domid}
+            elif kind == Kind.ABORT:
+                raise MigrationError(f"the source called the migration of {name} off: "
+                                     f"{decode_json(payload).get('reason', '?')}")
+            else:
+                raise StreamError(f"unexpected {kind.name} frame")
+    finally:
+        if not finished:
+            say(f"migration of {name} did not finish: destroying dom{domid} here")
+            try:
+                xl._destroy(domid)
+            except Exception as exc:
+                print(f"xl migrate-receive: destroying dom{domid}: {exc}", file=sys.stderr)
+
+
+def _make_devices(xl, domid: int, described: list[dict]) -> list[devices.Device]:
+    """The guest's devices on this host's backends (dom0 here), written and
+    brought to InitWait with their hotplug steps, as a restore does."""
+    from xenbed.drivers.blk import hotplug as blk_hotplug
+    from xenbed.toolstack import blk, net
+
+    made = []
+    os.environ[blk_hotplug.MIGRATION_SHARING] = "1"  # the source's loop still holds the shared image
+    try:
+        for d in described:
+            kind = d["kind"]
+            frontend = {k: v for k, v in d["frontend"].items() if k not in ("backend", "backend-id")}
+            backend = {k: v for k, v in d["backend"].items() if k not in ("frontend", "frontend-id", "online")}
+            device = devices.Device(kind, domid, devices.TOOLSTACK_DOMID, int(d["devid"]), frontend, backend)
+            devices.write_device(xl.store, device)
+            module = blk if kind == "vbd" else net
+            devices.bring_up(xl.store, device, f"{kind} {device.devid}",
+                             lambda path, m=module: m.run_hotplug("add", path), module.remove,
+                             initwait_timeout=module.INITWAIT_TIMEOUT, wait_connected=0)
+            made.append(device)
+    finally:
+        os.environ.pop(blk_hotplug.MIGRATION_SHARING, None)
+    return made
+
+
+def serve(port: int = MIGRATION_PORT, say=print, stop: threading.Event | None = None) -> None:
+    """dom0's migration receiver: one migration at a time."""
+    from xenbed.toolstack.xl import Toolstack
+
+    listener = socket.create_server(("0.0.0.0", port), reuse_port=False)
+    listener.settimeout(1.0)
+    say(f"migration receiver listening on port {port}")
+    while stop is None or not stop.is_set():
+        try:
+            sock, peer = listener.accept()
+        except TimeoutError:
+            continue
+        xl = Toolstack()
+        stream = Stream(sock)
+        try:
+            receive(xl, stream, say=say)
+        except (MigrationError, StreamError, OSError, XenStoreError, devices.DeviceError) as exc:
+            say(f"migration from {peer[0]} failed: {exc}")
+            try:
+                stream.send_json(Kind.ABORT, {"reason": str(exc)})
+            except OSError:
+                pass
+        finally:
+            stream.close()
+            xl.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(prog="python3 -m xenbed.toolstack.migrate",
+                                     description="dom0's live-migration receiver (`xl migrate` connects to it)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("XENBED_MIGRATION_PORT", MIGRATION_PORT)))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    stop = threading.Event()
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    serve(args.port, say=lambda line: print(f"migrate-receive: {line}", flush=True), stop=stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
