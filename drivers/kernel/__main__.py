@@ -172,19 +172,29 @@ def main(argv=None) -> int:
             new_ready = threading.Event()
             new_upcalls = {hc.Call.UP_XENSTORE_READY: lambda frame: new_ready.set(),
                            hc.Call.UP_DESTROYED: destroyed_unless_moved(generation["now"])}
+            old = current["link"]
+            old_node = watcher.node.rsplit("/control/shutdown", 1)[0]
+            new = None
             try:
                 new = HypervisorLink.open(target["credential"], "kernel", target["hypervisor"], upcalls=new_upcalls)
                 if not new_ready.wait(30):
-                    new.close()
                     raise RuntimeError(f"dom{new.domid} on {target['hypervisor']} was never introduced to its store")
+                device.link = new  # store connections made from now on are the new xenstored's
+                watcher.move(lambda: store.reconnect(), f"/local/domain/{new.domid}")
             except BaseException:
-                generation["now"] -= 1  # still here: this host's "destroyed" counts again
+                # Still here, as before: this host's store, this host's "destroyed".
+                generation["now"] -= 1
+                device.link = old
+                if new is not None:
+                    new.close()
+                    try:
+                        watcher.move(lambda: store.reconnect(), old_node)
+                    except Exception as exc:
+                        log.error("could not watch %s/control/shutdown again: %s", old_node, exc)
                 raise
-            old = current["link"]
-            current["link"] = device.link = suspender.link = new
+            current["link"] = suspender.link = new
             os.environ["XENBED_HYPERVISOR_SOCKET"] = target["hypervisor"]
             os.environ["XENBED_CREDENTIAL"] = target["credential"]
-            watcher.move(lambda: store.reconnect(), f"/local/domain/{new.domid}")
             log.info("moved: now dom%d (%s) via %s", new.domid, new.name, target["hypervisor"])
             old.close()
 

@@ -846,6 +846,7 @@ class Vif:
         self.resets = 0  # connections lost to a backend restart
         self.mtu_changes = 0  # applied while connected (the `mtu` watch)
         self.mtu_watch: tuple[str, str] | None = None
+        self.rewatch_mtu = False  # set by a live migration's relocation, done by resume
         self.garps = 0
         self.leaked_grants = 0  # grants the backend still mapped when we ended them
 
@@ -1002,12 +1003,12 @@ class NetFront(XenbusDriver):
             if self.vifs.get(old_nodename) is vif:
                 del self.vifs[old_nodename]
             self.vifs[dev.nodename] = vif
-        had_mtu_watch = vif.mtu_watch is not None
+        # The MTU watch names the old path; it is set again by resume(), once
+        # the new backend is known (a watch fires at once and reads it).
+        vif.rewatch_mtu = vif.mtu_watch is not None
         self._unwatch_mtu(vif)
         if vif.conn is not None:
             vif.conn.ports, vif.conn.grefs = [], []
-        if had_mtu_watch:
-            self._watch_mtu(vif)
 
     def resume(self, dev) -> None:
         """After migration: forget the old rings (the tap stays), and connect
@@ -1022,6 +1023,9 @@ class NetFront(XenbusDriver):
                 log.info("%s: %d frame(s) in flight on the old ring dropped", vif.ifname, lost)
             self._free_connection(vif)
             vif.engine.reopen()
+        if vif.rewatch_mtu:
+            vif.rewatch_mtu = False
+            self._watch_mtu(vif)
         self._write_status(vif)
 
     # -- suspend (docs/suspend-resume.md) -----------------------------------------------

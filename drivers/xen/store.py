@@ -9,6 +9,7 @@ thread), so a watch callback may itself use the store.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import socket
@@ -20,6 +21,7 @@ from xenbed.protocols import xs_wire
 from xenbed.protocols.xs_wire import Op, Packet
 
 DEFAULT_PATH = "/run/xenstored/socket"
+log = logging.getLogger("xenbed.store")
 
 
 class XenStoreError(Exception):
@@ -105,16 +107,17 @@ class XenStoreClient:
                     if call is not None:
                         call.reply = packet
                         call.event.set()
-            self.close_reason = "xenstored closed the connection"
+            reason = "xenstored closed the connection"
         except (OSError, xs_wire.WireProtocolError) as exc:
-            self.close_reason = str(exc)
-        finally:
-            with self._lock:
-                for call in self._calls.values():
-                    call.event.set()
-            if sock is self.sock:  # not a connection `reconnect` replaced on purpose
-                self.closed.set()
-                self._events.put(None)
+            reason = str(exc)
+        with self._lock:
+            if sock is not self.sock:
+                return  # a connection `reconnect` replaced on purpose: its callers were failed there
+            self.close_reason = reason
+            for call in self._calls.values():
+                call.event.set()
+            self.closed.set()
+        self._events.put(None)
 
     def _watch_loop(self) -> None:
         while True:
@@ -133,7 +136,10 @@ class XenStoreClient:
             # (tokens are unique per watch in this client).
             for (wpath, wtoken), callback in list(self._watches.items()):
                 if wtoken == token:
-                    callback(path, token)
+                    try:
+                        callback(path, token)
+                    except Exception:  # one watcher's bug must not stop every other watch
+                        log.exception("watch callback for %s (token %s) failed", path, token)
 
     def reconnect(self, path: str | None = None) -> list[str]:
         """Linux's xs_resume, for a domain that resumed elsewhere (or whose
@@ -146,8 +152,11 @@ class XenStoreClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path or self.path)
         self.path = path or self.path
-        with self._send_lock:
+        with self._lock, self._send_lock:
             self.sock = sock
+            stale = list(self._calls.values())  # requests sent on the old connection: they fail
+        for call in stale:
+            call.event.set()
         for end in (lambda: old.shutdown(socket.SHUT_RDWR), old.close):
             try:
                 end()
