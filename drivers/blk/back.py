@@ -797,6 +797,10 @@ class Blkback(XenbusDriver):
                 be.awaiting_frontend_reset = True
                 dev.switch_state(XenbusState.Closed)
             self._hotplug("add", dev)
+            # The hotplug step attached the loop without autoclear (nobody
+            # held it); hold it now, or a blkback killed again before the
+            # frontend resets would leave it attached for good.
+            self._open_disk(dev, any_state=True)
         self._watch_own_nodes(dev)
         log.info("%s: recovering from %s (frontend %s)", dev.nodename, _name(stale), dev.otherend)
 
@@ -887,13 +891,15 @@ class Blkback(XenbusDriver):
                 log.debug("%s: unwatch %s: %s", dev.nodename, path, exc)
 
     # -- disk ------------------------------------------------------------------------------
-    def _open_disk(self, dev: XenbusDevice) -> bool:
+    def _open_disk(self, dev: XenbusDevice, any_state: bool = False) -> bool:
         """Open the device the hotplug step named, once (xen_vbd_create).
-        True when a disk is open."""
+        True when a disk is open.  `any_state`: also while Closed (recover
+        holds the new loop at once, so that its autoclear covers a backend
+        killed again before the frontend came back)."""
         be: BackendInfo = dev.priv
         if be.disk is not None:
             return True
-        if dev.state not in (XenbusState.Initialising, XenbusState.InitWait):
+        if dev.state not in (XenbusState.Initialising, XenbusState.InitWait) and not any_state:
             return False
         physdev = dev.read("physical-device")
         if physdev is None:
