@@ -33,6 +33,7 @@ GOALS = {
     "blk.seq_read_ratio": (">=", 0.5),
     "blk.seq_write_ratio": (">=", 0.5),
     "net.tcp_ratio": (">=", 0.10),
+    "migration.downtime_ms": ("<=", 200),
 }
 
 
@@ -262,8 +263,58 @@ def bench_suspend(testbed: Testbed, guest: str = "domu1", rounds: int = 3) -> di
     }
 
 
+TWO_HOSTS = "compose/two-hosts.yml"
+
+
+def bench_migration(testbed: Testbed, trips: int = 2) -> dict[str, dict]:
+    """Live migration of domu1 (64 MiB, a disk and a NIC) host-a -> host-b
+    -> host-a, `trips` times, with the block workload writing and verifying
+    all along; needs two hosts, so it brings up compose/two-hosts.yml of its
+    own (tracing off).  downtime_ms: guest suspended -> every device
+    Connected at the destination (p50 of the moves); total_ms: `xl migrate`
+    from start to the source's clean-up; rounds/pages_sent: per move."""
+    import secrets
+
+    from .runenv import run_environment
+    from .workload import BlockWorkload, check_nothing_lost
+
+    client = testbed.client
+    bed = Testbed.from_compose(TWO_HOSTS, f"xenbed-bench-mig-{secrets.token_hex(3)}", client=client,
+                               env={**run_environment(client, TWO_HOSTS), "XENBED_TRACE": "0"})
+    moves = []
+    try:
+        bed.up(progress=lambda line: None)
+        workload = BlockWorkload(bed, "domu1", "xvda", workers=2).start()
+        where = "dom0-a"
+        for _ in range(trips * 2):
+            there = "dom0-b" if where == "dom0-a" else "dom0-a"
+            out = bed.exec(where, ["sh", "-c", f"xl migrate domu1 {there} --json 2>/dev/null"], check=True).stdout
+            moves.append(json.loads(out.strip().splitlines()[-1]))
+            where = there
+        result = check_nothing_lost(bed, workload)
+        if not result.ok:
+            raise RuntimeError(f"migration bench lost writes:\n{result.render()}")
+    finally:
+        bed.down()
+
+    def p50(values):
+        return sorted(values)[len(values) // 2]
+
+    return {
+        "migration.downtime_ms": {"value": round(p50([m["downtime_ms"] for m in moves]), 1), "unit": "ms"},
+        "migration.downtime_ms_max": {"value": round(max(m["downtime_ms"] for m in moves), 1), "unit": "ms"},
+        "migration.total_ms": {"value": round(p50([m["total_ms"] for m in moves]), 1), "unit": "ms"},
+        "migration.precopy_ms": {"value": round(p50([m["precopy_ms"] for m in moves]), 1), "unit": "ms"},
+        "migration.rounds": {"value": p50([len(m["rounds"]) for m in moves]), "unit": "rounds"},
+        "migration.pages_sent": {"value": p50([m["pages_sent"] for m in moves]), "unit": "pages"},
+        "migration.final_round_pages": {"value": p50([m["rounds"][-1] for m in moves]), "unit": "pages"},
+        "migration.moves": {"value": len(moves), "unit": "moves"},
+        "migration.writes_acknowledged": {"value": result.stats.get("writes_ok", 0), "unit": "writes"},
+    }
+
+
 SUITES = {"xenstore": bench_xenstore, "evtchn": bench_evtchn, "blk": bench_blk, "net": bench_net,
-          "suspend": bench_suspend}
+          "suspend": bench_suspend, "migration": bench_migration}
 
 
 def run(testbed: Testbed, suites: list[str] | None = None, progress=print) -> dict:

@@ -11,8 +11,10 @@ toolstack/migration.py.  The whole sequence (docs/migration.md):
     HELLO name, memory, config       ------->    DOMAIN_CREATE (new domid, its credential), store nodes, introduce
                                      <-------    ACCEPT domid
     rounds: PAGES/GONE/ROUND (guest runs) --->   MEM_POPULATE + page files (dom0's mount of guest memory)
+    DEVICES (after round 0)          ------->    device dirs for this host's backends, InitWait, hotplug
+    ROUND barrier                    <------>    (the backends are ready)
     suspend the guest (control/shutdown)
-    final round, COMMIT devices      ------->    device dirs for this host's backends, InitWait, hotplug
+    final round, COMMIT              ------->
                                      <-------    READY domid, credential, hypervisor socket (as guests mount it)
     DOMAIN_RESUME relocate -> the guest's kernel and modules move their links to the destination;
     the guest's kernel link on the source closes (its domain there dies)
@@ -180,21 +182,28 @@ def migrate(xl, name: str, destination: str, *, port: int = MIGRATION_PORT, say=
         report.destination_domid = int(stream.expect(Kind.ACCEPT)["domid"])
         say(f"migrating {name} (dom{domid}) to {destination} as dom{report.destination_domid}")
         number = 0
+        saved = [suspend.save_device(xl.store, d) for d in suspend.devices_of(xl.store, domid)]
         while True:  # live rounds, the guest running
             sent = _send_round(stream, planner, domid, xl.link, number, False, memory_root)
             say(f"  round {number}: {sent} pages")
+            if number == 0:
+                # The destination makes the backends (InitWait, hotplug) while
+                # the guest still runs here: that work stays out of the downtime.
+                stream.send_json(Kind.DEVICES, {"devices": [
+                    {"kind": s.device.kind, "devid": s.device.devid, "frontend": s.frontend, "backend": s.backend}
+                    for s in saved]})
             number += 1
             if not planner.another_live_round(_dirty_count(planner, domid, xl.link, memory_root)):
                 break
+        stream.send_json(Kind.ROUND, {"round": -1, "pages": 0, "final": False, "barrier": True})
+        stream.expect(Kind.ROUND)  # the destination's backends are ready: now stop the guest
         report.precopy_ms = (time.monotonic() - started) * 1000
-        saved = [suspend.save_device(xl.store, d) for d in suspend.devices_of(xl.store, domid)]
         suspend.suspend(xl.store, xl.link, domid)
         suspended_at = time.time()  # wall clock: the destination stamps Connected with it (one machine)
         suspended = True
         sent = _send_round(stream, planner, domid, xl.link, number, True, memory_root)
         say(f"  round {number} (guest suspended): {sent} pages")
-        stream.send_json(Kind.COMMIT, {"devices": [{"kind": s.device.kind, "devid": s.device.devid,
-                                                    "frontend": s.frontend, "backend": s.backend} for s in saved]})
+        stream.send_json(Kind.COMMIT, {})
         ready = stream.expect(Kind.READY)
         relocate = {"hypervisor": ready["hypervisor"], "credential": ready["credential"]}
         xl.link.call(hc.Call.DOMAIN_RESUME, {"domid": domid, "cancelled": False, "relocate": relocate})
@@ -292,10 +301,14 @@ def receive(xl, stream: Stream, *, memory_root: str = MEMORY_ROOT, say=print) ->
                 xl.link.call(hc.Call.MEM_POPULATE, {"domid": domid, "gfns": [], "remove": decode_json(payload)["gfns"]})
             elif kind == Kind.ROUND:
                 body = decode_json(payload)
+                if body.get("barrier"):  # answered once everything before it is done
+                    stream.send_json(Kind.ROUND, {"barrier": True})
+                    continue
                 say(f"  round {body['round']}: {body['pages']} pages{' (final)' if body.get('final') else ''}")
+            elif kind == Kind.DEVICES:
+                made = _make_devices(xl, domid, decode_json(payload)["devices"])
             elif kind == Kind.COMMIT:
                 _injected_stall("commit", say)
-                made = _make_devices(xl, domid, decode_json(payload)["devices"])
                 stream.send_json(Kind.READY, {"domid": domid, "credential": created["credential"],
                                               "hypervisor": guest_hypervisor_path()})
             elif kind == Kind.DONE:

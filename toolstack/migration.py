@@ -21,7 +21,9 @@ The stream, one TCP connection from source to destination, frames of
     PAGES     u32 count, then count x (u32 gfn | 4096 bytes)        source -> destination
     GONE      json {"gfns": [...]}                                  source -> destination
     ROUND     json {"round", "pages", "final"}                      source -> destination (round boundary)
-    COMMIT    json {"devices": [...]}                               source -> destination (guest suspended, last round sent)
+    DEVICES   json {"devices": [...]}                               source -> destination (after round 0: backends made
+                                                                    while the guest still runs here)
+    COMMIT    json {}                                               source -> destination (guest suspended, last round sent)
     READY     json {"domid", "credential", "hypervisor"}            destination -> source (domain and devices made)
     ABORT     json {"reason"}                                       either way; the destination destroys what it made
     DONE      json {}                                               source -> destination (guest resumed there)
@@ -57,6 +59,7 @@ class Kind(enum.IntEnum):
     READY = 8
     ABORT = 9
     DONE = 10
+    DEVICES = 11
 
 
 class StreamError(Exception):
