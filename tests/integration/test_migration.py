@@ -94,8 +94,8 @@ def test_a_migration_whose_destination_dies_leaves_the_guest_on_host_a(testbed):
     rings_before = sh(testbed, "dom0-a", "xenstore-read /local/domain/$(xl domid domu1)/device/vbd/51712/ring-ref")
     sh(testbed, "dom0-b", "mkdir -p /run/xen && echo 'stall-at commit' > /run/xen/migrate-faults")
     try:
-        testbed.exec("dom0-a", ["sh", "-c", "xl migrate domu1 dom0-b > /tmp/migrate.out 2>&1; echo $? >> /tmp/migrate.out &"],
-                     check=True)
+        testbed.exec("dom0-a", ["sh", "-c", "(xl migrate domu1 dom0-b > /tmp/migrate.out 2>&1; "
+                                            "echo $? >> /tmp/migrate.out) </dev/null >/dev/null 2>&1 &"], check=True)
         # the guest is suspended and the final round sent when the receiver stalls: kill it there
         wait_for(lambda: "stalling at commit" in testbed.logs("dom0-b", tail=20), what="the receiver to stall",
                  timeout=60, interval=0.2)
