@@ -157,8 +157,11 @@ def _dirty_count(planner: PrecopyPlanner, domid: int, link, root: str) -> int:
 
 
 def migrate(xl, name: str, destination: str, *, port: int = MIGRATION_PORT, say=print,
-            memory_root: str = MEMORY_ROOT, planner: PrecopyPlanner | None = None) -> MigrationReport:
-    """Move domain `name` to the host whose dom0 answers at `destination`."""
+            memory_root: str = MEMORY_ROOT, planner: PrecopyPlanner | None = None,
+            disk_backend: str | None = None) -> MigrationReport:
+    """Move domain `name` to the host whose dom0 answers at `destination`;
+    its disks are served there by dom0, or by the driver domain named
+    `disk_backend` (a domain of the destination host)."""
     info = xl.resolve(name)
     domid = info["domid"]
     if domid == 0:
@@ -178,7 +181,7 @@ def migrate(xl, name: str, destination: str, *, port: int = MIGRATION_PORT, say=
     suspended = moved = False
     try:
         stream.send_json(Kind.HELLO, {"name": info["name"], "memory_mb": info["memory_mb"],
-                                      "source": os.environ.get("XENBED_HOST", "")})
+                                      "source": os.environ.get("XENBED_HOST", ""), "disk_backend": disk_backend})
         report.destination_domid = int(stream.expect(Kind.ACCEPT)["domid"])
         say(f"migrating {name} (dom{domid}) to {destination} as dom{report.destination_domid}")
         number = 0
@@ -306,7 +309,7 @@ def receive(xl, stream: Stream, *, memory_root: str = MEMORY_ROOT, say=print) ->
                     continue
                 say(f"  round {body['round']}: {body['pages']} pages{' (final)' if body.get('final') else ''}")
             elif kind == Kind.DEVICES:
-                made = _make_devices(xl, domid, decode_json(payload)["devices"])
+                made = _make_devices(xl, domid, decode_json(payload)["devices"], hello.get("disk_backend"))
             elif kind == Kind.COMMIT:
                 _injected_stall("commit", say)
                 stream.send_json(Kind.READY, {"domid": domid, "credential": created["credential"],
@@ -355,28 +358,33 @@ def _injected_stall(step: str, say) -> None:
         time.sleep(60)
 
 
-def _make_devices(xl, domid: int, described: list[dict]) -> list[devices.Device]:
-    """The guest's devices on this host's backends (dom0 here), written and
-    brought to InitWait with their hotplug steps, as a restore does."""
-    from xenbed.drivers.blk import hotplug as blk_hotplug
+def _make_devices(xl, domid: int, described: list[dict], disk_backend: str | None = None) -> list[devices.Device]:
+    """The guest's devices on this host's backends, written and brought to
+    InitWait with their hotplug steps, as a restore does: dom0's, or for
+    disks the driver domain `disk_backend` names (its own hotplug step runs
+    there, as `xl devd` does; we wait for its outcome)."""
+    from xenbed.drivers.blk.hotplug import MIGRATION_SHARING_KEY
     from xenbed.toolstack import blk, net
 
     made = []
-    os.environ[blk_hotplug.MIGRATION_SHARING] = "1"  # the source's loop still holds the shared image
-    try:
-        for d in described:
-            kind = d["kind"]
-            frontend = {k: v for k, v in d["frontend"].items() if k not in ("backend", "backend-id")}
-            backend = {k: v for k, v in d["backend"].items() if k not in ("frontend", "frontend-id", "online")}
-            device = devices.Device(kind, domid, devices.TOOLSTACK_DOMID, int(d["devid"]), frontend, backend)
-            devices.write_device(xl.store, device)
-            module = blk if kind == "vbd" else net
-            devices.bring_up(xl.store, device, f"{kind} {device.devid}",
-                             lambda path, m=module: m.run_hotplug("add", path), module.remove,
-                             initwait_timeout=module.INITWAIT_TIMEOUT, wait_connected=0)
-            made.append(device)
-    finally:
-        os.environ.pop(blk_hotplug.MIGRATION_SHARING, None)
+    disk_domid = devices.backend_domid(xl.store, disk_backend)
+    for d in described:
+        kind = d["kind"]
+        frontend = {k: v for k, v in d["frontend"].items() if k not in ("backend", "backend-id")}
+        backend = {k: v for k, v in d["backend"].items() if k not in ("frontend", "frontend-id", "online")}
+        backend_domid = disk_domid if kind == "vbd" else devices.TOOLSTACK_DOMID
+        if kind == "vbd":
+            backend[MIGRATION_SHARING_KEY] = "1"  # the source's loop still holds the shared image
+        device = devices.Device(kind, domid, backend_domid, int(d["devid"]), frontend, backend)
+        devices.write_device(xl.store, device)
+        if kind == "vbd":
+            hotplug_add = lambda path, device=device: blk._hotplug_add(xl.store, device)  # noqa: E731
+        else:
+            hotplug_add = lambda path: net.run_hotplug("add", path)  # noqa: E731
+        module = blk if kind == "vbd" else net
+        devices.bring_up(xl.store, device, f"{kind} {device.devid}", hotplug_add, module.remove,
+                         initwait_timeout=module.INITWAIT_TIMEOUT, wait_connected=0)
+        made.append(device)
     return made
 
 

@@ -16,7 +16,7 @@ The stream, one TCP connection from source to destination, frames of
 
     u32 length (big-endian, of what follows) | u8 kind | payload
 
-    HELLO     json {"name", "memory_mb", "config", "source"}        source -> destination
+    HELLO     json {"name", "memory_mb", "source", "disk_backend"}  source -> destination
     ACCEPT    json {"domid"}  or  REFUSE json {"reason"}            destination -> source
     PAGES     u32 count, then count x (u32 gfn | 4096 bytes)        source -> destination
     GONE      json {"gfns": [...]}                                  source -> destination

@@ -210,6 +210,9 @@ def main(argv=None) -> int:
     mig.add_argument("domain")
     mig.add_argument("host", help="the destination dom0, HOST[:PORT] (port 8002 by default)")
     mig.add_argument("--json", action="store_true", help="print the figures (rounds, pages, downtime) as JSON")
+    mig.add_argument("--disk-backend", metavar="DOMAIN", default=None,
+                     help="at the destination, serve the disks from this driver domain (default: its dom0); "
+                          "real xl says this with -C and a config whose disks name backend=")
     rcv = sub.add_parser("migrate-receive", help="receive migrations (dom0's kernel runs this as a daemon)")
     rcv.add_argument("--port", type=int, default=None)
     args = parser.parse_args(argv)
@@ -299,7 +302,8 @@ def _run(xl: Toolstack, args) -> int:
 
         from xenbed.toolstack import migrate
         try:
-            report = migrate.migrate(xl, args.domain, args.host, say=lambda line: print(line, file=sys.stderr))
+            report = migrate.migrate(xl, args.domain, args.host, say=lambda line: print(line, file=sys.stderr),
+                                     disk_backend=args.disk_backend)
         except migrate.MigrationError as exc:
             raise XlError(str(exc)) from None
         if args.json:

@@ -55,7 +55,9 @@ from xenbed.drivers.xenbus.hotplug_status import write_error
 
 log = logging.getLogger("xenbed.blk.hotplug")
 
-MIGRATION_SHARING = "XENBED_HOTPLUG_MIGRATION"  # set by `xl migrate-receive` (toolstack/migrate.py)
+# Written in a backend dir by `xl migrate`'s receiver (toolstack/migrate.py),
+# wherever the backend runs (dom0 or a driver domain's own hotplug step).
+MIGRATION_SHARING_KEY = "xenbed-migrating"
 HOTPLUG_KEYS = ("physical-device", "physical-device-path", "hotplug-status", "hotplug-error")
 
 
@@ -101,8 +103,9 @@ def add(store, backend: str) -> loop.LoopDevice:
         # A live migration's destination on shared storage: the source host's
         # loop device still holds the image read-write, and on one kernel the
         # two "hosts" share loop devices; reuse it, as "w!" does (on Xen the
-        # check is per host and the hosts are two machines).
-        shared = shared or os.environ.get(MIGRATION_SHARING) == "1"
+        # check is per host and the hosts are two machines).  The receiver
+        # says so in the backend dir.
+        shared = shared or store.try_read(f"{backend}/{MIGRATION_SHARING_KEY}") == "1"
         dev = _bring_online(target, readonly, shared)
     except (HotplugError, OSError) as exc:
         message = str(exc)

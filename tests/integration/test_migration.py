@@ -88,6 +88,26 @@ def test_suspend_resume_then_migrate_there_and_back_loses_nothing(testbed, recor
     assert frontend_connects(testbed) >= connects_before + 3
 
 
+def test_a_migration_onto_a_driver_domains_disk_and_back(testbed):
+    """Seed 004's driver domain as a migration's destination backend: on
+    host-b the disk is served by `driverdom` (backend privilege only, its own
+    hotplug step), the network by dom0-b; then back to dom0-a's backends."""
+    workload = BlockWorkload(testbed, "domu1", "xvda", workers=2).start()
+    acked = lambda: sum(1 for op in workload.history() if op.get("type") == "ok" and op.get("f") == "write")  # noqa: E731
+    report = json.loads(sh(testbed, "dom0-a", "xl migrate --disk-backend driverdom domu1 dom0-b --json 2>/dev/null")
+                        .strip().splitlines()[-1])
+    assert report["downtime_ms"] > 0
+    driverdom = sh(testbed, "dom0-b", "xl domid driverdom").strip()
+    assert f"/local/domain/{driverdom}/backend/vbd/" in sh(testbed, "dom0-b", "xl block-list domu1")
+    assert "/local/domain/0/backend/vif/" in sh(testbed, "dom0-b", "xl network-list domu1")
+    before = acked()
+    wait_for(lambda: acked() > before + 20, what="writes acknowledged through the driver domain", timeout=30)
+    migrate(testbed, "dom0-b", "dom0-a")
+    assert "/local/domain/0/backend/vbd/" in sh(testbed, "dom0-a", "xl block-list domu1")
+    result = check_nothing_lost(testbed, workload)
+    assert result.ok, result.render()
+
+
 def test_a_migration_whose_destination_dies_leaves_the_guest_on_host_a(testbed):
     assert "domu1" in xl_list(testbed, "dom0-a")
     workload = BlockWorkload(testbed, "domu1", "xvda", workers=1).start()
