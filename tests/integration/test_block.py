@@ -13,6 +13,7 @@ import time
 import pytest
 
 from xenbed.protocols.xenbus_state import Transition, violations
+from integration_helpers import run, sh, transitions, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -21,33 +22,8 @@ XVDA = 51712
 XVDB = 51728
 
 
-def sh(testbed, service: str, script: str) -> str:
-    """Run a shell script in a container; its stdout (failing the test if it fails)."""
-    return testbed.exec(service, ["sh", "-c", script], check=True).stdout
-
-
-def run(testbed, service: str, script: str):
-    return testbed.exec(service, ["sh", "-c", script])
-
-
-def transitions(testbed, service: str) -> list[Transition]:
-    out = testbed.exec(service, ["sh", "-c", f"cat {TRANSITIONS} 2>/dev/null || true"]).stdout
-    return [Transition.from_json(line) for line in out.splitlines() if line.strip()]
-
-
 def sequence(ts: list[Transition], path_suffix: str) -> list[tuple[str, str]]:
     return [(t.old.name, t.new.name) for t in ts if t.path.endswith(path_suffix)]
-
-
-def wait_until(probe, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {last!r}")
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +105,6 @@ def test_a_read_only_disk_is_read_only_to_the_guest(testbed, domu1):
     assert sh(testbed, "dom0", "head -c 1 /var/lib/xen/images/ro.img") == "R"
     sh(testbed, "dom0", "xl block-detach domu1 xvdc")
     assert "ro.img" not in sh(testbed, "dom0", "losetup -a || true")
-
 
 
 def test_frontend_initiated_closedown_when_the_guest_shuts_its_disks(testbed):

@@ -25,35 +25,12 @@ import time
 import pytest
 
 from xenbed.protocols.xenbus_state import Transition
+from integration_helpers import run, sh, transitions, wait_until
 
 pytestmark = pytest.mark.integration
 
 TRANSITIONS = "/run/xen/transitions.jsonl"  # every domain's XenBus records here (XENBED_TRANSITIONS)
 
-
-def sh(testbed, service: str, script: str) -> str:
-    """Run a shell script in a container; its stdout (failing the test if it fails)."""
-    return testbed.exec(service, ["sh", "-c", script], check=True).stdout
-
-
-def run(testbed, service: str, script: str):
-    return testbed.exec(service, ["sh", "-c", script])
-
-
-def transitions(testbed, service: str) -> list[Transition]:
-    out = testbed.exec(service, ["sh", "-c", f"cat {TRANSITIONS} 2>/dev/null || true"]).stdout
-    return [Transition.from_json(line) for line in out.splitlines() if line.strip()]
-
-
-def wait_until(probe, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {last!r}")
 
 IMAGES = "/var/lib/xen/images"
 XVDD = 51760  # (202 << 8) | (3 << 4)

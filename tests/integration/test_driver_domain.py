@@ -17,6 +17,7 @@ import time
 import pytest
 
 from xenbed.protocols.xenbus_state import Transition, violations
+from integration_helpers import run, sh, transitions, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.testbed_compose("compose/driver-domain.yml")]
 
@@ -28,25 +29,6 @@ TRANSITIONS = "/run/xen/transitions.jsonl"
 @pytest.fixture(scope="module")
 def testbed(private_testbed):
     return private_testbed
-
-
-def sh(testbed, service: str, script: str) -> str:
-    return testbed.exec(service, ["sh", "-c", script], check=True).stdout
-
-
-def run(testbed, service: str, script: str):
-    return testbed.exec(service, ["sh", "-c", script])
-
-
-def wait_until(probe, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {last!r}")
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +58,6 @@ def perms(testbed, path: str) -> str:
         if line.split(" = ")[0] == path:
             return line.rsplit("(", 1)[1].rstrip(")")
     raise AssertionError(f"{path} not in the store")
-
-
-def transitions(testbed, service: str) -> list[Transition]:
-    out = run(testbed, service, f"cat {TRANSITIONS} 2>/dev/null || true").stdout
-    return [Transition.from_json(line) for line in out.splitlines() if line.strip()]
 
 
 def test_the_driver_domain_has_the_backend_privilege_only(testbed, ids):

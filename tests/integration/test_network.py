@@ -8,23 +8,9 @@ import json
 import time
 
 import pytest
+from integration_helpers import sh, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def sh(testbed, service: str, script: str) -> str:
-    return testbed.exec(service, ["sh", "-c", script], check=True).stdout
-
-
-def wait_until(probe, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {last!r}")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from xenbed.harness import cli
+from integration_helpers import sh, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.testbed_compose("compose/two-hosts.yml")]
 
@@ -24,21 +25,6 @@ IMAGES = "/var/lib/xen/images"
 @pytest.fixture(scope="module")
 def testbed(private_testbed):
     return private_testbed
-
-
-def sh(testbed, service: str, script: str) -> str:
-    return testbed.exec(service, ["sh", "-c", script], check=True).stdout
-
-
-def wait_until(probe, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {last!r}")
 
 
 def names_in(xl_list: str) -> list[str]:
