@@ -104,6 +104,8 @@ def own_testbed(config: pytest.Config, docker_client, project: str,
     config.stash[TESTBED_KEY] = bed
     try:
         bed.up(progress=_progress_writer(config))
+        if any(host.dom0 for host in bed.xen_hosts().values()):  # a Xen topology, not a harness test's own
+            bed.wait_devices_connected(progress=_progress_writer(config))
         yield bed
     finally:
         if keep:
@@ -142,6 +144,8 @@ def shared_testbed(config: pytest.Config, docker_client) -> Iterator[Testbed]:
             env = run_environment(docker_client, compose_file)
             bed = Testbed.from_compose(compose_file, base, client=docker_client, env=env)
             bed.up(progress=_progress_writer(config))
+            if any(host.dom0 for host in bed.xen_hosts().values()):
+                bed.wait_devices_connected(progress=_progress_writer(config))
             state = {"project": bed.project_name, "env": env, "users": 0}
         state["users"] += 1
         state_file.write_text(json.dumps(state))

@@ -240,6 +240,28 @@ class Testbed:
         self._await(name, "service_healthy", time.monotonic() + timeout, progress, needed_by=None)
         return int(self.exec(dom0, ["xl", "domid", name], check=True).stdout.strip())
 
+    def wait_devices_connected(self, timeout: float = 60, progress: Callable[[str], None] = lambda line: None) -> None:
+        """Until every PV device in every host's store is Connected at both
+        ends: containers are healthy before their guests' devices have
+        finished connecting, and a test should not start in between.  The
+        timeout names each device that is not, with its states."""
+        from .domains import devices_in, store_tree
+        from xenbed.protocols.xenbus_state import XenbusState
+
+        hosts = [h for h, host in self.xen_hosts().items() if host.dom0 is not None]
+
+        def pending() -> list[str]:
+            waiting = []
+            for host in hosts:
+                for d in devices_in(store_tree(self, host=host)):
+                    if (d.frontend_state, d.backend_state) != (XenbusState.Connected, XenbusState.Connected):
+                        waiting.append(f"{host}: dom{d.domid} {d.kind} {d.devid} "
+                                       f"{d.frontend_state.name}/{d.backend_state.name}")
+            return waiting
+
+        wait_for(lambda: _Observation(not (left := pending()), ", ".join(left) or "all Connected"),
+                 what="every PV device Connected at both ends", timeout=timeout, progress=progress)
+
     def domain(self, name: str, host: str | None = None):
         """A handle to drive domain `name` through the toolstack and read its
         devices (harness/domains.py); "dom0" (or a host's dom0 service, e.g.

@@ -145,16 +145,30 @@ def peer(testbed) -> str:
     return sh(testbed, "peer", "ip -4 -o addr show scope global").stdout.split()[3].split("/")[0]
 
 
+class _Going(tuple):
+    """(holder writes, ping replies): going once both reached 3."""
+
+    def __bool__(self) -> bool:
+        return self[0] >= 3 and self[1] >= 3
+
+
 @pytest.fixture
 def background(testbed, peer):
     """The descriptor holder and a ping to the peer, in domu1, for one test."""
+    # A testbed is "up" when its containers are healthy; the guest's devices
+    # may still be connecting (the holder must find its disk file at once).
+    guest = testbed.domain("domu1")
+    guest.device("vbd", "xvda").wait(timeout=60)
+    guest.device("vif", "0").wait(timeout=60)
+    wait_for(lambda: testbed.exec("domu1", ["test", "-e", XVDA]).exit_code == 0, what=f"{XVDA} in domu1", timeout=30)
     sh(testbed, "domu1", f"rm -f {HOLDER_LOG} {PING_LOG}; "
                          f"timeout 300 python3 -c '{HOLDER}' {XVDA} {HOLDER_LOG} >/dev/null 2>&1 & "
                          f"echo $! > /tmp/suspend-holder.pid; "
                          f"timeout 300 ping -D -i 0.2 -W 1 {peer} > {PING_LOG} 2>&1 & "
                          f"echo $! > /tmp/suspend-ping.pid")
-    wait_for(lambda: len(holder_ok_times(testbed)) >= 3 and len(ping_replies(testbed)) >= 3,
-             what="the descriptor holder and the ping to get going", timeout=30)
+    wait_for(lambda: _Going((len(holder_ok_times(testbed)), len(ping_replies(testbed)))),
+             what="the descriptor holder and the ping to get going (3 writes, 3 replies)", timeout=30,
+             describe=lambda seen: f"holder writes {seen[0]}, ping replies {seen[1]}")
     yield
     sh(testbed, "domu1", "kill $(cat /tmp/suspend-holder.pid /tmp/suspend-ping.pid) 2>/dev/null; true", check=False)
 
