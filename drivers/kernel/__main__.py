@@ -196,7 +196,10 @@ def main(argv=None) -> int:
             os.environ["XENBED_HYPERVISOR_SOCKET"] = target["hypervisor"]
             os.environ["XENBED_CREDENTIAL"] = target["credential"]
             log.info("moved: now dom%d (%s) via %s", new.domid, new.name, target["hypervisor"])
-            old.close()
+            # The old link goes only after the modules have moved too: closing
+            # it kills the domain on the old host, and with it the modules'
+            # links and store connections there.
+            return old.close
 
         suspender = Suspender(link, modules, relocate=relocate)
         watcher = ShutdownWatcher(store, f"/local/domain/{link.domid}", {"suspend": suspender.suspend}).start()

@@ -102,13 +102,14 @@ class Suspender:
         record["resumed_at"] = time.time()
         record["cancelled"] = cancelled
         target = None if cancelled else reply.get("relocate") if isinstance(reply, dict) else None
+        finish_move = None
         if target and self.relocate is not None:
             # Live migration: this domain runs on another host now.  The
             # kernel moves first (so that new store connections go to the
             # new xenstored), then each module with the same target.
             record["relocated_to"] = target.get("hypervisor")
             try:
-                self.relocate(target)
+                finish_move = self.relocate(target)
                 record["relocated_at"] = time.time()
             except Exception as exc:
                 # Still on the old host with everything as it was: go on
@@ -121,6 +122,8 @@ class Suspender:
         log.info("resumed (%s): thawing the modules", "cancelled" if cancelled else "devices reconnect")
         extra = {"relocate": target} if target else {}
         record["modules"] = self.modules.thaw_all(cancelled, self.freeze_timeout, **extra)
+        if finish_move is not None:
+            finish_move()  # every module has moved: now leave the old host
         record["thawed_at"] = time.time()
         record["outcome"] = "cancelled" if cancelled else "resumed"
         self._record(record)

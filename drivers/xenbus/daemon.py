@@ -99,6 +99,8 @@ def run_frontend(name: str, make_driver: Callable, *, transitions: str | None = 
     try:
         while not stop.wait(interval):
             # xen.link, not link: a live migration moves it to another host
+            if bus.frozen:
+                continue  # suspended: a migration may close the old host's link under us
             if xen.link.closed.is_set() or store.closed.is_set():
                 log.error("%s lost the hypervisor or the store: exiting", name)
                 break
