@@ -244,7 +244,12 @@ def test_cdrom_media_change_while_connected(testbed, domu1):
 
         sh(testbed, "dom0", f"xl cd-insert domu1 hdc {disc2}")
         seen = guest.output()
-        assert seen == ["1111/1048576", "ENOMEDIUM/0", "2222/2097152"], seen
+        # A read racing the eject may fail with EIO once (the backend took the
+        # medium away under it, as a real drive's media removal does); then
+        # the drive reads as empty, then the new disc.
+        settled = [entry for i, entry in enumerate(seen)
+                   if not (entry.startswith("EIO/") and i + 1 < len(seen) and seen[i + 1] == "ENOMEDIUM/0")]
+        assert settled == ["1111/1048576", "ENOMEDIUM/0", "2222/2097152"], seen
         assert sh(testbed, "domu1", "tail -c 4 /run/xen/vbd/hdc") == "2222"
         assert len(loops_backing(testbed, disc2)) == 1 and loops_backing(testbed, disc1) == []
 
