@@ -746,6 +746,7 @@ class Blkback(XenbusDriver):
     its own thread (Connection)."""
 
     devicetype = "vbd"
+    recovers = True
 
     def __init__(self, grants, evtchn, *, run_hotplug: bool = False):
         self.grants = grants

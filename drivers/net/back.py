@@ -898,6 +898,7 @@ class Netback(XenbusDriver):
     their own."""
 
     devicetype = "vif"
+    recovers = True
 
     def __init__(self, grants, evtchn, memory, *, run_hotplug: bool = False,
                  open_tap: Callable[[str], object] = default_open_tap,

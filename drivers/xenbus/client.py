@@ -52,21 +52,42 @@ class XenbusHooks:
 
 
 class XenbusDriver:
-    """Subclass and override; every callback runs on the bus's watch thread
-    (the store client's "xenwatch" thread) and may use the store.
+    """What a driver module declares to its bus and its kernel (Linux's
+    struct xenbus_driver plus the module's power-management hooks).
+    Subclass and override; the defaults do nothing.
+
+    Per device, on the bus's watch thread (the store client's "xenwatch"
+    thread), free to use the store:
 
     probe(dev)                    the device dir appeared in state Initialising
     otherend_changed(dev, state)  the other end's `state` now reads `state`
                                   (never twice in a row with the same value)
     remove(dev)                   the device dir is gone
     resume(dev)                   after a migration: re-grant, re-advertise
-    recover(dev)                  (backends) a device this process never
-                                  probed, left by an earlier incarnation of
-                                  the driver (a restarted dom0 or driver
-                                  process); `dev.state` is the state it left
+    relocated(dev, old_nodename)  live migration moved the domain: the
+                                  device's ports and grants were the old
+                                  host's, forget them without releasing
+    recover(dev)                  (backends with `recovers` True) a device
+                                  this process never probed, left by an
+                                  earlier incarnation of the driver (a
+                                  restarted dom0 or driver process);
+                                  `dev.state` is the state it left; False
+                                  leaves the device unbound
+
+    For the whole module, from the kernel's control channel or the daemon:
+
+    freeze() -> dict              suspend: stop issuing work, keep what is in
+                                  flight (the dict is the module's report)
+    thaw(cancelled) -> dict       after the suspend hypercall returned
+    close_all(timeout)            the domain is going away: close every device
+    shutdown()                    SIGTERM to a backend: tear every device down,
+                                  leaving the states as they are
     """
 
     devicetype: str = ""
+    # A driver that does not recover ignores devices left by an earlier
+    # process, as Linux does (its backends never outlive their kernel).
+    recovers: bool = False
 
     def probe(self, dev: XenbusDevice) -> None:
         pass
@@ -80,10 +101,23 @@ class XenbusDriver:
     def resume(self, dev: XenbusDevice) -> None:
         pass
 
-    # A driver without recover() ignores such devices, as Linux does (its
-    # backends never outlive their kernel).  Returning False leaves the device
-    # unbound.
-    recover = None
+    def relocated(self, dev: XenbusDevice, old_nodename: str) -> None:
+        pass
+
+    def recover(self, dev: XenbusDevice) -> bool | None:
+        return False
+
+    def freeze(self) -> dict:
+        return {}
+
+    def thaw(self, cancelled: bool) -> dict:
+        return {}
+
+    def close_all(self, timeout: float = 5.0) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
 
 @dataclass(eq=False)

@@ -161,19 +161,19 @@ def serve_kernel_control(name: str, bus, driver, xen=None, store=None):
 
     def freeze(message: dict) -> dict:
         bus.suspend()
-        return driver.freeze() if hasattr(driver, "freeze") else {}
+        return driver.freeze()
 
     def thaw(message: dict) -> dict:
         cancelled = bool(message.get("cancelled", False))
         if cancelled:
-            result = driver.thaw(True) if hasattr(driver, "thaw") else {}
+            result = driver.thaw(True)
             bus.resume_cancelled()
         else:
             target = message.get("relocate")
             if target:
                 relocate_module(name, bus, xen, store, target)
             bus.resume()
-            result = driver.thaw(False) if hasattr(driver, "thaw") else {}
+            result = driver.thaw(False)
         log.info("%s thawed (%s)", name, "cancelled: same rings" if cancelled else "resumed: new rings")
         return result or {}
 

@@ -200,7 +200,7 @@ class XenBus:
     def _probe_node(self, devicetype: str, nodename: str) -> None:
         state = XenbusState.parse(self.store.try_read(f"{nodename}/state"))
         driver = self.drivers[devicetype]
-        recovering = (self.recovers and getattr(driver, "recover", None) is not None
+        recovering = (self.recovers and driver.recovers
                       and (state in RECOVERABLE_STATES or (state == XenbusState.Closed and self._online(nodename))))
         if state != XenbusState.Initialising and not recovering:
             # "Device is not new, so ignore it.  This can happen if a device
@@ -372,9 +372,8 @@ class XenBus:
                 dev.nodename = self.base + old_nodename[len(old_base):]
                 self.devices[dev.nodename] = dev
         for dev in devs:
-            hook = getattr(dev.driver, "relocated", None) if dev.driver is not None else None
-            if hook is not None:
-                hook(dev, old_base + dev.nodename[len(self.base):])
+            if dev.driver is not None:
+                dev.driver.relocated(dev, old_base + dev.nodename[len(self.base):])
         for devicetype in self.drivers:
             path = f"{self.base}/{devicetype}"
             token = f"xenbus-{self.role.value}:{path}"
