@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from xenbed.drivers.blk.back import BlkifServer, Connection, Disk, DiskGeometry, FrontendConfig
+from xenbed.drivers.blk.blkback import BlkifServer, DiskGeometry
+from xenbed.drivers.blk.connection import BlkbackConnection, Disk, FrontendConfig
 from xenbed.protocols import blkif
 from xenbed.protocols.blkif import (
     BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_EOPNOTSUPP,
@@ -215,7 +216,7 @@ def test_connection_serves_on_events_and_closes_cleanly(tmp_path, disk_fd):
     front = FakeFront(grants)
     disk = Disk.from_fd_for_tests(os.dup(disk_fd), SECTORS)
     fatal = []
-    conn = Connection("test", grants, evtchn, 1, FrontendConfig((front.refs[0],), 0, 3, "x86_64-abi", True),
+    conn = BlkbackConnection("test", grants, evtchn, 1, FrontendConfig((front.refs[0],), 0, 3, "x86_64-abi", True),
                       disk, lambda err, msg: fatal.append((err, msg)))
     conn.start()
     g, _ = page_with(grants, b"E" * 4096)
@@ -236,7 +237,7 @@ def test_connection_reports_ring_overflow_as_fatal(disk_fd):
     front = FakeFront(grants)
     disk = Disk.from_fd_for_tests(os.dup(disk_fd), SECTORS)
     fatal = threading.Event()
-    conn = Connection("test", grants, evtchn, 1, FrontendConfig((front.refs[0],), 0, 3, "x86_64-abi", False),
+    conn = BlkbackConnection("test", grants, evtchn, 1, FrontendConfig((front.refs[0],), 0, 3, "x86_64-abi", False),
                       disk, lambda err, msg: fatal.set())
     conn.start()
     front.ring.sring.req_prod = 1000

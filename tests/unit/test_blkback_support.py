@@ -169,7 +169,7 @@ class FakeFront:
 
 class _Contig:
     def __init__(self, fds):
-        from xenbed.drivers.blk.back import ContiguousPages
+        from xenbed.drivers.blk.connection import ContiguousPages
         dups = [os.dup(fd) for fd in fds]
         try:
             self.pages = ContiguousPages(dups)

@@ -6,10 +6,9 @@ import errno
 
 import pytest
 
-from xenbed.drivers.blk.back import (
-    DiskGeometry, Extent, FrontendConfigError, parse_frontend_config, response_operation, segment_extents,
-    validate_request,
-)
+from xenbed.drivers.blk.blkback import DiskGeometry, Extent, response_operation, segment_extents, validate_request
+from xenbed.drivers.blk.connection import parse_frontend_config
+from xenbed.drivers.xenbus.nodes import BadNode
 from xenbed.protocols.blkif import (
     BLKIF_DISCARD_SECURE, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
     BLKIF_OP_RESERVED_1, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR,
@@ -124,6 +123,6 @@ BAD_KEYS = [
 
 @pytest.mark.parametrize("why,keys,err", BAD_KEYS, ids=[c[0] for c in BAD_KEYS])
 def test_bad_frontend_keys(why, keys, err):
-    with pytest.raises(FrontendConfigError) as info:
+    with pytest.raises(BadNode) as info:
         parse_frontend_config(reader(keys))
     assert info.value.err == err, why

@@ -9,10 +9,13 @@ import struct
 import pytest
 
 from xenbed.drivers.net import bridge
-from xenbed.drivers.net.back import (
-    CONTROL, DROP, FATAL, OK, Credit, Fragment, FrontendConfigError, fill_checksum, parse_frontend_config,
-    parse_rate, parse_tx_packet, rx_layout, rx_slots_needed, tcp_payload_length,
+from xenbed.drivers.net.back import parse_rate
+from xenbed.drivers.net.interface import parse_frontend_config
+from xenbed.drivers.net.netback import (
+    CONTROL, DROP, FATAL, OK, Credit, Fragment, fill_checksum, parse_tx_packet, tcp_payload_length,
 )
+from xenbed.drivers.net.rx import rx_layout, rx_slots_needed
+from xenbed.drivers.xenbus.nodes import BadNode
 from xenbed.protocols.netif import (
     NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, NETRXF_more_data, NETTXF_extra_info, NETTXF_more_data,
     XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_GSO_TYPE_TCPV4, ExtraGso, NetifExtraInfo,
@@ -248,7 +251,7 @@ def test_frontend_config_single_and_split():
 ])
 def test_frontend_config_refusals(override, err):
     import errno
-    with pytest.raises(FrontendConfigError) as info:
+    with pytest.raises(BadNode) as info:
         parse_frontend_config(keys(**override))
     assert info.value.err == getattr(errno, err)
 
