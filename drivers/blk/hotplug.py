@@ -50,8 +50,11 @@ import stat
 import sys
 import time
 
+from xenbed.drivers.xenbus.hotplug_status import (
+    HotplugError, clear_keys, is_missing, rm_if_present, run_as_command, write_connected, write_error,
+)
+
 from . import loop
-from xenbed.drivers.xenbus.hotplug_status import write_error
 
 log = logging.getLogger("xenbed.blk.hotplug")
 
@@ -59,14 +62,6 @@ log = logging.getLogger("xenbed.blk.hotplug")
 # wherever the backend runs (dom0 or a driver domain's own hotplug step).
 MIGRATION_SHARING_KEY = "xenbed-migrating"
 HOTPLUG_KEYS = ("physical-device", "physical-device-path", "hotplug-status", "hotplug-error")
-
-
-class HotplugError(Exception):
-    pass
-
-
-def _is_missing(exc: Exception) -> bool:
-    return getattr(exc, "errno_name", None) == "ENOENT"
 
 
 def parse_mode(mode: str | None) -> tuple[bool, bool]:
@@ -213,17 +208,8 @@ def change(store, backend: str) -> loop.LoopDevice | None:
             store.write(f"{backend}/physical-device-path", dev.path, tx)
         else:
             for key in ("physical-device", "physical-device-path"):
-                try:
-                    store.rm(f"{backend}/{key}", tx)
-                except Exception as exc:
-                    if not _is_missing(exc):
-                        raise
-        try:
-            store.rm(f"{backend}/hotplug-error", tx)
-        except Exception as exc:
-            if not _is_missing(exc):
-                raise
-        store.write(f"{backend}/hotplug-status", "connected", tx)
+                rm_if_present(store, f"{backend}/{key}", tx)
+        write_connected(store, backend, tx)
 
     try:
         store.run_transaction(publish)
@@ -248,7 +234,7 @@ def remove(store, backend: str) -> bool:
         path = store.try_read(f"{backend}/physical-device-path")
         params = store.try_read(f"{backend}/params")
     except Exception as exc:
-        if not _is_missing(exc):
+        if not is_missing(exc):
             raise
     if physdev:
         try:
@@ -260,19 +246,7 @@ def remove(store, backend: str) -> bool:
     elif path and path.startswith("/dev/loop"):
         log.info("%s: no physical-device, nothing to detach (%s)", backend, path)
 
-    def clear(tx: int) -> None:
-        for key in HOTPLUG_KEYS:
-            try:
-                store.rm(f"{backend}/{key}", tx)
-            except Exception as exc:
-                if not _is_missing(exc):
-                    raise
-
-    try:
-        store.run_transaction(clear)
-    except Exception as exc:
-        if not _is_missing(exc):
-            raise
+    clear_keys(store, backend, HOTPLUG_KEYS)
     log.info("%s: removed (%s)", backend, "loop detached" if detached else "nothing to detach")
     return detached
 
@@ -297,26 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("add", "remove", "online", "offline", "change"))
     parser.add_argument("backend", help="backend dir, e.g. /local/domain/0/backend/vbd/1/51712")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s blk-hotplug %(levelname)s %(message)s")
-    from xenbed.drivers.xen.store import XenStoreClient
 
-    store = XenStoreClient()
-    try:
+    def step(store) -> str | None:
         if args.action in ("add", "online"):
             dev = add(store, args.backend)
-            print(f"{dev.path} {dev.physical_device}")
-        elif args.action == "change":
+            return f"{dev.path} {dev.physical_device}"
+        if args.action == "change":
             dev = change(store, args.backend)
-            print(f"{dev.path} {dev.physical_device}" if dev else "empty")
-        else:
-            remove(store, args.backend)
-        return 0
-    except HotplugError as exc:
-        print(f"hotplug {args.action} {args.backend}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
+            return f"{dev.path} {dev.physical_device}" if dev else "empty"
+        remove(store, args.backend)
+        return None
+
+    return run_as_command("blk-hotplug", args.action, args.backend, step)
 
 
 if __name__ == "__main__":

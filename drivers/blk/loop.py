@@ -314,21 +314,7 @@ def detach(dev: LoopDevice | str | int) -> bool:
     """LOOP_CLR_FD.  True if detached (or scheduled: with the device still
     open elsewhere the kernel detaches it at the last close), False if it was
     not attached."""
-    path = _path_of(dev)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        try:
-            fcntl.ioctl(fd, LOOP_CLR_FD, 0)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return False
-            raise LoopError(exc.errno, f"LOOP_CLR_FD {path}: {os.strerror(exc.errno)}") from None
-        return True
-    finally:
-        os.close(fd)
+    return _clear_fd(_path_of(dev), None)
 
 
 def detach_if_backing(dev: LoopDevice | str | int, st_dev: int, st_ino: int) -> bool:
@@ -336,20 +322,24 @@ def detach_if_backing(dev: LoopDevice | str | int, st_dev: int, st_ino: int) -> 
     Status and detach go through one open descriptor, so the device cannot
     be auto-cleared and reused by someone else between the check and the
     LOOP_CLR_FD.  False if it is not attached or backs something else."""
-    path = _path_of(dev)
+    return _clear_fd(_path_of(dev), (st_dev, st_ino))
+
+
+def _clear_fd(path: str, backing: tuple[int, int] | None) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
-        try:
-            info = _status_fd(fd)
-        except LoopError as exc:
-            if exc.errno == errno.ENXIO:
+        if backing is not None:
+            try:
+                info = _status_fd(fd)
+            except LoopError as exc:
+                if exc.errno == errno.ENXIO:
+                    return False
+                raise
+            if (info.device, info.inode) != backing:
                 return False
-            raise
-        if (info.device, info.inode) != (st_dev, st_ino):
-            return False
         try:
             fcntl.ioctl(fd, LOOP_CLR_FD, 0)
         except OSError as exc:

@@ -28,17 +28,16 @@ import logging
 import os
 import sys
 
+from xenbed.drivers.xenbus.hotplug_status import (
+    HotplugError, clear_keys, run_as_command, write_connected, write_error,
+)
+
 from . import tap as taplib
-from xenbed.drivers.xenbus.hotplug_status import write_error
 
 log = logging.getLogger("xenbed.net.hotplug")
 
 DEFAULT_BRIDGE = "xenbr0"
 HOTPLUG_KEYS = ("hotplug-status", "hotplug-error")
-
-
-class HotplugError(Exception):
-    pass
 
 
 def vif_name(frontend_id: int | str, handle: int | str, vifname: str | None = None) -> str:
@@ -91,15 +90,7 @@ def add(store, backend: str) -> str:
         write_error(store, backend, message)
         raise HotplugError(message) from exc
 
-    def publish(tx: int) -> None:
-        try:
-            store.rm(f"{backend}/hotplug-error", tx)
-        except Exception as exc:
-            if getattr(exc, "errno_name", None) != "ENOENT":
-                raise
-        store.write(f"{backend}/hotplug-status", "connected", tx)
-
-    store.run_transaction(publish)
+    store.run_transaction(lambda tx: write_connected(store, backend, tx))
     log.info("%s: %s on %s (mtu %s), up", backend, name, bridge, mtu)
     return name
 
@@ -120,19 +111,7 @@ def remove(store, backend: str, name: str | None = None) -> bool:
         except OSError as exc:  # netback may remove it under our feet
             log.info("%s: unplugging %s: %s", backend, name, exc)
 
-    def clear(tx: int) -> None:
-        for key in HOTPLUG_KEYS:
-            try:
-                store.rm(f"{backend}/{key}", tx)
-            except Exception as exc:
-                if getattr(exc, "errno_name", None) != "ENOENT":
-                    raise
-
-    try:
-        store.run_transaction(clear)
-    except Exception as exc:
-        if getattr(exc, "errno_name", None) != "ENOENT":
-            raise
+    clear_keys(store, backend, HOTPLUG_KEYS)
     log.info("%s: %s %s", backend, name, "unplugged" if present else "already gone")
     return present
 
@@ -144,22 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("backend", help="backend dir, e.g. /local/domain/0/backend/vif/1/0")
     parser.add_argument("--vif", help="interface name (remove, when the dir is gone)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s vif-hotplug %(levelname)s %(message)s")
-    from xenbed.drivers.xen.store import XenStoreClient
 
-    store = XenStoreClient()
-    try:
+    def step(store) -> str | None:
         if args.action in ("add", "online"):
-            print(add(store, args.backend))
-        else:
-            remove(store, args.backend, args.vif)
-        return 0
-    except HotplugError as exc:
-        print(f"vif hotplug {args.action} {args.backend}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
+            return add(store, args.backend)
+        remove(store, args.backend, args.vif)
+        return None
+
+    return run_as_command("vif hotplug", args.action, args.backend, step)
 
 
 if __name__ == "__main__":
