@@ -20,13 +20,10 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from xenbed.drivers.xen.store import StoreClosed, XenStoreError
 from xenbed.protocols.xenbus_state import XenbusState
-
-if TYPE_CHECKING:
-    from .probe import XenBus
 
 log = logging.getLogger("xenbed.xenbus")
 
@@ -122,7 +119,7 @@ class XenbusDriver:
 
 @dataclass(eq=False)
 class XenbusDevice:
-    bus: XenBus
+    bus: Any  # the XenBus (probe.py) that found it; typed loosely so client.py needs no probe.py
     devicetype: str
     nodename: str  # absolute: /local/domain/<domid>/device/vbd/51712
     otherend: str = ""  # absolute path of the other end's dir
