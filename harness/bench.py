@@ -192,7 +192,7 @@ def _check_transitions(testbed: Testbed, guest: str, domid: int,
 
 
 def vdev_devid(vdev: str) -> int:
-    from xenbed.drivers.blk.front import vdev_to_number
+    from xenbed.protocols.vdev import vdev_to_number
     return vdev_to_number(vdev)
 
 

@@ -107,7 +107,7 @@ def _hotplug_add(store: XenStoreClient, device: Device) -> None:
 
 
 def find(store: XenStoreClient, frontend_domid: int, vdev: str) -> Device:
-    from xenbed.toolstack.vdev import vdev_to_number
+    from xenbed.protocols.vdev import vdev_to_number
 
     devid = int(vdev) if vdev.isdigit() else vdev_to_number(vdev)
     front = f"/local/domain/{frontend_domid}/device/vbd/{devid}"

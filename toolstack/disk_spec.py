@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from .vdev import VdevError, vdev_to_number
+from xenbed.protocols.vdev import VdevError, vdev_to_number
 
 __all__ = ["DiskSpec", "DiskSpecError", "parse_disk_spec", "FORMATS", "BACKENDTYPES"]
 

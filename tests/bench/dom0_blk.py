@@ -33,7 +33,7 @@ CONNECTED = "4"
 
 
 def vdev_number(vdev):
-    from xenbed.toolstack.vdev import vdev_to_number
+    from xenbed.protocols.vdev import vdev_to_number
     return vdev_to_number(vdev)
 
 

@@ -2,7 +2,7 @@
 boots with XENBED_MODULES empty), sent by harness/bench.py as `python3 -c`:
 this program IS the domain's blkfront -- blkfront's own driver (`BlkFront`,
 without FUSE) on a FrontendBus -- and drives I/O straight through the
-driver's ring engine (`BlkRing`), so the figures measure the ring, the grants,
+driver's ring engine (`BlkfrontEngine`), so the figures measure the ring, the grants,
 the event channels and blkback, not FUSE.
 
     guest_blk.py <devid> <size_mb> <rand_seconds> <depth> [<timeout>]
@@ -31,7 +31,8 @@ import sys
 import threading
 import time
 
-from xenbed.drivers.blk.front import BlkFront, Shadow
+from xenbed.drivers.blk.front import BlkFront
+from xenbed.drivers.blk.front_engine import Shadow
 from xenbed.drivers.xenbus.daemon import GuestXen
 from xenbed.drivers.xen.hypercall import HypervisorLink
 from xenbed.drivers.xen.store import XenStoreClient
@@ -54,11 +55,11 @@ def wait_key(store, path, timeout):
 def connected_vbd(driver, devid, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for vbd in list(driver.vbds.values()):
+        for vbd in list(driver.devices.values()):
             if vbd.devnum == devid and vbd.disk is not None and vbd.dev.state == XenbusState.Connected:
                 return vbd
         time.sleep(0.01)
-    raise TimeoutError(f"vbd {devid} did not connect within {timeout:.0f}s (have {list(driver.vbds)})")
+    raise TimeoutError(f"vbd {devid} did not connect within {timeout:.0f}s (have {list(driver.devices)})")
 
 
 def sequential(engine, size_mb):

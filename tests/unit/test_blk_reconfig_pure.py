@@ -7,7 +7,7 @@ import errno
 
 import pytest
 
-from xenbed.drivers.blk.front import BlkDisk, DiskInfo
+from xenbed.drivers.blk.disk import BlkDisk, DiskInfo
 from xenbed.protocols.blkif import VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE
 from xenbed.toolstack.blk import parse_size
 

@@ -9,19 +9,10 @@ import time
 
 import pytest
 
-from xenbed.drivers.blk.front import (
-    EXTENDED,
-    MAX_SECTORS_PER_REQUEST,
-    Chunk,
-    DiskInfo,
-    IdAllocator,
-    RangeLock,
-    align_span,
-    number_to_vdev,
-    split_io,
-    status_errno,
-    vdev_to_number,
-)
+from xenbed.drivers.blk.disk import DiskInfo, RangeLock, align_span
+from xenbed.drivers.blk.front_engine import MAX_SECTORS_PER_REQUEST, Chunk, IdAllocator, split_io, status_errno
+from xenbed.protocols.vdev import EXTENDED, number_to_vdev
+from xenbed.protocols.vdev import canonical_vdev_number as vdev_to_number
 from xenbed.protocols.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_WRITE,
@@ -219,7 +210,7 @@ def test_disk_info_rejects(nodes):
 
 # -- byte-addressed disk over whole sectors (read-modify-write) ------------------------
 class SectorStore:
-    """A disk of whole sectors in memory, with BlkRing's caller interface; it
+    """A disk of whole sectors in memory, with BlkfrontEngine's caller interface; it
     refuses anything that is not whole 512-byte sectors, as the ring does."""
 
     def __init__(self, nbytes: int) -> None:
@@ -245,7 +236,7 @@ class SectorStore:
 
 
 def _disk(nbytes=1 << 16, **info):
-    from xenbed.drivers.blk.front import BlkDisk
+    from xenbed.drivers.blk.disk import BlkDisk
 
     store = SectorStore(nbytes)
     return BlkDisk("xvda", store, DiskInfo(sectors=nbytes // 512, **info)), store

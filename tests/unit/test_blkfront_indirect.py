@@ -9,16 +9,16 @@ import time
 
 import pytest
 
-from xenbed.drivers.blk.front import (
+from xenbed.drivers.blk.front_engine import (
     MAX_INDIRECT_SEGMENTS,
     PERSISTENT_GRANTS,
-    BlkRing,
-    GrantedPage,
+    BlkfrontEngine,
     Shadow,
     indirect_segments_to_use,
     pool_layout,
     split_io,
 )
+from xenbed.drivers.xenbus.frontend import GrantedPage
 from xenbed.protocols import blkif
 from xenbed.protocols.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
@@ -79,7 +79,7 @@ class FakeBackend:
         self.back = BackRing(ring_page, blkif.RING_ENTRY_SIZE)
         self.seen: list = []  # every request decoded
         self.indirect_segments: list[tuple] = []  # segments read from indirect pages
-        self.engine: BlkRing | None = None
+        self.engine: BlkfrontEngine | None = None
         self.paused = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -92,7 +92,7 @@ class FakeBackend:
             out.append(GrantedPage(first + i, view))
         return out
 
-    def start(self, engine: BlkRing) -> None:
+    def start(self, engine: BlkfrontEngine) -> None:
         self.engine = engine
         self._thread.start()
 
@@ -145,7 +145,7 @@ def make_engine(indirect_segments: int, nbytes: int = 4 * MIB):
     ndata, nind = pool_layout(front.size, indirect_segments)
     pool = backend.grant_pool(ndata, 1000)
     ipool = backend.grant_pool(nind, 1000 + ndata)
-    engine = BlkRing(handle=7)
+    engine = BlkfrontEngine(handle=7)
     engine.attach(front, pool, lambda: None, indirect_pool=ipool, indirect_segments=indirect_segments)
     backend.start(engine)
     return engine, backend, front

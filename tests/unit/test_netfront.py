@@ -6,20 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from xenbed.drivers.net.front import (
-    BackendFeatures,
-    RxReassembler,
-    backend_mtu,
-    build_tx_requests,
-    format_mac,
-    frontend_keys,
-    gratuitous_arp,
-    lowest_free_index,
-    parse_mac,
-    tx_slot_sizes,
-    tx_slots_needed,
-)
-from xenbed.drivers.net.tapdev import parse_ip_addr_json
+from xenbed.drivers.net.ether import format_mac, gratuitous_arp, parse_mac
+from xenbed.drivers.net.front import BackendFeatures, backend_mtu, frontend_keys, lowest_free_index
+from xenbed.drivers.net.front_engine import RxReassembler, build_tx_requests, tx_slot_sizes, tx_slots_needed
+from xenbed.drivers.net.tap import parse_ip_addr_json
 from xenbed.protocols.netif import (
     NETIF_RSP_ERROR,
     NETRXF_csum_blank,
@@ -287,14 +277,14 @@ def _udp4_frame(payload=b"hello, world!", csum=None):
 
 
 def test_inet_checksum_rfc1071_example():
-    from xenbed.drivers.net.front import inet_checksum
+    from xenbed.protocols.inet import inet_checksum
     # RFC 1071 section 3: the words 0001 f203 f4f5 f6f7 sum to ddf2 (checksum 220d)
     assert inet_checksum(bytes.fromhex("0001f203f4f5f6f7")) == 0x220D
     assert inet_checksum(b"\x01") == ~0x0100 & 0xFFFF
 
 
 def test_complete_checksum_udp4_verifies():
-    from xenbed.drivers.net.front import complete_checksum, inet_checksum
+    from xenbed.protocols.inet import complete_checksum, inet_checksum
     out = complete_checksum(_udp4_frame())
     ip, udp = out[14:34], out[34:]
     pseudo = ip[12:20] + bytes([0, 17]) + len(udp).to_bytes(2, "big")
@@ -304,7 +294,7 @@ def test_complete_checksum_udp4_verifies():
 
 def test_complete_checksum_tcp6_verifies():
     import struct
-    from xenbed.drivers.net.front import complete_checksum, inet_checksum
+    from xenbed.protocols.inet import complete_checksum, inet_checksum
     tcp = struct.pack("!HHIIBBHHH", 80, 443, 1, 0, 5 << 4, 0x02, 65535, 0x1234, 0) + b"payload"
     src, dst = bytes.fromhex("20010db8" + "00" * 11 + "01"), bytes.fromhex("20010db8" + "00" * 11 + "02")
     ip6 = struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + src + dst
@@ -314,7 +304,8 @@ def test_complete_checksum_tcp6_verifies():
 
 
 def test_complete_checksum_leaves_other_frames():
-    from xenbed.drivers.net.front import complete_checksum, gratuitous_arp
+    from xenbed.drivers.net.ether import gratuitous_arp
+    from xenbed.protocols.inet import complete_checksum
     arp = gratuitous_arp("00:16:3e:00:00:01", "192.0.2.1")
     assert complete_checksum(arp) == arp
     assert complete_checksum(b"short") == b"short"

@@ -1,4 +1,4 @@
-"""netfront's data path (VifEngine) against a tiny netback written here on the
+"""netfront's data path (NetfrontEngine) against a tiny netback written here on the
 real ring code (protocols/ring.py BackRing): the rings and the granted pages
 are plain bytearrays, grant refs index them.  No Docker, no Xen."""
 
@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from xenbed.drivers.net.front import EngineState, GrantedPage, VifEngine
+from xenbed.drivers.net.front_engine import EngineState, NetfrontEngine
+from xenbed.drivers.xenbus.frontend import GrantedPage
 from xenbed.protocols.netif import (
     NETIF_RSP_DROPPED,
     NETIF_RSP_ERROR,
@@ -126,7 +127,7 @@ class World:
         self.wire = Wire()
         self.delivered: list[bytes] = []
         self.accept = True
-        self.engine = VifEngine("eth0", self._deliver)
+        self.engine = NetfrontEngine("eth0", self._deliver)
         self.tx_ring = FrontRing(self.wire.tx_page, TX_RING_ENTRY_SIZE)
         self.rx_ring = FrontRing(self.wire.rx_page, RX_RING_ENTRY_SIZE)
         self.tx_pool = self.wire.pool(self.tx_ring.size, 1000, readonly=True)
@@ -374,7 +375,7 @@ def test_wait_running(world):
 
 
 def test_rx_csum_blank_frames_get_their_checksum(world):
-    from xenbed.drivers.net.front import complete_checksum
+    from xenbed.protocols.inet import complete_checksum
     from xenbed.protocols.netif import NETRXF_csum_blank
     from .test_netfront import _udp4_frame
     f = _udp4_frame()

@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from xenbed.drivers.net.front import NetFront, gratuitous_arp
+from xenbed.drivers.net.ether import gratuitous_arp
+from xenbed.drivers.net.front import NetFront
 from xenbed.drivers.xen.memory import Page
 from xenbed.drivers.xenbus import BackendBus, FrontendBus, TransitionRecorder, XenbusDriver, XenbusHooks
 from xenbed.drivers.xenbus import XenbusState as S
@@ -329,7 +330,7 @@ class Host:
         return [(t.old, t.new) for t in self.recorder.for_path(path)]
 
     def close(self):
-        for vif in list(self.front_drv.vifs.values()):
+        for vif in list(self.front_drv.devices.values()):
             vif.stop.set()
         assert self.recorder.check() == []
 
@@ -445,7 +446,7 @@ def test_frames_both_ways(host):
     got = []
     assert until(lambda: got.extend(host.back_drv.take_tx(be, wait=0.1)) or len(got) == len(outbound))
     assert got == outbound
-    vif = host.front_drv.vifs[fe]
+    vif = host.front_drv.devices[fe]
     assert until(lambda: vif.engine.counters.tx_packets == len(outbound))
     c = vif.engine.counters
     assert (c.rx_packets, c.rx_bytes) == (len(inbound), sum(map(len, inbound)))
@@ -508,14 +509,14 @@ def test_closedown_backend_first_keeps_the_tap_then_removal_deletes_it(host):
     host.xs.run_transaction(body)
     host.pump()
     assert tap.closed
-    assert host.front_drv.vifs == {}
+    assert host.front_drv.devices == {}
     assert not (host.status_dir / "0.json").exists()
 
 
 def test_frames_in_flight_are_drained_on_closing(host):
     fe, be = host.connect()
     tap = host.taps["eth0"]
-    vif = host.front_drv.vifs[fe]
+    vif = host.front_drv.devices[fe]
     tap.inject(eth(500))
     assert until(lambda: vif.engine.inflight() == 1)
     ring = host.back_drv.conns[be]["tx"]
@@ -556,7 +557,7 @@ def test_migration_keeps_the_tap_and_connects_new_rings(host):
     host.pump()
     assert (host.state(fe), host.state(be)) == (S.Connected, S.Connected)
     assert host.taps == {"eth0": tap} and not tap.closed and tap.carrier
-    vif = host.front_drv.vifs[fe]
+    vif = host.front_drv.devices[fe]
     assert vif.connects == 2
     # the gratuitous ARP tells the new host's switch where we are
     assert host.back_drv.take_tx(be) == [gratuitous_arp("00:16:3e:00:00:01", "192.0.2.9")]
@@ -567,7 +568,7 @@ def test_migration_keeps_the_tap_and_connects_new_rings(host):
 # -- reconfiguration while connected, recovery after a backend restart ---------------------------
 def test_mtu_changes_live_on_our_own_node_without_a_transition(host):
     fe, be = host.connect()
-    tap, vif = host.taps["eth0"], host.front_drv.vifs[fe]
+    tap, vif = host.taps["eth0"], host.front_drv.devices[fe]
     assert tap.mtu == 1500
     before = host.transitions(fe)
     host.xs.write(f"{fe}/mtu", "1400")  # xl network-set writes it (and the backend's)
@@ -593,7 +594,7 @@ def test_frontend_mtu_node_wins_over_the_backends(tmp_path):
 
 def test_backend_restart_keeps_the_tap_and_reconnects_on_new_rings(host):
     fe, be = host.connect()
-    tap, vif = host.taps["eth0"], host.front_drv.vifs[fe]
+    tap, vif = host.taps["eth0"], host.front_drv.devices[fe]
     tap.addresses = ["192.0.2.9"]
     old_refs = (host.xs.read(f"{fe}/tx-ring-ref"), host.xs.read(f"{fe}/rx-ring-ref"))
     tap.inject(eth(300))  # in flight when the backend dies: never answered
@@ -631,4 +632,4 @@ def test_unplug_still_goes_through_closing_and_keeps_closed(host):
     fe, be = host.connect()
     unplug(host, be)
     assert (host.state(fe), host.state(be)) == (S.Closed, S.Closed)
-    assert host.front_drv.vifs[fe].resets == 0
+    assert host.front_drv.devices[fe].resets == 0

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from xenbed.drivers.blk.front import Shadow
+from xenbed.drivers.blk.front_engine import Shadow
 from xenbed.drivers.kernel import control
 from xenbed.drivers.kernel.control import ControlError, KernelControl, ModuleChannel
 from xenbed.drivers.kernel.shutdown import take_request

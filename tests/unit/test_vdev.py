@@ -2,7 +2,7 @@
 
 import pytest
 
-from xenbed.toolstack.vdev import (
+from xenbed.protocols.vdev import (
     Vdev,
     VdevError,
     disk_letters,
