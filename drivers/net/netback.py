@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
 from collections import deque
@@ -46,9 +45,10 @@ from xenbed.protocols.netif import (
     XEN_NETIF_EXTRA_TYPE_MCAST_DEL, XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6, XEN_NETIF_NR_SLOTS_MIN,
     NetifExtraInfo, NetifTxRequest, NetifTxResponse,
 )
+from xenbed.protocols.inet import ETH_HLEN, fill_checksum, tcp_payload_length
 from xenbed.protocols.ring import XEN_PAGE_SIZE, BackRing
 
-from .rx import ETH_HLEN, RxPath
+from .rx import RxPath
 
 log = logging.getLogger("xenbed.netback")
 
@@ -218,91 +218,6 @@ class Credit:
     def consume(self, size: int) -> None:
         if self.rate is not None:
             self.remaining = max(0, self.remaining - size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure parts: completing a blank checksum (NETTXF_csum_blank)
-# ---------------------------------------------------------------------------------------------
-
-def _ones_complement_sum(data: bytes | memoryview, start: int = 0) -> int:
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    total = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def _l4(frame) -> tuple[int, int, int] | None:
-    """(protocol, L4 offset, end of the IP packet) of an IPv4 or IPv6
-    (no extension headers) Ethernet frame, else None."""
-    if len(frame) < ETH_HLEN:
-        return None
-    ethertype = struct.unpack_from("!H", frame, 12)[0]
-    l3 = ETH_HLEN
-    if ethertype == 0x0800 and len(frame) >= l3 + 20:
-        ihl = (frame[l3] & 0x0F) * 4
-        end = min(len(frame), l3 + struct.unpack_from("!H", frame, l3 + 2)[0])
-        if ihl < 20 or end <= l3 + ihl:
-            return None
-        return frame[l3 + 9], l3 + ihl, end
-    if ethertype == 0x86DD and len(frame) >= l3 + 40:
-        return frame[l3 + 6], l3 + 40, min(len(frame), l3 + 40 + struct.unpack_from("!H", frame, l3 + 4)[0])
-    return None
-
-
-def tcp_payload_length(frame) -> int:
-    """Bytes of TCP payload in a frame (what a GSO packet would be cut into
-    segments of at most `gso.size`); the frame length if it is not TCP."""
-    l4 = _l4(frame)
-    if l4 is None or l4[0] != 6 or l4[1] + 20 > l4[2]:
-        return len(frame)
-    proto, start, end = l4
-    return end - start - (frame[start + 12] >> 4) * 4
-
-
-def fill_checksum(frame: bytearray) -> bool:
-    """Compute the TCP/UDP checksum of an Ethernet frame in place (IPv4, or
-    IPv6 without extension headers).  False if the frame is none of those
-    (Linux drops such a csum_blank packet: "Can't setup checksum")."""
-    if len(frame) < ETH_HLEN:
-        return False
-    ethertype = struct.unpack_from("!H", frame, 12)[0]
-    l3 = ETH_HLEN
-    if ethertype == 0x0800:
-        if len(frame) < l3 + 20:
-            return False
-        ihl = (frame[l3] & 0x0F) * 4
-        total = struct.unpack_from("!H", frame, l3 + 2)[0]
-        proto = frame[l3 + 9]
-        l4 = l3 + ihl
-        end = min(len(frame), l3 + total)
-        if ihl < 20 or end <= l4:
-            return False
-        pseudo = bytes(frame[l3 + 12:l3 + 20]) + struct.pack("!BBH", 0, proto, end - l4)
-    elif ethertype == 0x86DD:
-        if len(frame) < l3 + 40:
-            return False
-        proto = frame[l3 + 6]
-        l4 = l3 + 40
-        end = min(len(frame), l4 + struct.unpack_from("!H", frame, l3 + 4)[0])
-        pseudo = bytes(frame[l3 + 8:l3 + 40]) + struct.pack("!IxxxB", end - l4, proto)
-    else:
-        return False
-    if proto == 6:
-        csum_at = l4 + 16
-    elif proto == 17:
-        csum_at = l4 + 6
-    else:
-        return False
-    if csum_at + 2 > end:
-        return False
-    frame[csum_at:csum_at + 2] = b"\0\0"
-    csum = ~_ones_complement_sum(memoryview(frame)[l4:end], _ones_complement_sum(pseudo)) & 0xFFFF
-    if proto == 17 and csum == 0:
-        csum = 0xFFFF
-    struct.pack_into("!H", frame, csum_at, csum)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from __future__ import annotations
 import errno
 import os
 
+from xenbed.protocols.inet import ETH_HLEN
 from xenbed.protocols.netif import NETIF_RSP_ERROR, NETRXF_more_data, NetifRxRequest, NetifRxResponse
 from xenbed.protocols.ring import XEN_PAGE_SIZE, full_barrier
 
-ETH_HLEN = 14
 RX_BACKLOG_MAX = 256  # frames waiting for rx buffers
 RX_STALL_SECONDS = 2.0  # a frame older than this is dropped (Linux: rx_drain_timeout 10 s)
 RX_POLL_SECONDS = 0.03  # frontend without feature-rx-notify: poll (Linux: drain_timeout 30 ms)

@@ -11,9 +11,8 @@ import pytest
 from xenbed.drivers.net import bridge
 from xenbed.drivers.net.back import parse_rate
 from xenbed.drivers.net.interface import parse_frontend_config
-from xenbed.drivers.net.netback import (
-    CONTROL, DROP, FATAL, OK, Credit, Fragment, fill_checksum, parse_tx_packet, tcp_payload_length,
-)
+from xenbed.drivers.net.netback import CONTROL, DROP, FATAL, OK, Credit, Fragment, parse_tx_packet
+from xenbed.protocols.inet import fill_checksum, tcp_payload_length
 from xenbed.drivers.net.rx import rx_layout, rx_slots_needed
 from xenbed.drivers.xenbus.nodes import BadNode
 from xenbed.protocols.netif import (
