@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from . import checker
 from .execs import ExecError
+from .xen import Xen
 from xenbed.protocols import workload as fmt
 
 WORKLOAD_DIR = "/run/xen/workload"
@@ -219,7 +220,7 @@ sys.stdout.write(base64.b64encode(zlib.compress(buf[:length], 1)).decode())
 
 def find_dom0_disk(testbed, domain: str, vdev: str) -> Dom0Disk:
     """The backend of `domain`'s `vdev`, from dom0's view of the store."""
-    out = testbed.exec(testbed.domain(domain).dom0, ["sh", "-c", _FIND_BACKEND, "sh", domain, vdev],
+    out = testbed.exec(Xen(testbed).domain(domain).dom0, ["sh", "-c", _FIND_BACKEND, "sh", domain, vdev],
                        check=True).stdout
     lines = (out.splitlines() + ["", "", "", ""])[:4]
     return Dom0Disk(domain, vdev, *(line.strip() for line in lines))
@@ -227,7 +228,7 @@ def find_dom0_disk(testbed, domain: str, vdev: str) -> Dom0Disk:
 
 def read_through_dom0(testbed, disk: Dom0Disk, offset: int, length: int) -> bytes:
     """`length` bytes at `offset` of the loop device behind `disk`, read in dom0 with O_DIRECT."""
-    result = testbed.exec(testbed.domain(disk.domain).dom0, ["python3", "-c", _READ_DIRECT, disk.device,
+    result = testbed.exec(Xen(testbed).domain(disk.domain).dom0, ["python3", "-c", _READ_DIRECT, disk.device,
                                                               disk.physical_device, str(offset), str(length)],
                           check=True)
     data = zlib.decompress(base64.b64decode(result.stdout.strip()))
