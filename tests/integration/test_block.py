@@ -116,7 +116,7 @@ def test_frontend_initiated_closedown_when_the_guest_shuts_its_disks(testbed, xe
         sh(testbed, "dom0", "xl block-attach closer 'vdev=xvda, target=/var/lib/xen/images/closer.img'")
         wait_until(lambda: testbed.exec("closer", ["test", "-e", "/run/xen/vbd/xvda"]).exit_code == 0,
                    "/run/xen/vbd/xvda in closer")
-        sh(testbed, "closer", "pkill -TERM -f '[x]enbed.drivers.blk.front'")
+        testbed.kill_process("closer", "[x]enbed.drivers.blk.front", "SIGTERM")
         backend = f"/local/domain/0/backend/vbd/{domid}/{XVDA}"
         wait_until(lambda: run(testbed, "dom0", f"xenstore-read {backend}/state").stdout.strip() == "6",
                    f"{backend} to reach Closed")
