@@ -63,6 +63,9 @@ class BlockWorkload:
         self.domain = domain
         self.vdev = vdev
         self.name = name or f"blk-{vdev}-{secrets.token_hex(3)}"
+        # paths in the guest
+        self.disk_path = f"{VBD_DIR}/{vdev}"
+        self.history_path, self.log_path = (f"{WORKLOAD_DIR}/{self.name}.{ext}" for ext in ("jsonl", "log"))
         self.options = {"workers": workers, "first-slot": first_slot, "slot-count": slot_count,
                         "block-size": block_size, "rate": rate, "read-fraction": read_fraction,
                         "stop-grace": stop_grace, "progress": progress}
@@ -70,19 +73,6 @@ class BlockWorkload:
         self.pid: int | None = None
         self.last_history: list[dict] | None = None
         self.last_result: checker.CheckResult | None = None
-
-    # paths in the guest
-    @property
-    def disk_path(self) -> str:
-        return f"{VBD_DIR}/{self.vdev}"
-
-    @property
-    def history_path(self) -> str:
-        return f"{WORKLOAD_DIR}/{self.name}.jsonl"
-
-    @property
-    def log_path(self) -> str:
-        return f"{WORKLOAD_DIR}/{self.name}.log"
 
     def command(self) -> list[str]:
         argv = ["python3", "-m", "xenbed.drivers.workload.blk", "--file", self.disk_path,
