@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .testbed import Testbed
+from .xen import Xen
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "tests" / "bench"
 
@@ -138,7 +139,7 @@ def bench_blk(testbed: Testbed, cycles: int = 8, size_mb: int = 48, rand_seconds
 
     fuse_bytes, fuse_s = _fuse_seq_read(testbed, size_mb)
     name = "blkbench"
-    domid = testbed.create_domain(name, memory_mb=64, environment={"XENBED_MODULES": ""})
+    domid = Xen(testbed).create_domain(name, memory_mb=64, environment={"XENBED_MODULES": ""})
     pool = ThreadPoolExecutor(1)
     try:
         guest = pool.submit(testbed.exec, name, ["python3", "-c", _guest_script("guest_blk.py"), str(vdev_devid(vdev)),
@@ -150,7 +151,7 @@ def bench_blk(testbed: Testbed, cycles: int = 8, size_mb: int = 48, rand_seconds
         _check_transitions(testbed, name, domid)
     finally:
         # on failure the guest may still wait for `go`: removing its domain ends it
-        testbed.destroy_domain(name)
+        Xen(testbed).destroy_domain(name)
         testbed.exec("dom0", ["rm", "-f", "/var/lib/xen/images/bench.img"])
         pool.shutdown(wait=False)
     loop = back["loop"]

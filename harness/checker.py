@@ -97,6 +97,11 @@ class Finding:
                 "history": self.history}
 
 
+def _findings(kind: str) -> property:
+    """A read-only attribute: the findings of one kind (`CheckResult.of_kind`)."""
+    return property(lambda result: result.of_kind(kind), doc=f"the {kind} findings")
+
+
 @dataclass
 class CheckResult:
     run: dict  # the history's run record
@@ -110,21 +115,10 @@ class CheckResult:
     def of_kind(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]
 
-    @property
-    def lost(self) -> list[Finding]:
-        return self.of_kind(LOST)
-
-    @property
-    def corrupt(self) -> list[Finding]:
-        return self.of_kind(CORRUPT)
-
-    @property
-    def unacknowledged(self) -> list[Finding]:
-        return self.of_kind(UNACKNOWLEDGED)
-
-    @property
-    def impossible_reads(self) -> list[Finding]:
-        return self.of_kind(IMPOSSIBLE_READ)
+    lost = _findings(LOST)
+    corrupt = _findings(CORRUPT)
+    unacknowledged = _findings(UNACKNOWLEDGED)
+    impossible_reads = _findings(IMPOSSIBLE_READ)
 
     @property
     def counts(self) -> dict[str, int]:

@@ -16,6 +16,7 @@ from .compose import ComposeError
 from .resources import DockerUnavailable, connect, remove_project
 from .status import render_status_table
 from .testbed import DEFAULT_COMPOSE, Testbed, TestbedError
+from .xen import Xen
 
 DEFAULT_PROJECT = "xenbed"
 
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the result as JSON instead of the report")
     check.set_defaults(action=_check)
     xl = command("xl", _xl, "run xl in dom0 of the run, with these arguments")
-    xl.add_argument("--host", help="which Xen host's dom0, when the run has several: a host name (host-b) or "
+    xl.add_argument("--xen-host", help="which Xen host's dom0, when the run has several: a host name (host-b) or "
                                    "a service of it (dom0-b); before xl's own arguments")
     xl.add_argument("xl_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments of xl (e.g. list)")
     return parser
@@ -158,8 +159,8 @@ def _xl(args) -> int:
     """`xl ARGS` in dom0: its output and its exit status, as if run there."""
     testbed = Testbed(args.project, client=connect())
     try:
-        result = testbed.exec(testbed.dom0(args.host), ["xl", *args.xl_args])
-    except LookupError as error:  # no such container, or HostError: no such host / say which
+        result = testbed.exec(Xen(testbed).dom0(args.xen_host), ["xl", *args.xl_args])
+    except LookupError as error:  # no such container, or XenHostError: no such host / say which
         print(f"xenbed xl: {error}", file=sys.stderr)
         return 1
     sys.stdout.write(result.stdout)
@@ -215,18 +216,19 @@ def _status(args) -> int:
 def _print_status(testbed: Testbed) -> None:
     rows = testbed.status()
     print(render_status_table(rows))
-    # The domains as each host's toolstack sees them, for each host whose dom0 runs.
+    # The domains as each Xen host's toolstack sees them, for each one whose dom0 runs.
     running = {row.get("service") for row in rows if row.get("state") == "running"}
-    hosts = [h for h in testbed.xen_hosts().values() if h.dom0 in running]
-    for host in hosts:
+    xen = Xen(testbed)
+    xen_hosts = [h for h in xen.xen_hosts().values() if h.dom0 in running]
+    for xen_host in xen_hosts:
         print()
-        if len(hosts) > 1:
-            print(f"== {host.name} (xl and store of {host.dom0}) ==")
-        listing = testbed.exec(host.dom0, ["xl", "list"])
+        if len(xen_hosts) > 1:
+            print(f"== {xen_host.name} (xl and store of {xen_host.dom0}) ==")
+        listing = testbed.exec(xen_host.dom0, ["xl", "list"])
         print(listing.stdout.rstrip() if listing.exit_code == 0 else f"xl list failed: {listing.stderr.strip()}")
-        from .domains import devices_in, domain_names, render_devices_table, store_tree
+        from .domains import devices_in, domain_names, render_devices_table
         try:
-            tree = store_tree(testbed, host=host.dom0)
+            tree = xen.store_tree(xen_host=xen_host.dom0)
         except Exception as error:  # the store may be what is broken: the rest was still worth printing
             print(f"\ndevices: cannot read the store: {error}")
             continue

@@ -1,4 +1,5 @@
-"""A device's negotiation, drawn from trace records (pure: records in, text out).
+"""A device's negotiation, drawn from trace records (pure: records in, text
+out; only `write_diagrams` writes the two files beside a test's trace).
 
 Theory of operation.  A trace (trace.py) is a time-sorted list of dicts:
 `kind: "transition"` records (ts, path, role, from, to), `kind: "chaos"`
@@ -54,10 +55,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from xml.sax.saxutils import escape
 
 from xenbed.protocols.xenbus_state import allowed
 
+from . import trace
 from .trace import state_written_at, write_effects, write_times
 
 _BACKEND = re.compile(r"^/local/domain/(\d+)/backend/([^/]+)/(\d+)/([^/]+)/?$")
@@ -451,3 +454,12 @@ def _chaos_label(record: dict) -> str:
 def _mermaid_text(text: str) -> str:
     """Mermaid message text: no newlines, no `;` or `#` (statement/entity syntax)."""
     return " ".join(text.split()).replace(";", ",").replace("#", "no.")
+
+
+def write_diagrams(nodeid: str, records: list[dict], directory: str | Path = trace.TRACE_DIR) -> tuple[Path, Path]:
+    """The Mermaid markdown and the SVG of a test's trace, beside it (trace.diagram_paths)."""
+    markdown, svg = trace.diagram_paths(nodeid, directory)
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(render_markdown(records, nodeid), encoding="utf-8")
+    svg.write_text(render_svg(records), encoding="utf-8")
+    return markdown, svg

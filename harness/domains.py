@@ -4,30 +4,29 @@ A test talks to the toolstack the way a person does, through `xl` in dom0,
 and reads the truth from the store, through `xenstore-ls` in dom0 (one exec
 for the whole tree, so a status table or a wait costs one round trip).
 
-    guest = testbed.domain("domu1")
+    guest = Xen(testbed).domain("domu1")                   # xen.py; `domains["domu1"]` in a test
     guest.pause(); guest.unpause()
     disk = guest.block_attach("format=raw, vdev=xvdb, access=rw, target=/var/lib/xen/images/b.img")
     disk.wait(frontend="Connected", backend="Connected")   # a timeout names the device and every state seen
     disk.states()                                          # (XenbusState, XenbusState)
     guest.block_detach("xvdb")
     guest.devices()                                        # [Device(...), ...]
-    guest.host                                             # a pytest-testinfra host for files, processes, sockets
+    guest.shell                                            # a pytest-testinfra host for files, processes, sockets
 
 Pure parts (no Docker): `parse_xenstore_ls`, `devices_in`, `render_devices_table`.
+A Domain reaches the testbed through the `Xen` view it was made by (duck
+typed: this module imports neither xen.py nor testbed.py).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from xenbed.protocols.xenbus_state import XenbusState
 
 from .waits import wait_for
-
-if TYPE_CHECKING:
-    from .testbed import Testbed
 
 _LS_LINE = re.compile(r'^(/\S*) = "(.*)"(?:\s+\(.*\))?$')
 _FRONTEND_DIR = re.compile(r"^/local/domain/(\d+)/device/([^/]+)/([^/]+)$")
@@ -127,15 +126,7 @@ def render_devices_table(devices: Iterable[DeviceView], names: dict[int, str] | 
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-# -- against a running testbed ------------------------------------------------------------------
-def store_tree(testbed: Testbed, root: str = "/local/domain", host: str | None = None) -> dict[str, str]:
-    """The store under `root`, as the dom0 of `host` (a host name or one of
-    its services; by default the run's only host) sees it: every host has a
-    store of its own."""
-    result = testbed.exec(testbed.dom0(host), ["xenstore-ls", "-f", root], check=True)
-    return parse_xenstore_ls(result.stdout)
-
-
+# -- against a running testbed, through a Xen view (xen.py) -----------------------------------
 def domain_names(tree: dict[str, str]) -> dict[int, str]:
     names = {}
     for path, value in tree.items():
@@ -148,8 +139,8 @@ def domain_names(tree: dict[str, str]) -> dict[int, str]:
 class Device:
     """A handle on one PV device of a domain (the frontend dir names it)."""
 
-    def __init__(self, testbed: Testbed, domain: Domain, kind: str, devid: str) -> None:
-        self.testbed, self.domain, self.kind, self.devid = testbed, domain, kind, str(devid)
+    def __init__(self, domain: Domain, kind: str, devid: str) -> None:
+        self.domain, self.kind, self.devid = domain, kind, str(devid)
 
     def __repr__(self) -> str:
         return f"<Device {self.kind} {self.devid} of {self.domain.name}>"
@@ -159,7 +150,7 @@ class Device:
         return f"/local/domain/{self.domain.domid}/device/{self.kind}/{self.devid}"
 
     def view(self) -> DeviceView | None:
-        tree = store_tree(self.testbed, "/local/domain", host=self.domain.dom0)
+        tree = self.domain.xen.store_tree("/local/domain", xen_host=self.domain.dom0)
         for d in devices_in(tree, self.domain.domid):
             if d.kind == self.kind and d.devid == self.devid:
                 return d
@@ -201,11 +192,16 @@ def _state(value: str | XenbusState | None) -> XenbusState | None:
 
 
 class Domain:
-    """A domain of the run, driven through `xl` in the dom0 of its host
-    (`dom0`: that dom0's service name, "dom0" in the default topology)."""
+    """A domain of the run, driven through `xl` in the dom0 of its Xen host
+    (`dom0`: that dom0's service name, "dom0" in the default topology);
+    `xen` is the Xen view (xen.py) that made it."""
 
-    def __init__(self, testbed: Testbed, name: str, dom0: str = "dom0") -> None:
-        self.testbed, self.name, self.dom0 = testbed, name, dom0
+    def __init__(self, xen, name: str, dom0: str = "dom0") -> None:
+        self.xen, self.name, self.dom0 = xen, name, dom0
+
+    @property
+    def testbed(self):
+        return self.xen.testbed
 
     def __repr__(self) -> str:
         return f"<Domain {self.name} on {self.dom0}>"
@@ -227,9 +223,9 @@ class Domain:
         return self.testbed.exec(self.service, cmd, **kwargs)
 
     @property
-    def host(self):
+    def shell(self):
         """pytest-testinfra host of the domain's container (files, processes, interfaces, sockets)."""
-        return self.testbed.host(self.service)
+        return self.testbed.shell(self.service)
 
     def pause(self) -> None:
         self.xl("pause", self.name)
@@ -238,17 +234,17 @@ class Domain:
         self.xl("unpause", self.name)
 
     def destroy(self) -> None:
-        self.testbed.destroy_domain(self.name)
+        self.xen.destroy_domain(self.name, xen_host=self.dom0)
 
     def devices(self, kind: str | None = None) -> list[DeviceView]:
-        views = devices_in(store_tree(self.testbed, host=self.dom0), self.domid)
+        views = devices_in(self.xen.store_tree(xen_host=self.dom0), self.domid)
         return [v for v in views if kind is None or v.kind == kind]
 
     def device(self, kind: str, devid: str | int) -> Device:
         if kind == "vbd" and not str(devid).isdigit():
             from xenbed.toolstack.vdev import vdev_to_number
             devid = vdev_to_number(str(devid))
-        return Device(self.testbed, self, kind, str(devid))
+        return Device(self, kind, str(devid))
 
     def block_attach(self, spec: str, *, wait: bool = True, timeout: float = 30.0) -> Device:
         """`xl block-attach <domain> <disk spec>`; the device, Connected at both ends unless wait=False."""
@@ -269,7 +265,7 @@ class Domain:
         after = [v for v in self.devices("vif") if v.devid not in before]
         if len(after) != 1:
             raise AssertionError(f"network-attach on {self.name}: expected one new vif, found {after}")
-        device = Device(self.testbed, self, "vif", after[0].devid)
+        device = Device(self, "vif", after[0].devid)
         if wait:
             device.wait(timeout=timeout)
         return device

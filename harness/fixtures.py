@@ -1,4 +1,4 @@
-"""Session fixtures: thin wrappers over Testbed and the Docker client."""
+"""Session fixtures: thin wrappers over Testbed, its Xen view and the Docker client."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from typing import Iterator
 
 import pytest
 
-from . import trace
+from . import diagram, trace
 from .resources import DockerUnavailable, connect
 from .runenv import run_environment
 from .testbed import Testbed
+from .xen import Xen
 
 TESTBED_KEY = pytest.StashKey[Testbed]()
 
@@ -87,7 +88,7 @@ def private_testbed(request: pytest.FixtureRequest, docker_client) -> Iterator[T
             yield bed
             # leak_audit (module-scoped too) runs after this testbed is gone:
             # audit it here, while its hypervisor still answers
-            leaks = {kind: found for kind, found in bed.audit().items() if found}
+            leaks = {kind: found for kind, found in hypervisor_audit(bed).items() if found}
             if leaks:
                 pytest.fail(f"{request.module.__name__} left behind in the hypervisor: {leaks}", pytrace=False)
     finally:
@@ -104,8 +105,7 @@ def own_testbed(config: pytest.Config, docker_client, project: str,
     config.stash[TESTBED_KEY] = bed
     try:
         bed.up(progress=_progress_writer(config))
-        if any(host.dom0 for host in bed.xen_hosts().values()):  # a Xen topology, not a harness test's own
-            bed.wait_devices_connected(progress=_progress_writer(config))
+        wait_devices_connected(bed, config)
         yield bed
     finally:
         if keep:
@@ -113,6 +113,13 @@ def own_testbed(config: pytest.Config, docker_client, project: str,
                                      f"`xenbed down -p {bed.project_name}`")
         else:
             tear_down_and_check(bed)
+
+
+def wait_devices_connected(bed: Testbed, config: pytest.Config) -> None:
+    """A Xen topology (not a harness test's own) is ready once its PV devices are Connected."""
+    xen = Xen(bed)
+    if any(xen_host.dom0 for xen_host in xen.xen_hosts().values()):
+        xen.wait_devices_connected(progress=_progress_writer(config))
 
 
 def tear_down_and_check(bed: Testbed) -> None:
@@ -144,8 +151,7 @@ def shared_testbed(config: pytest.Config, docker_client) -> Iterator[Testbed]:
             env = run_environment(docker_client, compose_file)
             bed = Testbed.from_compose(compose_file, base, client=docker_client, env=env)
             bed.up(progress=_progress_writer(config))
-            if any(host.dom0 for host in bed.xen_hosts().values()):
-                bed.wait_devices_connected(progress=_progress_writer(config))
+            wait_devices_connected(bed, config)
             state = {"project": bed.project_name, "env": env, "users": 0}
         state["users"] += 1
         state_file.write_text(json.dumps(state))
@@ -188,34 +194,41 @@ class _ByName(dict):
 
 
 @pytest.fixture
-def domains(testbed: Testbed):
+def xen(testbed: Testbed) -> Xen:
+    """The Xen view of the testbed (harness/xen.py): its Xen hosts' dom0s and
+    hypervisors, `domain(name)`, `create_domain`, `destroy_domain`, `audit`."""
+    return Xen(testbed)
+
+
+@pytest.fixture
+def domains(xen: Xen):
     """`domains["domu1"]`: a Domain (harness/domains.py) to drive through xl
     and to ask about its devices; `domains["dom0"]` is Domain-0."""
-    return _ByName(testbed.domain)
+    return _ByName(xen.domain)
 
 
 @pytest.fixture
-def hosts(testbed: Testbed):
-    """`hosts["domu1"]`: the pytest-testinfra host of that container."""
-    return _ByName(testbed.host)
+def shells(testbed: Testbed):
+    """`shells["domu1"]`: the pytest-testinfra host of that container."""
+    return _ByName(testbed.shell)
 
 
 @pytest.fixture
-def new_domain(testbed: Testbed):
+def new_domain(xen: Xen):
     """A factory for throwaway guests: `new_domain("scratch", memory_mb=16)`
     creates it (xl create + its container) and returns its Domain; every one
     made is destroyed at the end of the test."""
     made: list[str] = []
 
     def make(name: str, **kwargs):
-        testbed.create_domain(name, **kwargs)
+        xen.create_domain(name, **kwargs)
         made.append(name)
-        return testbed.domain(name)
+        return xen.domain(name)
 
     yield make
     for name in reversed(made):
         try:
-            testbed.destroy_domain(name)
+            xen.destroy_domain(name)
         except Exception as error:  # the test may have destroyed it itself
             warnings.warn(f"xenbed: destroying {name}: {error!r}")
 
@@ -303,7 +316,7 @@ def xenbus_invariant(request: pytest.FixtureRequest):
     trace.write(trace.trace_path(nodeid, folder), records)
     bad = violations(trace.transitions_of(new))
     if bad or request.node.stash.get(FAILED, False):
-        trace.write_diagrams(nodeid, records, folder)
+        diagram.write_diagrams(nodeid, records, folder)
     if bad:
         pytest.fail("XenBus transitions the seeds do not allow:\n  " + "\n  ".join(map(str, bad)), pytrace=False)
 
@@ -343,8 +356,8 @@ def block_workload(request: pytest.FixtureRequest, testbed: Testbed):
 
 
 def hypervisor_audit(bed: Testbed) -> dict:
-    """What dead domains left behind, as the hypervisor sees it (Testbed.audit)."""
-    return bed.audit()
+    """What dead domains left behind, as the hypervisor sees it (Xen.audit)."""
+    return Xen(bed).audit()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -358,8 +371,8 @@ def leak_audit(request: pytest.FixtureRequest):
                for item in request.session.items):
         return
     bed = request.config.stash.get(TESTBED_KEY, None)
-    if not isinstance(bed, Testbed) or not any(h.dom0 in bed.services() for h in bed.xen_hosts().values()):
+    if not isinstance(bed, Testbed) or not any(h.dom0 in bed.services() for h in Xen(bed).xen_hosts().values()):
         return  # no hypervisor to ask (a topology of one's own, e.g. the harness's own tests)
-    leaks = {kind: found for kind, found in bed.audit().items() if found}
+    leaks = {kind: found for kind, found in hypervisor_audit(bed).items() if found}
     if leaks:
         pytest.fail(f"{module.__name__} left behind in the hypervisor: {leaks}", pytrace=False)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from . import trace
+from . import diagram, trace
 from .fixtures import (FAILED, TESTBED_KEY, WORKLOAD, block_workload, docker_client, domains,  # noqa: F401
-                       hosts, leak_audit, new_domain, private_testbed, testbed, trace_dir,
+                       leak_audit, new_domain, private_testbed, shells, testbed, trace_dir, xen,
                        xenbus_invariant)  # (importing them registers the fixtures)
 
 MARKERS = {
@@ -101,7 +101,7 @@ def _link_trace(item: pytest.Item, report: pytest.TestReport) -> None:
     trace_file = trace.trace_path(item.nodeid, folder)
     if trace_file.exists() and not svg.exists():  # failed after its trace was written (a later teardown)
         try:
-            trace.write_diagrams(item.nodeid, trace.read(trace_file), folder)
+            diagram.write_diagrams(item.nodeid, trace.read(trace_file), folder)
         except (OSError, ValueError) as error:
             report.sections.append(("xenbed trace", f"could not draw the diagrams: {error!r}"))
 

@@ -5,27 +5,33 @@ for each `depends_on` condition and finally for every healthcheck; `down`
 removes whatever carries the run's label.  A failed `up` raises with the logs
 of the container it was waiting for and leaves cleanup to `down`, so the
 caller's `finally` (or `xenbed down`) is the one place that cleans.
+
+A Testbed knows containers, not Xen: lifecycle, `exec`, `shell` (testinfra)
+and the chaos hooks (chaos.py).  What the containers mean to Xen -- hosts,
+dom0s, domains and their devices -- is the Xen view beside it, `Xen(testbed)`
+(xen.py), which uses only this public face.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import docker
 from docker.errors import APIError, ImageNotFound, NotFound
 
-from . import resources
+from . import chaos, resources
 from .chaos import History
 from .compose import Project, load_project
 from .container_spec import container_spec, network_kwargs, network_name, volume_kwargs
 from .execs import ExecError, ExecResult, run_exec
-from .hosts import Host, HostError, find_hosts, resolve_host
 from .resources import PROJECT, SERVICE, connect, reap_stale_runs, remove_project
 from .status import rows_from_containers, status_row
-from .waits import StopWaiting, WaitTimeout, wait_for
+from .waits import Observation, StopWaiting, WaitTimeout, wait_for
 
 DEFAULT_COMPOSE = "compose/testbed.yml"
 FAILURE_LOG_LINES = 60
@@ -39,19 +45,6 @@ class TestbedError(RuntimeError):
     """`up` could not bring the testbed up; the message says what and shows the relevant logs."""
 
     __test__ = False  # not a pytest test class, despite the name
-
-
-class _Observation:
-    """What a wait probe saw: truthy when the condition holds, readable in a timeout message."""
-
-    def __init__(self, ready: bool, seen: str):
-        self.ready, self.seen = ready, seen
-
-    def __bool__(self) -> bool:
-        return self.ready
-
-    def __repr__(self) -> str:
-        return self.seen
 
 
 class Testbed:
@@ -68,7 +61,6 @@ class Testbed:
     @classmethod
     def from_compose(cls, path: str | Path = DEFAULT_COMPOSE, project: str | None = None,
                      env: dict | None = None, **kwargs) -> "Testbed":
-        import os
         environ = {**os.environ, **(env or {})}
         return cls(project or f"xenbed-{secrets.token_hex(3)}", load_project(path, environ), **kwargs)
 
@@ -133,8 +125,9 @@ class Testbed:
             raise ExecError(service, cmd, result)
         return result
 
-    def host(self, service: str):
-        import testinfra  # imported late: only tests that ask for a host need it
+    def shell(self, service: str):
+        """A pytest-testinfra host of the service's container: files, processes, sockets."""
+        import testinfra  # imported late: only tests that ask for a shell need it
         return testinfra.get_host(f"docker://{self.container(service).id}")
 
     def logs(self, service: str | None = None, tail: int = 200) -> str:
@@ -165,7 +158,8 @@ class Testbed:
                 rows.append(status_row(name, None))
         return rows
 
-    # chaos hooks: thin controls, each an operation in self.history (chaos.py)
+    # ------------------------------------------------------------------ chaos
+    # thin controls, each an operation in self.history (chaos.py)
     def kill(self, service: str, signal: str | int = "SIGKILL") -> None:
         self.history.run("kill", service, {"signal": signal},
                          lambda: self.container(service).kill(signal=signal))
@@ -204,152 +198,51 @@ class Testbed:
             self.client.networks.get(engine_name).connect(self.container(service), **endpoint)
         self.history.run("reconnect", service, {"network": network}, plug)
 
-    # ------------------------------------------------------------------ up, step by step
+    def kill_process(self, service: str, pattern: str, signal: str | int = "SIGKILL") -> None:
+        """Send `signal` to the processes of `service` whose command line
+        matches `pattern` (an extended regex, as `pkill -f`): a driver or
+        daemon killed inside a running container.  No match is a `fail`."""
+        def kill() -> None:
+            result = self.exec(service, chaos.pkill_command(pattern, signal))
+            chaos.check_pkill(service, pattern, result.exit_code, result.stdout + result.stderr)
+        self.history.run("kill_process", service, {"pattern": pattern, "signal": signal}, kill)
 
-    # ------------------------------------------------------------------ domains
+    # ------------------------------------------------------------------ services added at run time
 
-    def create_domain(self, name: str, *, template: str = "domu1", memory_mb: int = 16,
-                      timeout: float = 60, environment: dict[str, str] | None = None,
-                      progress: Callable[[str], None] = lambda line: None) -> int:
-        """A new guest at run time, as a toolstack user makes one: `xl create`
-        in dom0 (which returns the domain's fresh credential), then a
-        container like `template`'s that boots with that credential.  Returns
-        the domid.  The container carries the run's labels, so `down` and the
-        leak audit know it.  `environment` overrides the template's, e.g.
-        `{"XENBED_MODULES": ""}` for a guest whose kernel starts no driver
-        daemon (a program of one's own is then its frontend).  With several
-        Xen hosts (compose/two-hosts.yml) the domain goes on the template's
-        host: its dom0 creates it, and the container has the template's
-        host label and hypervisor socket."""
-        from dataclasses import replace
+    def service_labels(self) -> dict[str, dict[str, str]]:
+        """{service: its labels}, from the compose file or, for a run found by
+        its label alone, from its containers (xen_hosts.py reads these)."""
+        if self.project is not None:
+            return {name: service.labels for name, service in self.project.services.items()}
+        return {c.labels.get(SERVICE, c.name): c.labels
+                for c in self.client.containers.list(all=True, filters={"label": self.label})}
 
+    def add_service(self, name: str, template: str, environment: dict[str, str] | None = None, *,
+                    timeout: float = 60, progress: Callable[[str], None] = lambda line: None) -> None:
+        """Start a container for a new service `name` made like `template`'s
+        (its environment updated with `environment`, no dependencies) and wait
+        until it is healthy.  It carries the run's labels, so `down` and the
+        leak check know it."""
         if self.project is None:
             raise TestbedError("this Testbed was not loaded from a compose file")
         if name in self.project.services:
             raise TestbedError(f"{name} already exists in this run")
-        dom0 = self.dom0(template)
-        config = f'name = "{name}"\nmemory = {memory_mb}\n'
-        created = self.exec(dom0, ["sh", "-c", f"cat > /tmp/{name}.cfg <<'EOF'\n{config}EOF\n"
-                                               f"xl create --print-credential /tmp/{name}.cfg"], check=True)
-        credential = created.stdout.strip().splitlines()[-1]
         template_service = self.project.services[template]
-        environment = {**template_service.environment, **(environment or {}),
-                       "XENBED_DOMAIN_NAME": name, "XENBED_CREDENTIAL": credential}
-        self.project.services[name] = replace(template_service, name=name, environment=environment, depends_on={})
+        self.project.services[name] = replace(template_service, name=name, depends_on={},
+                                              environment={**template_service.environment, **(environment or {})})
         self._start_service(name)
         self._await(name, "service_healthy", time.monotonic() + timeout, progress, needed_by=None)
-        return int(self.exec(dom0, ["xl", "domid", name], check=True).stdout.strip())
 
-    def wait_devices_connected(self, timeout: float = 60, progress: Callable[[str], None] = lambda line: None) -> None:
-        """Until every PV device in every host's store is Connected at both
-        ends: containers are healthy before their guests' devices have
-        finished connecting, and a test should not start in between.  The
-        timeout names each device that is not, with its states."""
-        from .domains import devices_in, store_tree
-        from xenbed.protocols.xenbus_state import XenbusState
-
-        hosts = [h for h, host in self.xen_hosts().items() if host.dom0 is not None]
-
-        def pending() -> list[str]:
-            waiting = []
-            for host in hosts:
-                for d in devices_in(store_tree(self, host=host)):
-                    if (d.frontend_state, d.backend_state) != (XenbusState.Connected, XenbusState.Connected):
-                        waiting.append(f"{host}: dom{d.domid} {d.kind} {d.devid} "
-                                       f"{d.frontend_state.name}/{d.backend_state.name}")
-            return waiting
-
-        wait_for(lambda: _Observation(not (left := pending()), ", ".join(left) or "all Connected"),
-                 what="every PV device Connected at both ends", timeout=timeout, progress=progress)
-
-    def domain(self, name: str, host: str | None = None):
-        """A handle to drive domain `name` through the toolstack and read its
-        devices (harness/domains.py); "dom0" (or a host's dom0 service, e.g.
-        "dom0-b") is that host's Domain-0.  `host` names the Xen host whose
-        toolstack knows the domain -- a host name or one of its services,
-        e.g. `testbed.domain("domu1", host="dom0-b")` after a migration --
-        by default the host the service `name` belongs to (or the only one)."""
-        from .domains import Domain
-        hosts = self.xen_hosts()
-        dom0_services = {h.dom0 for h in hosts.values()} - {None}
-        if name in ("dom0", "Domain-0") or name in dom0_services:
-            which = host if host is not None else (name if name in dom0_services else None)
-            return Domain(self, "Domain-0", dom0=self.dom0(which))
-        return Domain(self, name, dom0=self.dom0(host if host is not None else self._host_hint(name, hosts)))
-
-    # ------------------------------------------------------------------ Xen hosts
-
-    def xen_hosts(self) -> dict[str, Host]:
-        """The run's Xen hosts (harness/hosts.py): one, `host`, for the
-        default topology; host-a and host-b for compose/two-hosts.yml."""
-        if self.project is not None:
-            labels = {name: service.labels for name, service in self.project.services.items()}
-        else:
-            labels = {c.labels.get(SERVICE, c.name): c.labels
-                      for c in self.client.containers.list(all=True, filters={"label": self.label})}
-        return find_hosts(labels)
-
-    def xen_host(self, which: str | None = None) -> Host:
-        """The host `which` names (a host name or any of its services), or the only one."""
-        return resolve_host(self.xen_hosts(), which)
-
-    def dom0(self, which: str | None = None) -> str:
-        """The service name of the dom0 of host `which` (see xen_host): "dom0",
-        or "dom0-a" / "dom0-b" in compose/two-hosts.yml."""
-        host = self.xen_host(which)
-        if host.dom0 is None:
-            raise HostError(f"host {host.name} has no dom0 service")
-        return host.dom0
-
-    def hypervisor(self, which: str | None = None) -> str:
-        """The service name of the hypervisor of host `which` (see xen_host)."""
-        host = self.xen_host(which)
-        if host.hypervisor is None:
-            raise HostError(f"host {host.name} has no hypervisor service")
-        return host.hypervisor
-
-    @staticmethod
-    def _host_hint(name: str, hosts: dict[str, Host]) -> str | None:
-        """`name` when it is a service of some host (its host is then meant), else None (the only host)."""
-        return name if any(name in h for h in hosts.values()) else None
-
-    def audit(self, host: str | None = None) -> dict:
-        """The hypervisor's report of what dead domains left behind (grant
-        mappings of their pages, ports offered to them, their store nodes,
-        domains dying and never destroyed), asked from dom0.  Without `host`,
-        of every host of the run; with several, each finding says its host."""
-        import json
-
-        script = ("import json\n"
-                  "from xenbed.drivers.xen.hypercall import HypervisorLink\n"
-                  "from xenbed.protocols import hypercall as hc\n"
-                  "print(json.dumps(HypervisorLink.open(role='device').call(hc.Call.AUDIT)))\n")
-        hosts = [self.xen_host(host)] if host is not None else \
-            [h for h in self.xen_hosts().values() if h.dom0 is not None]
-        reports = {}
-        for each in hosts:
-            result = self.exec(each.dom0, ["python3", "-c", script], check=True)
-            reports[each.name] = json.loads(result.stdout.strip().splitlines()[-1])
-        if len(reports) == 1:
-            return next(iter(reports.values()))
-        merged: dict[str, list] = {}
-        for name, report in reports.items():
-            for kind, found in report.items():
-                merged.setdefault(kind, []).extend(
-                    {"host": name, **item} if isinstance(item, dict) else {"host": name, "found": item}
-                    for item in found)
-        return merged
-
-    def destroy_domain(self, name: str, host: str | None = None) -> None:
-        """`xl destroy` in dom0 (of `host`, by default the domain's service's), then the domain's container goes."""
-        dom0 = self.dom0(host if host is not None else self._host_hint(name, self.xen_hosts()))
-        self.exec(dom0, ["xl", "destroy", name], check=True)
+    def remove_service(self, name: str) -> None:
+        """Remove the container of `name` (if any) and forget the service."""
         try:
             self.container(name).remove(force=True)
         except LookupError:
             pass
         if self.project is not None:
             self.project.services.pop(name, None)
+
+    # ------------------------------------------------------------------ up, step by step
 
     def _check_images(self) -> None:
         missing = sorted({s.image for s in self.project.services.values()
@@ -427,7 +320,7 @@ class Testbed:
         except (WaitTimeout, StopWaiting) as error:
             raise TestbedError(f"{error}\n{self._failure_logs(service)}") from None
 
-    def _observe(self, service: str, condition: str) -> _Observation:
+    def _observe(self, service: str, condition: str) -> Observation:
         container = self.container(service)
         container.reload()
         state = container.attrs["State"]
@@ -438,20 +331,20 @@ class Testbed:
                      f"output {checks[-1].get('Output', '').strip()[-300:]!r}" if checks else ""
         seen = f"{service} is {status}" + (f", health {health['Status']}" if health else "") + last_check
         if condition == "service_started":
-            return _Observation(status in ("running", "exited") and state.get("StartedAt", "0001") > "0001", seen)
+            return Observation(status in ("running", "exited") and state.get("StartedAt", "0001") > "0001", seen)
         if condition == "service_completed_successfully":
             if status in ("exited", "dead") and code != 0:
                 raise StopWaiting(f"{service} exited with status {code}, not 0")
-            return _Observation(status == "exited", seen)
+            return Observation(status == "exited", seen)
         if status in ("exited", "dead"):
             raise StopWaiting(f"{service} exited (status {code}) before it was healthy")
         if not health and status == "running":
             if condition == HEALTHY_IF_CHECKED:
-                return _Observation(True, seen)
+                return Observation(True, seen)
             raise StopWaiting(f"{service} has no healthcheck (neither in the compose file nor in its image)")
         if health.get("Status") == "unhealthy":
             raise StopWaiting(f"{service} is unhealthy{last_check}")
-        return _Observation(health.get("Status") == "healthy", seen)
+        return Observation(health.get("Status") == "healthy", seen)
 
     def _failure_logs(self, service: str) -> str:
         return f"--- logs of {service} (last {FAILURE_LOG_LINES} lines) ---\n" \

@@ -24,7 +24,8 @@ transitions file; a file shorter than what was read before is read from its
 start.  The hypervisor's trace is read from a byte position (its rotation
 is followed; a generation that went by unread is said with a `kind:
 "trace", event: "lost"` record).  Everything but the readers' `new_*`
-methods is pure or plain file I/O.
+methods is pure or plain file I/O.  The diagrams drawn from a trace are
+diagram.py's (`diagram.write_diagrams`); this module does not import it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import json
 import re
 from pathlib import Path
 from typing import Iterable
+
+from .xen_hosts import find_xen_hosts
 
 TRANSITIONS_FILE = "/run/xen/transitions.jsonl"  # where every domain's XenBus records (XENBED_TRANSITIONS)
 HYPERVISOR_SERVICE = "hypervisor"
@@ -192,15 +195,6 @@ def transitions_of(records: Iterable[dict]):
     return [Transition.from_json(json.dumps(r)) for r in records if r.get("kind") == TRANSITION]
 
 
-def write_diagrams(nodeid: str, records: list[dict], directory: str | Path = TRACE_DIR) -> tuple[Path, Path]:
-    from .diagram import render_markdown, render_svg
-    markdown, svg = diagram_paths(nodeid, directory)
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(render_markdown(records, nodeid), encoding="utf-8")
-    svg.write_text(render_svg(records), encoding="utf-8")
-    return markdown, svg
-
-
 class TranscriptReader:
     """Reads each container's transitions file, and the trace of each Xen
     host's hypervisor (several in compose/two-hosts.yml), incrementally,
@@ -222,8 +216,8 @@ class TranscriptReader:
         marked with its hypervisor's service ([] when none runs or traces)."""
         running = {row["service"] for row in (testbed.status() if rows is None else rows)
                    if row.get("state") == "running"}
-        hypervisors = [h.hypervisor for h in testbed.xen_hosts().values() if h.hypervisor] \
-            if hasattr(testbed, "xen_hosts") else [HYPERVISOR_SERVICE]
+        hypervisors = [h.hypervisor for h in find_xen_hosts(testbed.service_labels()).values() if h.hypervisor] \
+            if hasattr(testbed, "service_labels") else [HYPERVISOR_SERVICE]
         records = []
         for service in hypervisors:
             if service in running:

@@ -23,6 +23,19 @@ class StopWaiting(Exception):
     """Raised by a probe when waiting longer cannot help (say, the container exited); not retried."""
 
 
+class Observation:
+    """What a probe saw: truthy when the condition holds, readable in a timeout message."""
+
+    def __init__(self, ready: bool, seen: str):
+        self.ready, self.seen = ready, seen
+
+    def __bool__(self) -> bool:
+        return self.ready
+
+    def __repr__(self) -> str:
+        return self.seen
+
+
 def wait_for(
     probe: Callable[[], T],
     *,

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from . import checker
 from .execs import ExecError
+from .xen import Xen
 from xenbed.protocols import workload as fmt
 
 WORKLOAD_DIR = "/run/xen/workload"
@@ -62,6 +63,9 @@ class BlockWorkload:
         self.domain = domain
         self.vdev = vdev
         self.name = name or f"blk-{vdev}-{secrets.token_hex(3)}"
+        # paths in the guest
+        self.disk_path = f"{VBD_DIR}/{vdev}"
+        self.history_path, self.log_path = (f"{WORKLOAD_DIR}/{self.name}.{ext}" for ext in ("jsonl", "log"))
         self.options = {"workers": workers, "first-slot": first_slot, "slot-count": slot_count,
                         "block-size": block_size, "rate": rate, "read-fraction": read_fraction,
                         "stop-grace": stop_grace, "progress": progress}
@@ -69,19 +73,6 @@ class BlockWorkload:
         self.pid: int | None = None
         self.last_history: list[dict] | None = None
         self.last_result: checker.CheckResult | None = None
-
-    # paths in the guest
-    @property
-    def disk_path(self) -> str:
-        return f"{VBD_DIR}/{self.vdev}"
-
-    @property
-    def history_path(self) -> str:
-        return f"{WORKLOAD_DIR}/{self.name}.jsonl"
-
-    @property
-    def log_path(self) -> str:
-        return f"{WORKLOAD_DIR}/{self.name}.log"
 
     def command(self) -> list[str]:
         argv = ["python3", "-m", "xenbed.drivers.workload.blk", "--file", self.disk_path,
@@ -219,7 +210,7 @@ sys.stdout.write(base64.b64encode(zlib.compress(buf[:length], 1)).decode())
 
 def find_dom0_disk(testbed, domain: str, vdev: str) -> Dom0Disk:
     """The backend of `domain`'s `vdev`, from dom0's view of the store."""
-    out = testbed.exec(testbed.domain(domain).dom0, ["sh", "-c", _FIND_BACKEND, "sh", domain, vdev],
+    out = testbed.exec(Xen(testbed).domain(domain).dom0, ["sh", "-c", _FIND_BACKEND, "sh", domain, vdev],
                        check=True).stdout
     lines = (out.splitlines() + ["", "", "", ""])[:4]
     return Dom0Disk(domain, vdev, *(line.strip() for line in lines))
@@ -227,7 +218,7 @@ def find_dom0_disk(testbed, domain: str, vdev: str) -> Dom0Disk:
 
 def read_through_dom0(testbed, disk: Dom0Disk, offset: int, length: int) -> bytes:
     """`length` bytes at `offset` of the loop device behind `disk`, read in dom0 with O_DIRECT."""
-    result = testbed.exec(testbed.domain(disk.domain).dom0, ["python3", "-c", _READ_DIRECT, disk.device,
+    result = testbed.exec(Xen(testbed).domain(disk.domain).dom0, ["python3", "-c", _READ_DIRECT, disk.device,
                                                               disk.physical_device, str(offset), str(length)],
                           check=True)
     data = zlib.decompress(base64.b64decode(result.stdout.strip()))

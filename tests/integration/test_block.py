@@ -107,16 +107,16 @@ def test_a_read_only_disk_is_read_only_to_the_guest(testbed, domu1):
     assert "ro.img" not in sh(testbed, "dom0", "losetup -a || true")
 
 
-def test_frontend_initiated_closedown_when_the_guest_shuts_its_disks(testbed):
+def test_frontend_initiated_closedown_when_the_guest_shuts_its_disks(testbed, xen):
     """Seed 000's second closedown: the frontend goes Closing first (here the
     guest's blkfront stops, as at guest shutdown), the backend follows."""
-    domid = testbed.create_domain("closer", memory_mb=16)
+    domid = xen.create_domain("closer", memory_mb=16)
     try:
         sh(testbed, "dom0", "truncate -s 8M /var/lib/xen/images/closer.img")
         sh(testbed, "dom0", "xl block-attach closer 'vdev=xvda, target=/var/lib/xen/images/closer.img'")
         wait_until(lambda: testbed.exec("closer", ["test", "-e", "/run/xen/vbd/xvda"]).exit_code == 0,
                    "/run/xen/vbd/xvda in closer")
-        sh(testbed, "closer", "pkill -TERM -f '[x]enbed.drivers.blk.front'")
+        testbed.kill_process("closer", "[x]enbed.drivers.blk.front", "SIGTERM")
         backend = f"/local/domain/0/backend/vbd/{domid}/{XVDA}"
         wait_until(lambda: run(testbed, "dom0", f"xenstore-read {backend}/state").stdout.strip() == "6",
                    f"{backend} to reach Closed")
@@ -134,4 +134,4 @@ def test_frontend_initiated_closedown_when_the_guest_shuts_its_disks(testbed):
         sh(testbed, "dom0", "xl block-detach closer xvda")
         assert "closer.img" not in sh(testbed, "dom0", "losetup -a || true")
     finally:
-        testbed.destroy_domain("closer")
+        xen.destroy_domain("closer")

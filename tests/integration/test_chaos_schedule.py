@@ -42,7 +42,7 @@ def restart_dom0(testbed):
 
 def kill_process(module: str):
     def fault(testbed):  # the kernel's module supervisor starts it again
-        testbed.exec("dom0", ["pkill", "-9", "-f", f"python3 -m {module}"], check=True)
+        testbed.kill_process("dom0", f"python3 -m {module}")  # SIGKILL, in the chaos history
     fault.__name__ = f"kill {module.rsplit('.', 2)[-2]}back"
     return fault
 

@@ -77,9 +77,9 @@ PROBE = """
 """
 
 
-def test_a_killed_guest_closes_its_ports_at_the_peer_and_its_grants(testbed):
+def test_a_killed_guest_closes_its_ports_at_the_peer_and_its_grants(testbed, xen):
     domu1 = int(testbed.exec("dom0", ["xl", "domid", "domu1"], check=True).stdout)
-    victim = testbed.create_domain("victim", memory_mb=16)
+    victim = xen.create_domain("victim", memory_mb=16)
     try:
         assert testbed.exec("victim", ["xenstore-read", "name"]).stdout.strip() == "victim"
         # dom0 watches @releaseDomain in the background: it must fire
@@ -120,7 +120,7 @@ def test_a_killed_guest_closes_its_ports_at_the_peer_and_its_grants(testbed):
         assert victim in audit["dying_domains"], audit
     finally:
         testbed.exec("domu1", ["sh", "-c", "kill $(cat /tmp/holder.pid) 2>/dev/null; true"])
-        testbed.destroy_domain("victim")
+        xen.destroy_domain("victim")
     assert "victim" not in testbed.exec("dom0", ["xl", "list"], check=True).stdout
     audit = hypervisor_audit(testbed)
     assert not any(audit.values()), audit

@@ -181,7 +181,7 @@ def test_a_killed_driver_domain_blkback_comes_back_and_the_guests_disk_recovers(
     attach_from_driverdom(testbed, "xvdc", "recover.img")
     backend = f"/local/domain/{dd}/backend/vbd/{guest}/{XVDC}"
     old_loop = loop_of(testbed, backend)
-    sh(testbed, "driverdom", "pkill -KILL -f '[x]enbed.drivers.blk.back'")
+    testbed.kill_process("driverdom", "[x]enbed.drivers.blk.back")
     # writes in the guest wait for the new ring, then land on the new loop device
     sh(testbed, "domu1", "head -c 1048576 /dev/urandom > /tmp/chunk2 && timeout 60 dd if=/tmp/chunk2 "
                          "of=/run/xen/vbd/xvdc bs=1M seek=2 conv=fsync,notrunc status=none")

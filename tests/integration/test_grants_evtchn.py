@@ -394,7 +394,8 @@ SURVIVOR = """
 
 
 def kill_device_process(testbed, service: str, t: str) -> None:
-    result = testbed.exec(service, ["sh", "-c", f"kill -9 $(cat /tmp/{t}.pid) && rm /tmp/{t}.pid /tmp/{t}.out"])
+    testbed.kill_process(service, f" {t}$")  # SIGKILL to the victim, the one process whose last argument is t
+    result = testbed.exec(service, ["rm", f"/tmp/{t}.pid", f"/tmp/{t}.out"])
     assert result.exit_code == 0, result.stdout + result.stderr
 
 

@@ -108,7 +108,7 @@ def test_a_migration_onto_a_driver_domains_disk_and_back(testbed):
     assert result.ok, result.render()
 
 
-def test_a_migration_whose_destination_dies_leaves_the_guest_on_host_a(testbed):
+def test_a_migration_whose_destination_dies_leaves_the_guest_on_host_a(testbed, xen):
     assert "domu1" in xl_list(testbed, "dom0-a")
     workload = BlockWorkload(testbed, "domu1", "xvda", workers=1).start()
     rings_before = sh(testbed, "dom0-a", "xenstore-read /local/domain/$(xl domid domu1)/device/vbd/51712/ring-ref")
@@ -127,7 +127,7 @@ def test_a_migration_whose_destination_dies_leaves_the_guest_on_host_a(testbed):
         # resumed in place, cancelled: the same rings, both ends still Connected
         assert sh(testbed, "dom0-a", "xenstore-read /local/domain/$(xl domid domu1)/device/vbd/51712/ring-ref") \
             == rings_before
-        testbed.domain("domu1").device("vbd", "xvda").wait(timeout=30)
+        xen.domain("domu1").device("vbd", "xvda").wait(timeout=30)
         time.sleep(2)
         result = check_nothing_lost(testbed, workload)
         assert result.ok, result.render()

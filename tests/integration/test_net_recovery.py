@@ -200,7 +200,7 @@ def test_network_survives_a_killed_netback_process(testbed, peer):
     def kill_netback():
         pid = sh(testbed, "dom0", "pgrep -f '^[^ ]*python3 -m xenbed.drivers.net.back'").split()
         assert len(pid) == 1, pid
-        sh(testbed, "dom0", f"kill -KILL {pid[0]}")
+        testbed.kill_process("dom0", "^[^ ]*python3 -m xenbed.drivers.net.back")  # that one pid
         # the kernel's module supervisor starts a new one (modules.py)
         wait_for(lambda: (p := sh(testbed, "dom0", "pgrep -f '^[^ ]*python3 -m xenbed.drivers.net.back' || true")
                           .split()) and p != pid,

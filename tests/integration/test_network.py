@@ -92,18 +92,18 @@ def test_network_attach_adds_eth1_and_detach_removes_it(testbed, addresses):
     assert " 0% packet loss" in sh(testbed, "domu1", f"ping -c 2 -W 3 {addresses['peer']}")
 
 
-def test_a_guest_whose_netfront_is_killed_leaves_nothing_in_dom0(testbed):
-    domid = testbed.create_domain("netvictim", memory_mb=32)
+def test_a_guest_whose_netfront_is_killed_leaves_nothing_in_dom0(testbed, xen):
+    domid = xen.create_domain("netvictim", memory_mb=32)
     try:
         sh(testbed, "dom0", "xl network-attach netvictim bridge=xenbr0")
         wait_until(lambda: "eth0" in sh(testbed, "netvictim", "ls /sys/class/net"), "eth0 in netvictim")
         assert f"vif{domid}.0" in sh(testbed, "dom0", "ls /sys/class/net")
         testbed.kill("netvictim")
-        testbed.destroy_domain("netvictim")
+        xen.destroy_domain("netvictim")
         assert f"vif{domid}." not in sh(testbed, "dom0", "ls /sys/class/net")
         assert testbed.exec("dom0", ["xenstore-exists", f"/local/domain/0/backend/vif/{domid}"]).exit_code != 0
     finally:
         try:
-            testbed.destroy_domain("netvictim")
+            xen.destroy_domain("netvictim")
         except Exception:
             pass

@@ -153,11 +153,11 @@ class _Going(tuple):
 
 
 @pytest.fixture
-def background(testbed, peer):
+def background(testbed, xen, peer):
     """The descriptor holder and a ping to the peer, in domu1, for one test."""
     # A testbed is "up" when its containers are healthy; the guest's devices
     # may still be connecting (the holder must find its disk file at once).
-    guest = testbed.domain("domu1")
+    guest = xen.domain("domu1")
     guest.device("vbd", "xvda").wait(timeout=60)
     guest.device("vif", "0").wait(timeout=60)
     wait_for(lambda: testbed.exec("domu1", ["test", "-e", XVDA]).exit_code == 0, what=f"{XVDA} in domu1", timeout=30)
@@ -274,9 +274,9 @@ def test_cancelled_suspend_goes_on_on_the_same_rings_with_no_xenbus_transition(t
     assert record["outcome"] == "cancelled" and record["cancelled"] is True
 
 
-def test_a_guest_that_does_not_answer_times_out_and_keeps_running(testbed):
+def test_a_guest_that_does_not_answer_times_out_and_keeps_running(testbed, xen):
     # its kernel does not watch control/shutdown: a guest without PV drivers, or hung
-    testbed.create_domain("mute", environment={"XENBED_CONTROL_SHUTDOWN": "ignore", "XENBED_MODULES": ""})
+    xen.create_domain("mute", environment={"XENBED_CONTROL_SHUTDOWN": "ignore", "XENBED_MODULES": ""})
     try:
         started = time.monotonic()
         result = xl(testbed, "suspend", "-t", "3", "mute")
@@ -291,4 +291,4 @@ def test_a_guest_that_does_not_answer_times_out_and_keeps_running(testbed):
         refused = xl(testbed, "resume", "mute")
         assert refused.exit_code == 1 and "not suspended" in refused.stderr
     finally:
-        testbed.destroy_domain("mute")
+        xen.destroy_domain("mute")

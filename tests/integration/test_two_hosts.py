@@ -5,7 +5,7 @@ dom0s mount) and a network (the uplink both xenbr0 bridges enslave).
 
 Each host has its own domain table and store, so both guests are dom1 of
 their host; the harness sends `xl` and store reads to the right dom0 by the
-services' host labels (harness/hosts.py)."""
+services' host labels (harness/xen_hosts.py)."""
 
 from __future__ import annotations
 
@@ -31,24 +31,24 @@ def names_in(xl_list: str) -> list[str]:
     return [line.split()[0] for line in xl_list.splitlines()[1:] if line.strip()]
 
 
-def test_each_host_runs_only_its_own_domains(testbed, capsys):
+def test_each_host_runs_only_its_own_domains(testbed, xen, capsys):
     assert names_in(sh(testbed, "dom0-a", "xl list")) == ["Domain-0", "domu1"]
     assert names_in(sh(testbed, "dom0-b", "xl list")) == ["Domain-0", "domu2", "driverdom"]  # host-b also has a driver domain
     # two domain tables: the same domid names a different guest on each host
-    assert testbed.domain("domu1").domid == testbed.domain("domu2").domid == 1
+    assert xen.domain("domu1").domid == xen.domain("domu2").domid == 1
     assert testbed.exec("dom0-a", ["xl", "domid", "domu2"]).exit_code != 0
     # each guest's devices, in its own host's store, served by its own dom0
     for guest, dom0 in GUESTS.items():
-        domain = testbed.domain(guest)
+        domain = xen.domain(guest)
         assert domain.dom0 == dom0
         views = {v.kind: v for v in domain.devices()}
         assert set(views) == {"vbd", "vif"}, views
         assert all(v.backend.startswith("/local/domain/0/backend/") for v in views.values())
         assert " on /dev/loop" in domain.device("vbd", "xvda").wait().detail  # the loop device in its dom0
     # a host is named by its host name or any service of it
-    assert testbed.domain("Domain-0", host="host-b").service == "dom0-b"
+    assert xen.domain("Domain-0", xen_host="host-b").service == "dom0-b"
     # the command line, which finds the hosts by the containers' labels alone
-    assert cli.main(["xl", "-p", testbed.project_name, "--host", "dom0-b", "list"]) == 0
+    assert cli.main(["xl", "-p", testbed.project_name, "--xen-host", "dom0-b", "list"]) == 0
     assert names_in(capsys.readouterr().out) == ["Domain-0", "domu2", "driverdom"]  # host-b also has a driver domain
     assert cli.main(["status", "-p", testbed.project_name]) == 0
     status = capsys.readouterr().out

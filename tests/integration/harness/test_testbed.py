@@ -59,7 +59,7 @@ def test_two_runs_side_by_side(tiny_compose, docker_client):
                              capture_output=True, text=True, check=True).stdout
         assert out == "bind-mounted\n"
 
-        assert first.host("server").file("/shared/ready").exists  # testinfra
+        assert first.shell("server").file("/shared/ready").exists  # testinfra
 
 
 def test_exec_check_and_timeout(tiny_compose, docker_client):

@@ -51,7 +51,7 @@ def test_xl_is_forwarded_to_dom0_with_its_status(monkeypatch, capsys):
         def __init__(self, project, client=None):
             calls.append(project)
 
-        def dom0(self, which=None):  # the dom0 of host `which` (Testbed.dom0): here "dom0-<host>"
+        def dom0(self, which=None):  # the dom0 of host `which` (Xen.dom0): here "dom0-<host>"
             return "dom0" if which is None else f"dom0-{which}"
 
         def exec(self, service, cmd):
@@ -59,11 +59,12 @@ def test_xl_is_forwarded_to_dom0_with_its_status(monkeypatch, capsys):
             return ExecResult(3, "Name ID\n", "oops\n")
 
     monkeypatch.setattr(cli, "Testbed", Bed)
+    monkeypatch.setattr(cli, "Xen", lambda bed: bed)  # Bed answers for the Xen view too
     monkeypatch.setattr(cli, "connect", lambda: None)
     assert cli.main(["xl", "-p", "run1", "list", "-l"]) == 3
     assert calls == ["run1", ("dom0", ["xl", "list", "-l"])]
     captured = capsys.readouterr()
     assert captured.out == "Name ID\n" and captured.err == "oops\n"
     calls.clear()
-    assert cli.main(["xl", "-p", "run1", "--host", "b", "list"]) == 3
+    assert cli.main(["xl", "-p", "run1", "--xen-host", "b", "list"]) == 3
     assert calls == ["run1", ("dom0-b", ["xl", "list"])]

@@ -1,5 +1,9 @@
 """Which containers make up which Xen host of a run; pure, no Docker.
 
+A *Xen host* here is one machine as Xen sees it: a hypervisor, its dom0 and
+the domains they run.  (The harness calls a pytest-testinfra handle on a
+container a *shell*, `Testbed.shell`, so the two never share a name.)
+
 A compose file may hold several independent Xen hosts (compose/two-hosts.yml:
 host-a and host-b, each with its own hypervisor-service, dom0, xenbus socket
 and guest memory).  Everything the harness does "in dom0" -- `xl`, reading the
@@ -16,7 +20,7 @@ found by its labels alone, e.g. by `xenbed status`, is understood too):
                                    its domains, peers, ...
 
 A topology with no such labels -- the default compose/testbed.yml -- is one
-host, `DEFAULT_HOST`, whose pillars are the services named exactly
+host, `DEFAULT_XEN_HOST`, whose pillars are the services named exactly
 `hypervisor` and `dom0`.  In a topology with several hosts an unlabelled
 service (the peer machine on the uplink) belongs to none of them.
 """
@@ -26,18 +30,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-HOST_LABEL = "org.xenbed.host"
+XEN_HOST_LABEL = "org.xenbed.host"
 ROLE_LABEL = "org.xenbed.role"
 HYPERVISOR, DOM0 = "hypervisor", "dom0"
-DEFAULT_HOST = "host"
+DEFAULT_XEN_HOST = "host"
 
 
-class HostError(LookupError):
+class XenHostError(LookupError):
     """No such host, or a question that needs a host when the run has several."""
 
 
 @dataclass(frozen=True)
-class Host:
+class XenHost:
     name: str
     hypervisor: str | None  # the hypervisor-service's service name
     dom0: str | None        # dom0's service name
@@ -55,14 +59,14 @@ def role_of(service: str, labels: Mapping[str, str]) -> str | None:
     return service if service in (HYPERVISOR, DOM0) else None
 
 
-def find_hosts(labels_by_service: Mapping[str, Mapping[str, str]]) -> dict[str, Host]:
-    """{host name: Host} of a run whose services carry these labels (see the module doc)."""
-    named = {labels.get(HOST_LABEL) for labels in labels_by_service.values()} - {None, ""}
+def find_xen_hosts(labels_by_service: Mapping[str, Mapping[str, str]]) -> dict[str, XenHost]:
+    """{Xen host name: XenHost} of a run whose services carry these labels (see the module doc)."""
+    named = {labels.get(XEN_HOST_LABEL) for labels in labels_by_service.values()} - {None, ""}
     members: dict[str, list[str]] = {name: [] for name in sorted(named)}
     if not members:
-        members[DEFAULT_HOST] = []
+        members[DEFAULT_XEN_HOST] = []
     for service, labels in labels_by_service.items():
-        host = labels.get(HOST_LABEL) or (DEFAULT_HOST if not named else None)
+        host = labels.get(XEN_HOST_LABEL) or (DEFAULT_XEN_HOST if not named else None)
         if host is not None:
             members[host].append(service)
     hosts = {}
@@ -71,30 +75,30 @@ def find_hosts(labels_by_service: Mapping[str, Mapping[str, str]]) -> dict[str, 
                    for role in (HYPERVISOR, DOM0)}
         for role, found in pillars.items():
             if len(found) > 1:
-                raise HostError(f"host {name} has several {role} services: {', '.join(found)}")
+                raise XenHostError(f"host {name} has several {role} services: {', '.join(found)}")
         if not services:
             continue
-        hosts[name] = Host(name, (pillars[HYPERVISOR] or [None])[0], (pillars[DOM0] or [None])[0], tuple(services))
+        hosts[name] = XenHost(name, (pillars[HYPERVISOR] or [None])[0], (pillars[DOM0] or [None])[0], tuple(services))
     return hosts
 
 
-def resolve_host(hosts: Mapping[str, Host], which: str | None = None) -> Host:
+def resolve_xen_host(hosts: Mapping[str, XenHost], which: str | None = None) -> XenHost:
     """The host `which` names -- a host name, or any of its services (its
     dom0, its hypervisor, one of its guests) -- or, for None, the run's only
-    host.  HostError saying what there is otherwise."""
+    host.  XenHostError saying what there is otherwise."""
     with_dom0 = [h for h in hosts.values() if h.dom0 or h.hypervisor]
     if which is None:
         if len(with_dom0) == 1:
             return with_dom0[0]
-        raise HostError(f"this run has {len(with_dom0)} Xen hosts ({describe(hosts)}): say which")
+        raise XenHostError(f"this run has {len(with_dom0)} Xen hosts ({describe_xen_hosts(hosts)}): say which")
     if which in hosts:
         return hosts[which]
     for host in hosts.values():
         if which in host.members:
             return host
-    raise HostError(f"{which!r} is neither a host nor a service of one ({describe(hosts)})")
+    raise XenHostError(f"{which!r} is neither a host nor a service of one ({describe_xen_hosts(hosts)})")
 
 
-def describe(hosts: Mapping[str, Host]) -> str:
+def describe_xen_hosts(hosts: Mapping[str, XenHost]) -> str:
     return "; ".join(f"{h.name}: dom0 {h.dom0 or '-'}, hypervisor {h.hypervisor or '-'}"
                      for h in hosts.values()) or "none"
