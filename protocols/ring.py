@@ -297,6 +297,7 @@ class _RingEnd:
     _PROD_EVENT: int
     _CONS_EVENT: int
     _TAKES: str  # what a take returns, for the misuse message
+    _PEER: str  # who produces what we take, for the overflow message
 
     def __init__(self, buf, entry_size: int, *, ring_bytes: int | None = None, start_index: int = 0):
         self.sring = SharedRing(buf, entry_size, ring_bytes)
@@ -318,6 +319,15 @@ class _RingEnd:
     def _overflow(self, message: str, producer_index: int, private_index: int) -> RingOverflow:
         """The error for a peer's impossible producer index (RING_*_PROD_OVERFLOW)."""
         return RingOverflow(message, producer_index=producer_index, private_index=private_index, ring_size=self.size)
+
+    def _ahead(self, prod_name: str, prod: int, private_name: str, private: int) -> int:
+        """How far the peer's producer index `prod` runs ahead of our private
+        index; more than the ring holds is RING_*_PROD_OVERFLOW."""
+        ahead = _distance(prod, private)
+        if ahead > self.size:
+            raise self._overflow(f"{self._PEER} published {prod_name}={prod}, {ahead} past "
+                                 f"{private_name}={private} on a ring of {self.size}", prod, private)
+        return ahead
 
     def _put(self, message: bytes) -> int:
         index = self._prod_pvt
@@ -369,7 +379,7 @@ class _RingEnd:
 class FrontRing(_RingEnd):
     """The frontend's half: puts requests, takes responses (FRONT_RING_ATTACH)."""
 
-    _PROD, _PROD_EVENT, _CONS_EVENT, _TAKES = _REQ_PROD, _REQ_EVENT, _RSP_EVENT, "response"
+    _PROD, _PROD_EVENT, _CONS_EVENT, _TAKES, _PEER = _REQ_PROD, _REQ_EVENT, _RSP_EVENT, "response", "backend"
     req_prod_pvt = _private_index("_prod_pvt", "requests written, pushed or not")
     rsp_cons = _private_index("_cons", "responses consumed")
 
@@ -396,14 +406,7 @@ class FrontRing(_RingEnd):
     def unconsumed_responses(self) -> int:
         """RING_HAS_UNCONSUMED_RESPONSES, rejecting a backend that claims
         more responses than the ring can hold (RING_RESPONSE_PROD_OVERFLOW)."""
-        rsp_prod = self.sring.rsp_prod
-        pending = _distance(rsp_prod, self.rsp_cons)
-        if pending > self.size:
-            raise self._overflow(
-                f"backend published rsp_prod={rsp_prod}, {pending} past rsp_cons={self.rsp_cons} "
-                f"on a ring of {self.size}",
-                rsp_prod, self.rsp_cons)
-        return pending
+        return self._ahead("rsp_prod", self.sring.rsp_prod, "rsp_cons", self.rsp_cons)
 
     def _unconsumed(self) -> int:
         return self.unconsumed_responses()
@@ -412,7 +415,7 @@ class FrontRing(_RingEnd):
 class BackRing(_RingEnd):
     """The backend's half: takes requests, puts responses (BACK_RING_ATTACH)."""
 
-    _PROD, _PROD_EVENT, _CONS_EVENT, _TAKES = _RSP_PROD, _RSP_EVENT, _REQ_EVENT, "request"
+    _PROD, _PROD_EVENT, _CONS_EVENT, _TAKES, _PEER = _RSP_PROD, _RSP_EVENT, _REQ_EVENT, "request", "frontend"
     rsp_prod_pvt = _private_index("_prod_pvt", "responses written, pushed or not")
     req_cons = _private_index("_cons", "requests consumed")
 
@@ -428,12 +431,7 @@ class BackRing(_RingEnd):
         back behind requests we already consumed: a frontend never un-pushes.
         """
         req_prod = self.sring.req_prod
-        published = _distance(req_prod, self.rsp_prod_pvt)
-        if published > self.size:
-            raise self._overflow(
-                f"frontend published req_prod={req_prod}, more than {self.size} past "
-                f"rsp_prod_pvt={self.rsp_prod_pvt}",
-                req_prod, self.rsp_prod_pvt)
+        published = self._ahead("req_prod", req_prod, "rsp_prod_pvt", self.rsp_prod_pvt)
         if published < _distance(self.req_cons, self.rsp_prod_pvt):
             raise self._overflow(
                 f"frontend moved req_prod back to {req_prod}, behind req_cons={self.req_cons}",
