@@ -122,38 +122,34 @@ class Mapping:
 
 
 @dataclass(frozen=True)
-class MapResult:
+class _Answer:
+    """What a grant operation answers: a GNTST_* status, and more when it is GNTST_okay."""
+
     status: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status == GNTST_okay
+
+
+@dataclass(frozen=True)
+class MapResult(_Answer):
     handle: int | None = None
     frame: int | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.status == GNTST_okay
-
 
 @dataclass(frozen=True)
-class Granted:
+class Granted(_Answer):
     """Result of grant_access: the new gref when status is GNTST_okay."""
 
-    status: int
     gref: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == GNTST_okay
 
 
 @dataclass(frozen=True)
-class EndAccess:
+class EndAccess(_Answer):
     """Result of end_access: GNTST_eagain with the mapper(s) while mapped."""
 
-    status: int
     mappers: tuple[int, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.status == GNTST_okay
 
 
 @dataclass(frozen=True)
@@ -183,15 +179,10 @@ class Span:
 
 
 @dataclass(frozen=True)
-class CopyResult:
-    status: int
+class CopyResult(_Answer):
     source: Span | None = None
     dest: Span | None = None
     length: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == GNTST_okay
 
 
 def _check_int(name: str, value: object) -> None:

@@ -245,7 +245,7 @@ class HypervisorServer:
 
     def _handle_frame(self, link: DomainLink, frame: hc.Frame) -> None:
         if frame.flags & (hc.REPLY | hc.UPCALL):
-            self._close_fds(frame.fds)
+            hc.close_fds(frame.fds)
             self._send(link, hc.error(frame, "EINVAL", "domains send calls, not replies or upcalls"))
             return
         handler = self._handlers.get(frame.op)
@@ -272,12 +272,12 @@ class HypervisorServer:
             else:
                 self._send(link, hc.reply(frame, result))
         if isinstance(result, Reply):
-            self._close_fds(result.fds)  # the domain holds its own duplicates now
+            hc.close_fds(result.fds)  # the domain holds its own duplicates now
         while link.after_reply:
             link.after_reply.pop(0)()
 
     def _refuse(self, link: DomainLink, frame: hc.Frame, wants_reply: bool, code: str, message: str) -> None:
-        self._close_fds(frame.fds)
+        hc.close_fds(frame.fds)
         link.after_reply.clear()
         if self.tracer.enabled and link.domain is not None and isinstance(frame.body, dict):
             self.tracer.refused(frame.op, link.domain.domid, frame.body, code)
@@ -303,7 +303,7 @@ class HypervisorServer:
             return
         self.links.discard(link)
         self.loop.remove_reader(link.sock)
-        self._close_fds(link.reader.take_stray_fds())
+        hc.close_fds(link.reader.take_stray_fds())
         link.sock.close()
         domain = link.domain
         (log.debug if domain is None else log.info)("%s dropped: %s", link.describe(), why)
@@ -334,14 +334,6 @@ class HypervisorServer:
         self.sharing.domain_dying(domain.domid)
         self.store.release_domain(domain.domid)
         self.flush_watch_events()
-
-    @staticmethod
-    def _close_fds(fds) -> None:
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     # -- xenstored -------------------------------------------------------------
     def flush_watch_events(self) -> None:
@@ -391,10 +383,10 @@ class HypervisorServer:
 
     def _call_xs_adopt(self, link: DomainLink, frame: hc.Frame):
         if len(frame.fds) != 1:
-            self._close_fds(frame.fds)
+            hc.close_fds(frame.fds)
             raise DomainError("EINVAL", "XS_ADOPT carries exactly one descriptor")
         if not self.store.is_introduced(link.domain.domid):
-            self._close_fds(frame.fds)
+            hc.close_fds(frame.fds)
             raise DomainError("EAGAIN", f"domain {link.domain.domid} is not introduced to xenstored yet")
         self.adopt_xenstore_socket(link.domain, frame.fds[0])
         return {}

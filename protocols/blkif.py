@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .ring import XEN_PAGE_SIZE, MalformedRequest, MalformedResponse, ring_bytes_for_order, ring_size, pack_fields, require_length
+from .ring import XEN_PAGE_SIZE, MalformedRequest, MalformedResponse, RingMessage, ring_bytes_for_order, ring_size, pack_fields, require_length
 
 # io/protocols.h: the values of the frontend's "protocol" node.
 XEN_IO_PROTO_ABI_X86_32 = "x86_32-abi"
@@ -93,22 +93,12 @@ def indirect_pages_needed(nr_segments: int) -> int:
 
 
 @dataclass(frozen=True)
-class Segment:
+class Segment(RingMessage, layout=_SEGMENT, c_name="blkif_request_segment", malformed=MalformedRequest):
     """struct blkif_request_segment: sectors first_sect..last_sect of a granted frame."""
 
     gref: int
     first_sect: int
     last_sect: int
-
-    SIZE = SEGMENT_SIZE
-
-    def encode(self) -> bytes:
-        return pack_fields(_SEGMENT, self.gref, self.first_sect, self.last_sect)
-
-    @classmethod
-    def decode(cls, data: bytes, offset: int = 0) -> Segment:
-        require_length(data[offset:], SEGMENT_SIZE, "blkif_request_segment", MalformedRequest)
-        return cls(*_SEGMENT.unpack_from(data, offset))
 
     @property
     def nr_sectors(self) -> int:
@@ -241,22 +231,12 @@ def decode_request(entry: bytes) -> AnyBlkifRequest:
 
 
 @dataclass(frozen=True)
-class BlkifResponse:
+class BlkifResponse(RingMessage, layout=_RESPONSE, c_name="blkif_response", malformed=MalformedResponse):
     """struct blkif_response: id and operation copied from the request, BLKIF_RSP_* status."""
 
     id: int
     operation: int
     status: int
-
-    SIZE = RESPONSE_SIZE
-
-    def encode(self) -> bytes:
-        return pack_fields(_RESPONSE, self.id, self.operation, self.status)
-
-    @classmethod
-    def decode(cls, data: bytes) -> BlkifResponse:
-        require_length(data, RESPONSE_SIZE, "blkif_response", MalformedResponse)
-        return cls(*_RESPONSE.unpack_from(data, 0))
 
 
 def encode_indirect_page(segments: list[Segment] | tuple[Segment, ...]) -> bytes:

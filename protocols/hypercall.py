@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -126,6 +127,16 @@ class Frame:
             return Call(self.op).name
         except ValueError:
             return f"UNKNOWN({self.op})"
+
+
+def close_fds(fds) -> None:
+    """Close the descriptors a frame carried that nobody will take (either
+    end: a reply no one waits for, a refused call)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def call(op: Call, seq: int, body: dict | None = None, fds: list[int] | None = None) -> Frame:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .ring import MalformedMessage, MalformedRequest, MalformedResponse, ring_bytes_for_order, ring_size, pack_fields, require_length
+from .ring import MalformedRequest, MalformedResponse, RingMessage, ring_bytes_for_order, ring_size, pack_fields
 
 XEN_NETIF_NR_SLOTS_MIN = 18  # slots a backend must accept for one packet
 XEN_NETIF_MAX_TX_SIZE = 0xFFFF  # largest packet on the tx ring
@@ -64,7 +64,7 @@ NETIF_RSP_NULL = 1  # no response: used for auxiliary (extra-info) requests
 
 _TX_REQUEST = struct.Struct("<IHHHH")  # gref, offset, flags, id, size
 _TX_RESPONSE = struct.Struct("<Hh")  # id, status
-_RX_REQUEST = struct.Struct("<HHI")  # id, pad, gref
+_RX_REQUEST = struct.Struct("<H2xI")  # id, [2 pad], gref
 _RX_RESPONSE = struct.Struct("<HHHh")  # id, offset, flags, status
 _EXTRA_INFO = struct.Struct("<BB6s")  # type, flags, union u (6 bytes)
 _EXTRA_GSO = struct.Struct("<HBBH")  # size, type, pad, features
@@ -90,7 +90,7 @@ def rx_ring_size(order: int = 0) -> int:
 
 
 @dataclass(frozen=True)
-class NetifTxRequest:
+class NetifTxRequest(RingMessage, layout=_TX_REQUEST, c_name="netif_tx_request", malformed=MalformedRequest):
     """struct netif_tx_request: one fragment `size` bytes at `offset` in frame `gref`.
 
     In the first request of a packet `size` is the whole packet's length.
@@ -102,72 +102,31 @@ class NetifTxRequest:
     id: int
     size: int
 
-    SIZE = TX_REQUEST_SIZE
-
-    def encode(self) -> bytes:
-        return pack_fields(_TX_REQUEST, self.gref, self.offset, self.flags, self.id, self.size)
-
-    @classmethod
-    def decode(cls, data: bytes) -> NetifTxRequest:
-        require_length(data, TX_REQUEST_SIZE, "netif_tx_request", MalformedRequest)
-        return cls(*_TX_REQUEST.unpack_from(data, 0))
-
 
 @dataclass(frozen=True)
-class NetifTxResponse:
+class NetifTxResponse(RingMessage, layout=_TX_RESPONSE, c_name="netif_tx_response", malformed=MalformedResponse):
     """struct netif_tx_response."""
 
     id: int
     status: int
 
-    SIZE = TX_RESPONSE_SIZE
-
-    def encode(self) -> bytes:
-        return pack_fields(_TX_RESPONSE, self.id, self.status)
-
-    @classmethod
-    def decode(cls, data: bytes) -> NetifTxResponse:
-        require_length(data, TX_RESPONSE_SIZE, "netif_tx_response", MalformedResponse)
-        return cls(*_TX_RESPONSE.unpack_from(data, 0))
-
 
 @dataclass(frozen=True)
-class NetifRxRequest:
+class NetifRxRequest(RingMessage, layout=_RX_REQUEST, c_name="netif_rx_request", malformed=MalformedRequest):
     """struct netif_rx_request: an empty buffer (granted frame) for the backend to fill."""
 
     id: int
     gref: int
 
-    SIZE = RX_REQUEST_SIZE
-
-    def encode(self) -> bytes:
-        return pack_fields(_RX_REQUEST, self.id, 0, self.gref)
-
-    @classmethod
-    def decode(cls, data: bytes) -> NetifRxRequest:
-        require_length(data, RX_REQUEST_SIZE, "netif_rx_request", MalformedRequest)
-        id_, _pad, gref = _RX_REQUEST.unpack_from(data, 0)
-        return cls(id_, gref)
-
 
 @dataclass(frozen=True)
-class NetifRxResponse:
+class NetifRxResponse(RingMessage, layout=_RX_RESPONSE, c_name="netif_rx_response", malformed=MalformedResponse):
     """struct netif_rx_response: `status` bytes at `offset`, or a negative NETIF_RSP_*."""
 
     id: int
     offset: int
     flags: int
     status: int
-
-    SIZE = RX_RESPONSE_SIZE
-
-    def encode(self) -> bytes:
-        return pack_fields(_RX_RESPONSE, self.id, self.offset, self.flags, self.status)
-
-    @classmethod
-    def decode(cls, data: bytes) -> NetifRxResponse:
-        require_length(data, RX_RESPONSE_SIZE, "netif_rx_response", MalformedResponse)
-        return cls(*_RX_RESPONSE.unpack_from(data, 0))
 
 
 @dataclass(frozen=True)
@@ -189,7 +148,7 @@ class ExtraHash:
 
 
 @dataclass(frozen=True)
-class NetifExtraInfo:
+class NetifExtraInfo(RingMessage, layout=_EXTRA_INFO, c_name="netif_extra_info"):
     """struct netif_extra_info: type, flags and the 6-byte union `u` kept raw.
 
     It travels in a tx *request* slot or an rx *response* slot, so
@@ -200,8 +159,6 @@ class NetifExtraInfo:
     type: int
     flags: int
     union_bytes: bytes = bytes(6)
-
-    SIZE = EXTRA_INFO_SIZE
 
     def __post_init__(self) -> None:
         if len(self.union_bytes) != 6:
@@ -237,14 +194,6 @@ class NetifExtraInfo:
     def more(self) -> bool:
         """XEN_NETIF_EXTRA_FLAG_MORE: another extra info follows in the next slot."""
         return bool(self.flags & XEN_NETIF_EXTRA_FLAG_MORE)
-
-    def encode(self) -> bytes:
-        return pack_fields(_EXTRA_INFO, self.type, self.flags, self.union_bytes)
-
-    @classmethod
-    def decode(cls, data: bytes) -> NetifExtraInfo:
-        require_length(data, EXTRA_INFO_SIZE, "netif_extra_info", MalformedMessage)
-        return cls(*_EXTRA_INFO.unpack_from(data, 0))
 
 
 # Where every field lives, named as tests/abi/ring_abi.c names it.

@@ -66,6 +66,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+from dataclasses import fields
 
 __all__ = [
     "XEN_PAGE_SIZE",
@@ -76,6 +77,7 @@ __all__ = [
     "MalformedMessage",
     "MalformedRequest",
     "MalformedResponse",
+    "RingMessage",
     "ring_bytes_for_order",
     "ring_size",
     "full_barrier",
@@ -188,6 +190,19 @@ def _distance(later: int, earlier: int) -> int:
     return (later - earlier) & IDX_MASK
 
 
+def _header_index(slot: int, doc: str) -> property:
+    """One of the four u32 header fields, read and written as a single aligned
+    native store through the ring's u32 view (see the module docstring)."""
+
+    def get(self: SharedRing) -> int:
+        return self._indexes[slot]
+
+    def set_(self: SharedRing, value: int) -> None:
+        self._indexes[slot] = value & IDX_MASK
+
+    return property(get, set_, doc=doc)
+
+
 class SharedRing:
     """The shared page(s): header fields and entry slots over any writable buffer.
 
@@ -229,37 +244,10 @@ class SharedRing:
         view[PVT_OFFSET:RING_HEADER_SIZE] = bytes(RING_HEADER_SIZE - PVT_OFFSET)
 
     # The four shared indexes.  Each access is one 4-byte load or store.
-    @property
-    def req_prod(self) -> int:
-        return self._indexes[_REQ_PROD]
-
-    @req_prod.setter
-    def req_prod(self, value: int) -> None:
-        self._indexes[_REQ_PROD] = value & IDX_MASK
-
-    @property
-    def req_event(self) -> int:
-        return self._indexes[_REQ_EVENT]
-
-    @req_event.setter
-    def req_event(self, value: int) -> None:
-        self._indexes[_REQ_EVENT] = value & IDX_MASK
-
-    @property
-    def rsp_prod(self) -> int:
-        return self._indexes[_RSP_PROD]
-
-    @rsp_prod.setter
-    def rsp_prod(self, value: int) -> None:
-        self._indexes[_RSP_PROD] = value & IDX_MASK
-
-    @property
-    def rsp_event(self) -> int:
-        return self._indexes[_RSP_EVENT]
-
-    @rsp_event.setter
-    def rsp_event(self, value: int) -> None:
-        self._indexes[_RSP_EVENT] = value & IDX_MASK
+    req_prod = _header_index(_REQ_PROD, "requests produced by the front (free-running)")
+    req_event = _header_index(_REQ_EVENT, "the back's 'notify me when req_prod passes this'")
+    rsp_prod = _header_index(_RSP_PROD, "responses produced by the back (free-running)")
+    rsp_event = _header_index(_RSP_EVENT, "the front's 'notify me when rsp_prod passes this'")
 
     @property
     def pvt(self) -> memoryview:
@@ -289,13 +277,32 @@ class SharedRing:
         self._bytes.release()
 
 
-class FrontRing:
-    """The frontend's half: puts requests, takes responses (FRONT_RING_ATTACH)."""
+def _private_index(attribute: str, doc: str) -> property:
+    """One of a half's private indexes under the name ring.h gives it."""
+    return property(lambda self: getattr(self, attribute), lambda self, value: setattr(self, attribute, value),
+                    doc=doc)
+
+
+class _RingEnd:
+    """What the two halves do alike, each in its own direction.
+
+    A half produces into one pair of header fields (its producer index and
+    the peer's event index) and consumes from the other pair; ring.h spells
+    each of these macros twice, once for requests and once for responses.
+    `FrontRing` and `BackRing` give them their ring.h names.
+    """
+
+    # u32 header fields: ours to produce, the peer's "notify me" for it, ours to be notified.
+    _PROD: int
+    _PROD_EVENT: int
+    _CONS_EVENT: int
+    _TAKES: str  # what a take returns, for the misuse message
+    _PEER: str  # who produces what we take, for the overflow message
 
     def __init__(self, buf, entry_size: int, *, ring_bytes: int | None = None, start_index: int = 0):
         self.sring = SharedRing(buf, entry_size, ring_bytes)
-        self.req_prod_pvt = start_index & IDX_MASK
-        self.rsp_cons = start_index & IDX_MASK
+        self._prod_pvt = start_index & IDX_MASK
+        self._cons = start_index & IDX_MASK
 
     @property
     def size(self) -> int:
@@ -305,6 +312,76 @@ class FrontRing:
     def release(self) -> None:
         """Drop our views of the buffer (needed before closing an mmap)."""
         self.sring.release()
+
+    def _unconsumed(self) -> int:
+        raise NotImplementedError
+
+    def _overflow(self, message: str, producer_index: int, private_index: int) -> RingOverflow:
+        """The error for a peer's impossible producer index (RING_*_PROD_OVERFLOW)."""
+        return RingOverflow(message, producer_index=producer_index, private_index=private_index, ring_size=self.size)
+
+    def _ahead(self, prod_name: str, prod: int, private_name: str, private: int) -> int:
+        """How far the peer's producer index `prod` runs ahead of our private
+        index; more than the ring holds is RING_*_PROD_OVERFLOW."""
+        ahead = _distance(prod, private)
+        if ahead > self.size:
+            raise self._overflow(f"{self._PEER} published {prod_name}={prod}, {ahead} past "
+                                 f"{private_name}={private} on a ring of {self.size}", prod, private)
+        return ahead
+
+    def _put(self, message: bytes) -> int:
+        index = self._prod_pvt
+        self.sring.write_slot(index, message)
+        self._prod_pvt = (index + 1) & IDX_MASK
+        return index
+
+    def _push(self) -> None:
+        """RING_PUSH_REQUESTS / RING_PUSH_RESPONSES, for callers that notify unconditionally."""
+        write_barrier()  # the peer must see the messages before the index that announces them
+        self.sring._indexes[self._PROD] = self._prod_pvt
+
+    def _push_and_check_notify(self) -> bool:
+        """RING_PUSH_{REQUESTS,RESPONSES}_AND_CHECK_NOTIFY: publish, then say
+        whether the peer asked to be woken for any of the messages just published."""
+        indexes = self.sring._indexes
+        old = indexes[self._PROD]
+        new = self._prod_pvt
+        write_barrier()  # peer sees messages /before/ updated producer index
+        indexes[self._PROD] = new
+        full_barrier()  # peer sees new messages /before/ we check its event index
+        return _distance(new, indexes[self._PROD_EVENT]) < _distance(new, old)
+
+    def _take(self) -> bytes:
+        """Copy the next message out of shared memory and consume it.
+
+        The copy is taken before anyone decodes or validates it: the peer
+        can rewrite the slot at any time, and everything after this call
+        must look only at the copy.
+        """
+        if self._unconsumed() == 0:
+            raise RingUsageError(f"no unconsumed {self._TAKES} to take")
+        read_barrier()  # read the producer index /before/ the messages it announces
+        message = self.sring.read_slot(self._cons)
+        self._cons = (self._cons + 1) & IDX_MASK
+        return message
+
+    def _final_check(self) -> bool:
+        """RING_FINAL_CHECK_FOR_{REQUESTS,RESPONSES}: before sleeping, ask to
+        be notified of the very next message and re-check, so one pushed just
+        before our event index moved is not slept through."""
+        if self._unconsumed():
+            return True
+        self.sring._indexes[self._CONS_EVENT] = (self._cons + 1) & IDX_MASK
+        full_barrier()  # the peer sees our event index /before/ we re-read its producer index
+        return self._unconsumed() > 0
+
+
+class FrontRing(_RingEnd):
+    """The frontend's half: puts requests, takes responses (FRONT_RING_ATTACH)."""
+
+    _PROD, _PROD_EVENT, _CONS_EVENT, _TAKES, _PEER = _REQ_PROD, _REQ_EVENT, _RSP_EVENT, "response", "backend"
+    req_prod_pvt = _private_index("_prod_pvt", "requests written, pushed or not")
+    rsp_cons = _private_index("_cons", "responses consumed")
 
     def free_requests(self) -> int:
         """RING_FREE_REQUESTS: slots neither holding a request nor an unconsumed response."""
@@ -319,77 +396,28 @@ class FrontRing:
         push it).  Returns the request's ring index."""
         if self.full():
             raise RingUsageError("front ring is full: take responses before putting more requests")
-        index = self.req_prod_pvt
-        self.sring.write_slot(index, message)
-        self.req_prod_pvt = (index + 1) & IDX_MASK
-        return index
+        return self._put(message)
 
-    def push_requests(self) -> None:
-        """RING_PUSH_REQUESTS, for callers that notify unconditionally."""
-        write_barrier()  # the back must see the requests before the index that announces them
-        self.sring.req_prod = self.req_prod_pvt
-
-    def push_requests_and_check_notify(self) -> bool:
-        """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish, then say whether the
-        back asked to be woken for any of the requests just published."""
-        old = self.sring.req_prod
-        new = self.req_prod_pvt
-        write_barrier()  # back sees requests /before/ updated producer index
-        self.sring.req_prod = new
-        full_barrier()  # back sees new requests /before/ we check req_event
-        return _distance(new, self.sring.req_event) < _distance(new, old)
+    push_requests = _RingEnd._push
+    push_requests_and_check_notify = _RingEnd._push_and_check_notify
+    take_response = _RingEnd._take
+    final_check_for_responses = _RingEnd._final_check
 
     def unconsumed_responses(self) -> int:
         """RING_HAS_UNCONSUMED_RESPONSES, rejecting a backend that claims
         more responses than the ring can hold (RING_RESPONSE_PROD_OVERFLOW)."""
-        rsp_prod = self.sring.rsp_prod
-        pending = _distance(rsp_prod, self.rsp_cons)
-        if pending > self.size:
-            raise RingOverflow(
-                f"backend published rsp_prod={rsp_prod}, {pending} past rsp_cons={self.rsp_cons} "
-                f"on a ring of {self.size}",
-                producer_index=rsp_prod,
-                private_index=self.rsp_cons,
-                ring_size=self.size,
-            )
-        return pending
+        return self._ahead("rsp_prod", self.sring.rsp_prod, "rsp_cons", self.rsp_cons)
 
-    def take_response(self) -> bytes:
-        """Copy the next response out of the ring and consume it."""
-        if self.unconsumed_responses() == 0:
-            raise RingUsageError("no unconsumed response to take")
-        read_barrier()  # read rsp_prod /before/ the responses it announces
-        message = self.sring.read_slot(self.rsp_cons)
-        self.rsp_cons = (self.rsp_cons + 1) & IDX_MASK
-        return message
-
-    def final_check_for_responses(self) -> bool:
-        """RING_FINAL_CHECK_FOR_RESPONSES: before sleeping, ask to be notified
-        of the very next response and re-check, so a response pushed just
-        before rsp_event moved is not slept through."""
-        if self.unconsumed_responses():
-            return True
-        self.sring.rsp_event = self.rsp_cons + 1
-        full_barrier()  # the back sees rsp_event /before/ we re-read rsp_prod
-        return self.unconsumed_responses() > 0
+    def _unconsumed(self) -> int:
+        return self.unconsumed_responses()
 
 
-class BackRing:
+class BackRing(_RingEnd):
     """The backend's half: takes requests, puts responses (BACK_RING_ATTACH)."""
 
-    def __init__(self, buf, entry_size: int, *, ring_bytes: int | None = None, start_index: int = 0):
-        self.sring = SharedRing(buf, entry_size, ring_bytes)
-        self.rsp_prod_pvt = start_index & IDX_MASK
-        self.req_cons = start_index & IDX_MASK
-
-    @property
-    def size(self) -> int:
-        """RING_SIZE."""
-        return self.sring.nr_ents
-
-    def release(self) -> None:
-        """Drop our views of the buffer (needed before closing an mmap)."""
-        self.sring.release()
+    _PROD, _PROD_EVENT, _CONS_EVENT, _TAKES, _PEER = _RSP_PROD, _RSP_EVENT, _REQ_EVENT, "request", "frontend"
+    rsp_prod_pvt = _private_index("_prod_pvt", "responses written, pushed or not")
+    req_cons = _private_index("_cons", "requests consumed")
 
     def unconsumed_requests(self) -> int:
         """RING_HAS_UNCONSUMED_REQUESTS, clamped as ring.h clamps it.
@@ -403,77 +431,35 @@ class BackRing:
         back behind requests we already consumed: a frontend never un-pushes.
         """
         req_prod = self.sring.req_prod
-        published = _distance(req_prod, self.rsp_prod_pvt)
-        if published > self.size:
-            raise RingOverflow(
-                f"frontend published req_prod={req_prod}, more than {self.size} past "
-                f"rsp_prod_pvt={self.rsp_prod_pvt}",
-                producer_index=req_prod,
-                private_index=self.rsp_prod_pvt,
-                ring_size=self.size,
-            )
+        published = self._ahead("req_prod", req_prod, "rsp_prod_pvt", self.rsp_prod_pvt)
         if published < _distance(self.req_cons, self.rsp_prod_pvt):
-            raise RingOverflow(
+            raise self._overflow(
                 f"frontend moved req_prod back to {req_prod}, behind req_cons={self.req_cons}",
-                producer_index=req_prod,
-                private_index=self.req_cons,
-                ring_size=self.size,
-            )
+                req_prod, self.req_cons)
         requests = _distance(req_prod, self.req_cons)
         room = self.size - _distance(self.req_cons, self.rsp_prod_pvt)
         return min(requests, room)
+
+    def _unconsumed(self) -> int:
+        return self.unconsumed_requests()
 
     def request_cons_overflow(self, cons: int | None = None) -> bool:
         """RING_REQUEST_CONS_OVERFLOW: would consuming at `cons` overtake our responses?"""
         cons = self.req_cons if cons is None else cons
         return _distance(cons, self.rsp_prod_pvt) >= self.size
 
-    def take_request(self) -> bytes:
-        """Copy the next request out of shared memory and consume it.
-
-        The copy is taken before anyone decodes or validates it: the
-        frontend can rewrite the slot at any time, and everything after this
-        call must look only at the copy.
-        """
-        if self.unconsumed_requests() == 0:
-            raise RingUsageError("no unconsumed request to take")
-        read_barrier()  # read req_prod /before/ the requests it announces
-        message = self.sring.read_slot(self.req_cons)
-        self.req_cons = (self.req_cons + 1) & IDX_MASK
-        return message
+    take_request = _RingEnd._take
 
     def put_response(self, message: bytes) -> int:
         """Write a response into the slot of the oldest unanswered request.
         Returns the response's ring index."""
         if self.rsp_prod_pvt == self.req_cons:
             raise RingUsageError("every request taken already has a response")
-        index = self.rsp_prod_pvt
-        self.sring.write_slot(index, message)
-        self.rsp_prod_pvt = (index + 1) & IDX_MASK
-        return index
+        return self._put(message)
 
-    def push_responses(self) -> None:
-        """RING_PUSH_RESPONSES, for callers that notify unconditionally."""
-        write_barrier()  # the front must see the responses before the index
-        self.sring.rsp_prod = self.rsp_prod_pvt
-
-    def push_responses_and_check_notify(self) -> bool:
-        """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY."""
-        old = self.sring.rsp_prod
-        new = self.rsp_prod_pvt
-        write_barrier()  # front sees responses /before/ updated producer index
-        self.sring.rsp_prod = new
-        full_barrier()  # front sees new responses /before/ we check rsp_event
-        return _distance(new, self.sring.rsp_event) < _distance(new, old)
-
-    def final_check_for_requests(self) -> bool:
-        """RING_FINAL_CHECK_FOR_REQUESTS: ask to be notified of the very next
-        request, then re-check so one pushed meanwhile is not slept through."""
-        if self.unconsumed_requests():
-            return True
-        self.sring.req_event = self.req_cons + 1
-        full_barrier()  # the front sees req_event /before/ we re-read req_prod
-        return self.unconsumed_requests() > 0
+    push_responses = _RingEnd._push
+    push_responses_and_check_notify = _RingEnd._push_and_check_notify
+    final_check_for_requests = _RingEnd._final_check
 
 
 def pack_fields(packer: struct.Struct, *values) -> bytes:
@@ -489,3 +475,41 @@ def require_length(data: bytes, size: int, what: str, error: type[Exception]) ->
     """A message shorter than its struct is the peer's fault: `error`."""
     if len(data) < size:
         raise error(f"{what} needs {size} bytes, got {len(data)}")
+
+
+class RingMessage:
+    """Base of a frozen dataclass that is one fixed-layout ring message.
+
+    A subclass names its C struct and its layout when it is declared,
+
+        @dataclass(frozen=True)
+        class NetifTxResponse(RingMessage, layout=struct.Struct("<Hh"),
+                              c_name="netif_tx_response", malformed=MalformedResponse):
+            id: int
+            status: int
+
+    and, when its fields are the layout's values in order (padding written
+    as `x` in the format), gets `SIZE`, `encode` and `decode` from here.  A
+    message whose wire form differs from its fields overrides the two.
+    `decode` raises `malformed` (the peer's fault) for input shorter than
+    the struct and nothing else; `encode` raises ValueError for a field out
+    of range (the caller's fault).
+    """
+
+    _LAYOUT: struct.Struct
+    _C_NAME: str
+    _MALFORMED: type[MalformedMessage]
+
+    def __init_subclass__(cls, *, layout: struct.Struct, c_name: str,
+                          malformed: type[MalformedMessage] = MalformedMessage, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._LAYOUT, cls._C_NAME, cls._MALFORMED = layout, c_name, malformed
+        cls.SIZE = layout.size
+
+    def encode(self) -> bytes:
+        return pack_fields(self._LAYOUT, *(getattr(self, f.name) for f in fields(self)))
+
+    @classmethod
+    def decode(cls, data: bytes, offset: int = 0):
+        require_length(data[offset:], cls.SIZE, cls._C_NAME, cls._MALFORMED)
+        return cls(*cls._LAYOUT.unpack_from(data, offset))

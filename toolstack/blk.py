@@ -124,15 +124,7 @@ def detach(store: XenStoreClient, frontend_domid: int, vdev: str, timeout: float
 
 
 def remove(store: XenStoreClient, device: Device, force: bool = False, timeout: float = CLOSE_TIMEOUT) -> bool:
-    orderly = not force
-    if not force:
-        try:
-            devices.request_close(store, device)
-            devices.wait_for_state(store, device.backend_path, {devices.XENBUS_CLOSED}, timeout,
-                                   "the backend to close")
-        except DeviceError as exc:
-            print(f"xl: {exc}; forcing the removal", file=sys.stderr)
-            orderly = False
+    orderly = not force and devices.close_orderly(store, device, timeout)
     try:
         if device.backend_domid == devices.TOOLSTACK_DOMID:  # a driver domain releases its own (module doc)
             run_hotplug("remove", device.backend_path)

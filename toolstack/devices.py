@@ -13,6 +13,7 @@ hotplug removal, remove both directories.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -113,22 +114,29 @@ def write_device(store: XenStoreClient, device: Device) -> None:
                     **device.frontend_keys}
         backend = {"frontend": front, "frontend-id": str(fe), "online": "1", "state": str(XENBUS_INITIALISING),
                    **device.backend_keys}
-        # Parents first, with the backend domain's ownership where libxl
-        # gives it (backend/<kind>/<fe> belongs to the backend domain).
-        for path in (f"/local/domain/{be}/backend/{device.kind}", f"/local/domain/{be}/backend/{device.kind}/{fe}"):
-            if not store.exists(path, tx):
-                store.mkdir(path, tx)
-                store.set_perms(path, [f"n{be}"], tx)
         store.mkdir(front, tx)
         store.set_perms(front, [f"n{fe}", f"r{be}"], tx)
         for key, value in frontend.items():
             store.write(f"{front}/{key}", value, tx)
-        store.mkdir(back, tx)
-        store.set_perms(back, [f"n{be}", f"r{fe}"], tx)
-        for key, value in backend.items():
-            store.write(f"{back}/{key}", value, tx)
+        write_backend_dir(store, device, backend, tx)
 
     store.run_transaction(body)
+
+
+def write_backend_dir(store: XenStoreClient, device: Device, nodes: dict[str, str], tx: int) -> None:
+    """`device`'s backend directory holding `nodes`, in transaction `tx`:
+    owned by the backend domain and readable by the guest.  Its parents
+    first, with the backend domain's ownership where libxl gives it
+    (backend/<kind>/<fe> belongs to the backend domain)."""
+    fe, be, back = device.frontend_domid, device.backend_domid, device.backend_path
+    for path in (f"/local/domain/{be}/backend/{device.kind}", f"/local/domain/{be}/backend/{device.kind}/{fe}"):
+        if not store.exists(path, tx):
+            store.mkdir(path, tx)
+            store.set_perms(path, [f"n{be}"], tx)
+    store.mkdir(back, tx)
+    store.set_perms(back, [f"n{be}", f"r{fe}"], tx)
+    for key, value in nodes.items():
+        store.write(f"{back}/{key}", value, tx)
 
 
 def bring_up(store: XenStoreClient, device: Device, name: str, hotplug_add, remove, *,
@@ -164,6 +172,18 @@ def request_close(store: XenStoreClient, device: Device) -> None:
     store.run_transaction(body)
 
 
+def close_orderly(store: XenStoreClient, device: Device, timeout: float) -> bool:
+    """Ask the backend to close and wait until it is Closed.  False, said on
+    stderr, when that failed and the removal must be forced."""
+    try:
+        request_close(store, device)
+        wait_for_state(store, device.backend_path, {XENBUS_CLOSED}, timeout, "the backend to close")
+    except DeviceError as exc:
+        print(f"xl: {exc}; forcing the removal", file=sys.stderr)
+        return False
+    return True
+
+
 def remove_directories(store: XenStoreClient, device: Device) -> None:
     """Both device directories, and the backend's per-guest folder
     (backend/<kind>/<domid>) once it holds no device any more, as libxl
@@ -187,16 +207,20 @@ def remove_directories(store: XenStoreClient, device: Device) -> None:
     store.run_transaction(body)
 
 
-def list_devices(store: XenStoreClient, kind: str, frontend_domid: int) -> list[dict]:
-    base = f"/local/domain/{frontend_domid}/device/{kind}"
-    rows = []
+def frontend_devids(store: XenStoreClient, kind: str, frontend_domid: int) -> list[str]:
+    """The entries of the guest's device/<kind> directory; none when it has none."""
     try:
-        devids = store.directory(base)
+        return store.directory(f"/local/domain/{frontend_domid}/device/{kind}")
     except XenStoreError as exc:
         if exc.errno_name == "ENOENT":
             return []
         raise
-    for devid in sorted(devids, key=lambda d: int(d) if d.isdigit() else d):
+
+
+def list_devices(store: XenStoreClient, kind: str, frontend_domid: int) -> list[dict]:
+    base = f"/local/domain/{frontend_domid}/device/{kind}"
+    rows = []
+    for devid in sorted(frontend_devids(store, kind, frontend_domid), key=lambda d: int(d) if d.isdigit() else d):
         front = f"{base}/{devid}"
         backend = store.try_read(f"{front}/backend", default="")
         rows.append({

@@ -139,12 +139,10 @@ class DiskSpec:
         parts.append("access=ro" if self.readonly else "access=rw")
         if self.is_cdrom:
             parts.append("devtype=cdrom")
-        if self.backendtype is not None:
-            parts.append(f"backendtype={self.backendtype}")
-        if self.backend is not None:
-            parts.append(f"backend={self.backend}")
-        if self.script is not None:
-            parts.append(f"script={self.script}")
+        for key in ("backendtype", "backend", "script"):
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{key}={value}")
         if self.direct_io_safe:
             parts.append("direct-io-safe")
         if self.discard_enable is not None:

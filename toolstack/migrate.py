@@ -1,5 +1,7 @@
-"""Live migration between two hosts: `xl migrate` (source) and the
-receiving side `xl migrate-receive` (destination), over one TCP connection.
+"""Live migration's I/O: sockets, store and hypervisor calls (the pure plan and stream are migration.py).
+
+`xl migrate` (source) and the receiving side `xl migrate-receive`
+(destination) talk over one TCP connection.
 
 Real xl pipes the stream through ssh to `xl migrate-receive` on the other
 host; here every dom0 runs the receiver as a daemon (a control-domain
@@ -390,7 +392,7 @@ def _make_devices(xl, domid: int, described: list[dict], disk_backend: str | Non
 
 def serve(port: int = MIGRATION_PORT, say=print, stop: threading.Event | None = None) -> None:
     """dom0's migration receiver: one migration at a time."""
-    from xenbed.toolstack.xl import Toolstack
+    from xenbed.toolstack.libxl import Toolstack
 
     listener = socket.create_server(("0.0.0.0", port), reuse_port=False)
     listener.settimeout(1.0)

@@ -1,5 +1,7 @@
-"""Live migration's two pure parts: which pages each pre-copy round sends,
-and the stream `xl migrate` and `xl migrate-receive` speak (no I/O here).
+"""Live migration's pure plan and stream, no I/O (the sockets and calls are migrate.py).
+
+Its two parts: which pages each pre-copy round sends, and the stream
+`xl migrate` and `xl migrate-receive` speak.
 
 Pre-copy (Clark et al., "Live Migration of Virtual Machines", NSDI 2005, as
 xc_domain_save does it): round 0 sends every page the guest has; each later

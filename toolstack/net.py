@@ -146,16 +146,8 @@ def _vif_name(store: XenStoreClient, device: Device) -> str:
 
 
 def remove(store: XenStoreClient, device: Device, force: bool = False, timeout: float = CLOSE_TIMEOUT) -> bool:
-    orderly = not force
     vif = _vif_name(store, device)
-    if not force:
-        try:
-            devices.request_close(store, device)
-            devices.wait_for_state(store, device.backend_path, {devices.XENBUS_CLOSED}, timeout,
-                                   "the backend to close")
-        except DeviceError as exc:
-            print(f"xl: {exc}; forcing the removal", file=sys.stderr)
-            orderly = False
+    orderly = not force and devices.close_orderly(store, device, timeout)
     try:
         run_hotplug("remove", device.backend_path, vif)
     finally:
@@ -230,13 +222,8 @@ def set_live(store: XenStoreClient, frontend_domid: int, which: str, settings: L
 
 def list_rows(store: XenStoreClient, frontend_domid: int) -> list[dict]:
     base = f"/local/domain/{frontend_domid}/device/vif"
-    try:
-        devids = store.directory(base)
-    except XenStoreError as exc:
-        if exc.errno_name == "ENOENT":
-            return []
-        raise
     rows = []
+    devids = devices.frontend_devids(store, "vif", frontend_domid)
     for devid in sorted(devids, key=lambda d: int(d) if d.isdigit() else -1):
         front = f"{base}/{devid}"
 

@@ -251,15 +251,9 @@ def rewrite_directories(store, saved: list[SavedDevice]) -> None:
             for key, value in {**s.frontend, "backend": back, "backend-id": str(be),
                                "state": str(devices.XENBUS_INITIALISING)}.items():
                 store.write(f"{front}/{key}", value, tx)
-            for path in (f"/local/domain/{be}/backend/{d.kind}", f"/local/domain/{be}/backend/{d.kind}/{fe}"):
-                if not store.exists(path, tx):
-                    store.mkdir(path, tx)
-                    store.set_perms(path, [f"n{be}"], tx)
-            store.mkdir(back, tx)
-            store.set_perms(back, [f"n{be}", f"r{fe}"], tx)
-            for key, value in {**s.backend, "frontend": front, "frontend-id": str(fe), "online": "1",
-                               "state": str(devices.XENBUS_INITIALISING)}.items():
-                store.write(f"{back}/{key}", value, tx)
+            backend = {**s.backend, "frontend": front, "frontend-id": str(fe), "online": "1",
+                       "state": str(devices.XENBUS_INITIALISING)}
+            devices.write_backend_dir(store, d, backend, tx)
 
     store.run_transaction(body)
 

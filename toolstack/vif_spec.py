@@ -129,16 +129,10 @@ class VifSpec:
         parts = [f"mac={self.mac}", f"bridge={self.bridge}"]
         if self.type != "vif":
             parts.append(f"type={self.type}")
-        for key in ("vifname", "script", "backend", "model", "gatewaydev", "forwarddev"):
+        for key in ("vifname", "script", "backend", "model", "gatewaydev", "forwarddev", "ip", "mtu", "devid"):
             value = getattr(self, key)
             if value is not None:
                 parts.append(f"{key}={value}")
-        if self.ip is not None:
-            parts.append(f"ip={self.ip}")
-        if self.mtu is not None:
-            parts.append(f"mtu={self.mtu}")
-        if self.devid is not None:
-            parts.append(f"devid={self.devid}")
         if self.rate is not None:
             per_interval, usecs = self.rate
             parts.append(f"rate={_rate_text(per_interval, usecs)}")

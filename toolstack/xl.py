@@ -42,102 +42,11 @@ import argparse
 import sys
 import time
 
-from xenbed.drivers.xen.hypercall import HypercallError, HypervisorLink
-from xenbed.drivers.xen.store import XenStoreClient
-from xenbed.protocols import hypercall as hc
-from xenbed.toolstack import blk, domain_store, net
+from xenbed.drivers.xen.hypercall import HypercallError
+from xenbed.toolstack import blk, net
 from xenbed.toolstack.devices import DeviceError
 from xenbed.toolstack.config import ConfigError, DomainConfig
-
-
-# Nominal store ring frame and event channel passed to XS_INTRODUCE (see create).
-STORE_RING_GFN = 0
-STORE_EVTCHN_PORT = 1
-
-
-class XlError(Exception):
-    pass
-
-
-class Toolstack:
-    """The operations behind the subcommands, usable from Python too."""
-
-    def __init__(self, link: HypervisorLink | None = None, store: XenStoreClient | None = None) -> None:
-        self.link = link or HypervisorLink.open(role="device")
-        self.store = store or XenStoreClient()
-
-    def close(self) -> None:
-        self.store.close()
-        self.link.close()
-
-    def domains(self) -> list[dict]:
-        return self.link.call(hc.Call.DOMAIN_LIST)["domains"]
-
-    def resolve(self, name_or_id: str) -> dict:
-        for domain in self.domains():
-            if domain["name"] == name_or_id or str(domain["domid"]) == name_or_id:
-                return domain
-        raise XlError(f"{name_or_id!r} is not a domain name or id")
-
-    def create(self, config: DomainConfig) -> tuple[int, str]:
-        privilege = "backend" if config.driver_domain else "none"
-        created = self.link.call(hc.Call.DOMAIN_CREATE,
-                                 {"name": config.name, "memory_mb": config.memory_mb, "privilege": privilege})
-        domid = created["domid"]
-        try:
-            domain_store.write_domain(self.store, domid, config.name, config.memory_mb)
-            # mfn and port name the store ring in real Xen; here the domain
-            # reaches xenstored through its hypervisor link, so they are
-            # nominal (xenstored still insists on a non-zero port).
-            self.store.introduce(domid, STORE_RING_GFN, STORE_EVTCHN_PORT)
-            for disk in config.disks:
-                # The guest's frontend connects once its container boots;
-                # creating the domain waits only for the backend side.
-                blk.attach(self.store, domid, disk, wait_connected=0)
-            net.attach_all(self.store, domid, config.vifs)
-        except BaseException:
-            self._destroy(domid)
-            raise
-        return domid, created["credential"]
-
-    def destroy(self, name_or_id: str) -> int:
-        domid = self.resolve(name_or_id)["domid"]
-        if domid == 0:
-            raise XlError("dom0 cannot be destroyed")
-        self._destroy(domid)
-        return domid
-
-    def _destroy(self, domid: int) -> None:
-        """As libxl: the domain goes at once, then its backends are removed by
-        force (hotplug removal: loop devices and vifs go) and its nodes."""
-        devices = self._devices_of(domid)
-        try:
-            self.link.call(hc.Call.DOMAIN_DESTROY, {"domid": domid})
-        finally:
-            for module, device in devices:
-                try:
-                    module.remove(self.store, device, force=True)
-                except DeviceError as exc:
-                    print(f"xl: removing {device.kind} {device.devid} of dom{domid}: {exc}", file=sys.stderr)
-            domain_store.remove_domain(self.store, domid)
-
-    def _devices_of(self, domid: int) -> list:
-        from xenbed.toolstack.devices import Device
-
-        # From the backend side: a guest that died already lost its own
-        # /local/domain/<id> (xenstored drops it), its backends did not.
-        found = []
-        for backend_id in self.store.directory("/local/domain"):
-            for kind, module in (("vbd", blk), ("vif", net)):
-                base = f"/local/domain/{backend_id}/backend/{kind}/{domid}"
-                if backend_id.isdigit() and self.store.exists(base):
-                    found += [(module, Device(kind, domid, int(backend_id), int(devid)))
-                              for devid in self.store.directory(base) if devid.isdigit()]
-        return found
-
-    def pause(self, name_or_id: str, paused: bool = True) -> None:
-        domid = self.resolve(name_or_id)["domid"]
-        self.link.call(hc.Call.DOMAIN_PAUSE if paused else hc.Call.DOMAIN_UNPAUSE, {"domid": domid})
+from xenbed.toolstack.libxl import Toolstack, XlError
 
 
 _STATE_FLAGS = {"running": "r-----", "paused": "--p---", "suspended": "---s--", "dying": "-----d"}
@@ -152,68 +61,58 @@ def format_list(domains: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _command(sub, name: str, help: str | None, *positional: str) -> argparse.ArgumentParser:
+    """Subcommand `name` taking these positional arguments; add the rest to what it returns."""
+    command = sub.add_parser(name) if help is None else sub.add_parser(name, help=help)
+    for arg in positional:
+        command.add_argument(arg)
+    return command
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="xl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    create = sub.add_parser("create", help="create a domain from a config file")
-    create.add_argument("config")
+    create = _command(sub, "create", "create a domain from a config file", "config")
     create.add_argument("--if-absent", action="store_true")
     create.add_argument("--print-credential", action="store_true",
                         help="print the new domain's credential (for starting its container)")
-    lst = sub.add_parser("list", help="list domains")
-    lst.add_argument("domains", nargs="*")
+    _command(sub, "list", "list domains").add_argument("domains", nargs="*")
     for name in ("destroy", "pause", "unpause"):
-        sub.add_parser(name).add_argument("domain")
-    sus = sub.add_parser("suspend", help="xenbed extension: ask a guest to suspend via control/shutdown "
-                                         "(real xl does this only inside `xl save` / `xl migrate`)")
-    sus.add_argument("domain")
+        _command(sub, name, None, "domain")
+    sus = _command(sub, "suspend", "xenbed extension: ask a guest to suspend via control/shutdown "
+                                   "(real xl does this only inside `xl save` / `xl migrate`)", "domain")
     sus.add_argument("-t", "--timeout", type=float, default=None,
                      help="seconds the guest has to suspend (default 20); it keeps running if it does not")
-    res = sub.add_parser("resume", help="xenbed extension: run a suspended guest again, on new backends "
-                                        "(as after a restore) or with --cancel on its old ones (as `xl save -c`)")
-    res.add_argument("domain")
+    res = _command(sub, "resume", "xenbed extension: run a suspended guest again, on new backends "
+                                  "(as after a restore) or with --cancel on its old ones (as `xl save -c`)", "domain")
     res.add_argument("--cancel", action="store_true",
                      help="cancelled suspend: SCHEDOP_shutdown returns 1, devices go on on their old rings")
-    sub.add_parser("domid").add_argument("name")
-    attach = sub.add_parser("block-attach", help="attach a disk to a domain")
-    attach.add_argument("domain")
-    attach.add_argument("spec", nargs="+", help="disk spec; several words are joined with commas, as xl does")
-    detach = sub.add_parser("block-detach", help="detach a disk")
-    detach.add_argument("domain")
-    detach.add_argument("vdev")
-    sub.add_parser("block-list", help="list a domain's disks").add_argument("domain")
-    resize = sub.add_parser("block-resize", help="grow a disk while the guest uses it "
-                                                 "(xenbed extension; real xl has no such command)")
-    resize.add_argument("domain")
-    resize.add_argument("vdev")
+    _command(sub, "domid", None, "name")
+    _command(sub, "block-attach", "attach a disk to a domain", "domain").add_argument(
+        "spec", nargs="+", help="disk spec; several words are joined with commas, as xl does")
+    _command(sub, "block-detach", "detach a disk", "domain", "vdev")
+    _command(sub, "block-list", "list a domain's disks", "domain")
+    resize = _command(sub, "block-resize", "grow a disk while the guest uses it "
+                                           "(xenbed extension; real xl has no such command)", "domain", "vdev")
     resize.add_argument("size", help="new size: bytes, or with a unit (128M, 1G); +SIZE grows by SIZE")
-    insert = sub.add_parser("cd-insert", help="insert a medium in a cdrom drive (PV; libxl does it for HVM only)")
-    insert.add_argument("domain")
-    insert.add_argument("vdev")
-    insert.add_argument("target", help="the image (or block device) to insert")
-    eject = sub.add_parser("cd-eject", help="eject the medium of a cdrom drive")
-    eject.add_argument("domain")
-    eject.add_argument("vdev")
-    nattach = sub.add_parser("network-attach", help="attach a NIC to a domain")
-    nattach.add_argument("domain")
-    nattach.add_argument("spec", nargs="*", help="vif spec; several words are joined with commas, as xl does")
-    ndetach = sub.add_parser("network-detach", help="detach a NIC (by devid or MAC)")
-    ndetach.add_argument("domain")
-    ndetach.add_argument("which")
-    sub.add_parser("network-list", help="list a domain's NICs").add_argument("domain")
-    nset = sub.add_parser("network-set", help="xenbed extension: change a running NIC's mtu and rate")
-    nset.add_argument("domain")
+    _command(sub, "cd-insert", "insert a medium in a cdrom drive (PV; libxl does it for HVM only)",
+             "domain", "vdev").add_argument("target", help="the image (or block device) to insert")
+    _command(sub, "cd-eject", "eject the medium of a cdrom drive", "domain", "vdev")
+    _command(sub, "network-attach", "attach a NIC to a domain", "domain").add_argument(
+        "spec", nargs="*", help="vif spec; several words are joined with commas, as xl does")
+    _command(sub, "network-detach", "detach a NIC (by devid or MAC)", "domain", "which")
+    _command(sub, "network-list", "list a domain's NICs", "domain")
+    nset = _command(sub, "network-set", "xenbed extension: change a running NIC's mtu and rate", "domain")
     nset.add_argument("which", help="devid or MAC")
     nset.add_argument("settings", nargs="+", help="mtu=N and/or rate=RATE (xl's rate syntax; 'unlimited' lifts it)")
-    sub.add_parser("domname").add_argument("domid")
-    mig = sub.add_parser("migrate", help="live-migrate a domain to another host's dom0 (toolstack/migrate.py)")
-    mig.add_argument("domain")
+    _command(sub, "domname", None, "domid")
+    mig = _command(sub, "migrate", "live-migrate a domain to another host's dom0 (toolstack/migrate.py)", "domain")
     mig.add_argument("host", help="the destination dom0, HOST[:PORT] (port 8002 by default)")
     mig.add_argument("--json", action="store_true", help="print the figures (rounds, pages, downtime) as JSON")
     mig.add_argument("--disk-backend", metavar="DOMAIN", default=None,
                      help="at the destination, serve the disks from this driver domain (default: its dom0); "
                           "real xl says this with -C and a config whose disks name backend=")
-    rcv = sub.add_parser("migrate-receive", help="receive migrations (dom0's kernel runs this as a daemon)")
+    rcv = _command(sub, "migrate-receive", "receive migrations (dom0's kernel runs this as a daemon)")
     rcv.add_argument("--port", type=int, default=None)
     args = parser.parse_args(argv)
 

@@ -59,6 +59,8 @@ import socket
 import threading
 from collections.abc import Callable
 
+from xenbed.drivers.xen.conn import close_socket
+
 log = logging.getLogger("xenbed.kernel.control")
 
 PROTOCOL = 1
@@ -143,11 +145,7 @@ class ModuleChannel:
         if self.child_fd >= 0:
             os.close(self.child_fd)
             self.child_fd = -1
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        close_socket(self.sock)
 
     def takes(self, op: str) -> bool:
         return op in self.ops
@@ -256,8 +254,4 @@ class KernelControl:
                 return
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        close_socket(self.sock)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from xenbed.protocols import hypercall as hc
 
-from .hypercall import HypercallError, HypervisorLink, _close_all
+from .hypercall import HypercallError, HypervisorLink
 from .memory import Page, map_page_fd
 
 from xenbed.protocols.gntst import *  # noqa: F401,F403  (GNTST_* as Xen's header names them)
@@ -59,7 +59,7 @@ def _gnttab_call(link: HypervisorLink, op: hc.Call, body: dict, with_fds: bool =
         raise GrantError(status, exc.op, exc.message) from None
     status = _status_of(reply.get("status", GNTST_okay))
     if status is not None and status != "GNTST_okay":
-        _close_all(fds)
+        hc.close_fds(fds)
         raise GrantError(status, op.name, str(reply.get("message", "")))
     return (reply, fds) if with_fds else reply
 
@@ -153,7 +153,7 @@ class GrantTable:
                                   with_fds=True)
         handle = int(reply["handle"])
         if len(fds) != 1:
-            _close_all(fds)
+            hc.close_fds(fds)
             self.unmap_handle(handle)
             raise RuntimeError(f"GNTTAB_MAP answered {len(fds)} descriptors, not one")
         gfn = reply.get("gfn")

@@ -47,6 +47,8 @@ from collections.abc import Callable
 
 from xenbed.protocols import hypercall as hc
 
+from .conn import Waiter, close_socket
+
 log = logging.getLogger("xenbed.hypercall")
 
 DEFAULT_SOCKET = "/run/xenbed/hypervisor.sock"
@@ -68,14 +70,6 @@ class LinkClosed(ConnectionError):
     pass
 
 
-class _Pending:
-    __slots__ = ("event", "frame")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.frame: hc.Frame | None = None
-
-
 class HypervisorLink:
     def __init__(self, path: str | None = None, reader: str = "thread") -> None:
         if reader not in ("thread", "inline"):
@@ -89,7 +83,7 @@ class HypervisorLink:
         self.name: str | None = None
         self.privilege: str | None = None
         self._seq = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Waiter] = {}
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._handlers: dict[int, Callable[[hc.Frame], None]] = {}
@@ -135,11 +129,7 @@ class HypervisorLink:
 
     def close(self) -> None:
         if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.sock.close()
+            close_socket(self.sock)
         self.closed.set()
 
     def on_upcall(self, op: hc.Call, handler: Callable[[hc.Frame], None]) -> None:
@@ -155,7 +145,7 @@ class HypervisorLink:
         """Call and wait for the reply body; raises HypercallError on an error
         reply.  Descriptors the reply carries are closed (see call_with_fds)."""
         reply = self._call(op, body, fds, timeout)
-        _close_all(reply.fds)
+        hc.close_fds(reply.fds)
         return reply.body
 
     def call_with_fds(self, op: hc.Call, body: dict | None = None, fds: list[int] | None = None,
@@ -180,7 +170,7 @@ class HypervisorLink:
             raise LinkClosed(f"link to {self.path} is closed: {self.close_reason}")
         seq = next(self._seq) & 0xFFFFFFFF or next(self._seq)  # 0 means "no reply"
         frame = hc.call(op, seq, body, fds)
-        pending = _Pending()
+        pending = Waiter()
         with self._lock:
             self._pending[seq] = pending
         data = frame.encode()
@@ -195,16 +185,16 @@ class HypervisorLink:
         except BaseException:
             with self._lock:
                 self._pending.pop(seq, None)
-            if pending.frame is not None:  # a reply that raced our giving up
-                _close_all(pending.frame.fds)
+            if pending.reply is not None:  # a reply that raced our giving up
+                hc.close_fds(pending.reply.fds)
             raise
         with self._lock:
             self._pending.pop(seq, None)
-        reply = pending.frame
+        reply = pending.reply
         if reply is None:
             raise LinkClosed(f"link closed while waiting for {_op_name(op)}: {self.close_reason}")
         if reply.flags & hc.ERROR:
-            _close_all(reply.fds)
+            hc.close_fds(reply.fds)
             raise HypercallError(_op_name(op), reply.body.get("error", "EIO"), reply.body.get("message", ""))
         return reply
 
@@ -225,7 +215,7 @@ class HypervisorLink:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
             if not data:
-                _close_all(fds)
+                hc.close_fds(fds)
                 self._closed_by("the hypervisor closed the link")
                 return False
             self._frames.feed(data, list(fds))
@@ -243,7 +233,7 @@ class HypervisorLink:
             return
         self.close_reason = reason
         self.closed.set()
-        _close_all(self._frames.take_stray_fds())
+        hc.close_fds(self._frames.take_stray_fds())
         with self._lock:
             for pending in self._pending.values():
                 pending.event.set()
@@ -305,10 +295,9 @@ class HypervisorLink:
         with self._lock:
             pending = self._pending.get(frame.seq)
             if pending is not None:
-                pending.frame = frame
-                pending.event.set()
+                pending.answer(frame)
         if pending is None:  # nobody waits (timed out): do not leak its descriptors
-            _close_all(frame.fds)
+            hc.close_fds(frame.fds)
 
 
 def _op_name(op: int) -> str:
@@ -316,14 +305,6 @@ def _op_name(op: int) -> str:
         return hc.Call(op).name
     except ValueError:
         return f"op {op}"
-
-
-def _close_all(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def connect_with_retry(credential: str, role: str, *, path: str | None = None, give_up_after: float | None = None,

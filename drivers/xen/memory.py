@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from xenbed.protocols import hypercall as hc
 
-from .hypercall import HypervisorLink, _close_all
+from .hypercall import HypervisorLink
 
 PAGE_SIZE = 4096
 ALLOC_MAX = 64  # MEM_ALLOC's limit per call; alloc() splits larger requests
@@ -76,7 +76,7 @@ class GuestMemory:
         body, fds = self.link.call_with_fds(hc.Call.MEM_ALLOC, {"count": count})
         gfns = [int(g) for g in body.get("gfns", ())]
         if len(gfns) != len(fds) or len(gfns) != count:
-            _close_all(fds)
+            hc.close_fds(fds)
             raise RuntimeError(f"MEM_ALLOC of {count} answered {len(gfns)} gfns and {len(fds)} descriptors")
         pages, fds = [], list(fds)
         try:
@@ -84,7 +84,7 @@ class GuestMemory:
                 fd = fds.pop(0)
                 pages.append(Page(gfns[len(pages)], map_page_fd(fd)))
         except BaseException:
-            _close_all(fds)
+            hc.close_fds(fds)
             for page in pages:
                 page.close()
             raise
@@ -95,7 +95,7 @@ class GuestMemory:
         process of the domain can reach a page the kernel allocated."""
         _, fds = self.link.call_with_fds(hc.Call.MEM_MAP, {"gfn": int(gfn)})
         if len(fds) != 1:
-            _close_all(fds)
+            hc.close_fds(fds)
             raise RuntimeError(f"MEM_MAP answered {len(fds)} descriptors")
         return Page(int(gfn), map_page_fd(fds[0]))
 

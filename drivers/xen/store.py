@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from xenbed.protocols import xs_wire
 from xenbed.protocols.xs_wire import Op, Packet
 
+from .conn import Waiter, close_socket
+
 DEFAULT_PATH = "/run/xenstored/socket"
 log = logging.getLogger("xenbed.store")
 
@@ -38,14 +40,6 @@ class StoreClosed(ConnectionError):
     pass
 
 
-class _Call:
-    __slots__ = ("event", "reply")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.reply: Packet | None = None
-
-
 WatchCallback = Callable[[str, str], None]
 
 
@@ -56,7 +50,7 @@ class XenStoreClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(self.path)
         self._req_ids = itertools.count(1)
-        self._calls: dict[int, _Call] = {}
+        self._calls: dict[int, Waiter] = {}
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._watches: dict[tuple[str, str], WatchCallback] = {}
@@ -74,7 +68,7 @@ class XenStoreClient:
         if self.closed.is_set():
             raise StoreClosed(f"store connection {self.path} is closed: {self.close_reason}")
         req_id = next(self._req_ids) & 0xFFFFFFFF
-        call = _Call()
+        call = Waiter()
         with self._lock:
             self._calls[req_id] = call
         try:
@@ -105,8 +99,7 @@ class XenStoreClient:
                     with self._lock:
                         call = self._calls.get(packet.req_id)
                     if call is not None:
-                        call.reply = packet
-                        call.event.set()
+                        call.answer(packet)
             reason = "xenstored closed the connection"
         except (OSError, xs_wire.WireProtocolError) as exc:
             reason = str(exc)
@@ -181,11 +174,7 @@ class XenStoreClient:
         return refused
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        close_socket(self.sock)
 
     def __enter__(self) -> XenStoreClient:
         return self
