@@ -93,7 +93,7 @@ def devices_in(tree: dict[str, str], domid: int | None = None) -> list[DeviceVie
 
 def _detail(tree: dict[str, str], kind: str, devid: str, frontend: str, backend: str) -> str:
     if kind == "vbd":
-        from xenbed.toolstack.vdev import number_to_vdev
+        from xenbed.protocols.vdev import number_to_vdev
         try:
             vdev = number_to_vdev(int(tree.get(f"{frontend}/virtual-device", devid)))
         except ValueError:
@@ -242,7 +242,7 @@ class Domain:
 
     def device(self, kind: str, devid: str | int) -> Device:
         if kind == "vbd" and not str(devid).isdigit():
-            from xenbed.toolstack.vdev import vdev_to_number
+            from xenbed.protocols.vdev import vdev_to_number
             devid = vdev_to_number(str(devid))
         return Device(self, kind, str(devid))
 

@@ -21,7 +21,6 @@ Refusals are recorded by the server, which sees them all in one place.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from xenbed.hypervisor import gnttab as gt

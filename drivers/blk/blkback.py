@@ -155,11 +155,8 @@ class BlkifServer:
 
     def __init__(self, ring: BackRing, grants, domid: int, fd: int, geometry: DiskGeometry,
                  *, persistent: bool = False, name: str = "blkif"):
-        self.ring = ring
-        self.grants = grants
-        self.domid = domid
-        self.fd = fd
-        self.geometry = geometry
+        self.ring, self.grants, self.domid = ring, grants, domid
+        self.fd, self.geometry = fd, geometry  # swapped together by a media change
         self.persistent = persistent
         self.name = name
         self.persistent_maps: dict[int, object] = {}

@@ -22,6 +22,7 @@ from xenbed.protocols import blkif
 from xenbed.protocols.blkif import SECTOR_SIZE
 from xenbed.protocols.ring import XEN_PAGE_SIZE, BackRing, RingOverflow
 
+from xenbed.drivers.xenbus.backend import run_ring_thread
 from xenbed.drivers.xenbus.nodes import BadNode, read_flag, read_uint
 
 from . import loop
@@ -186,10 +187,8 @@ class BlkbackConnection:
 
     def __init__(self, name: str, grants, evtchn, domid: int, config: FrontendConfig, disk: Disk, on_fatal):
         self.name = name
-        self.grants = grants
-        self.evtchn = evtchn
-        self.domid = domid
-        self.config = config
+        self.grants, self.evtchn = grants, evtchn
+        self.domid, self.config = domid, config
         self.on_fatal = on_fatal
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -241,25 +240,20 @@ class BlkbackConnection:
         self.thread.start()
 
     def _serve(self) -> None:
-        try:
-            while not self.stop.is_set():
-                woken = self.evtchn.wait(self.port, timeout=0.25)  # clears the pending bit before we look
-                self._check_capacity()  # xen_vbd_resize's check, on every wake (an idle one too)
-                if not woken:
-                    continue
-                if self.stop.is_set():
-                    break
-                with self.io_lock:
-                    notify = self.server.process(self.stop)
-                if notify:
-                    self.evtchn.notify(self.port)
-        except RingOverflow as exc:
-            log.error("%s: frontend overflowed the ring: %s", self.name, exc)
-            self.on_fatal(errno.EPROTO, f"ring overflow: {exc}")
-        except Exception as exc:
-            if not self.stop.is_set():
-                log.exception("%s: ring thread failed", self.name)
-                self.on_fatal(errno.EIO, f"ring thread failed: {exc}")
+        run_ring_thread(self.name, self.stop, self.on_fatal, self._serve_ring, (RingOverflow,))
+
+    def _serve_ring(self) -> None:
+        while not self.stop.is_set():
+            woken = self.evtchn.wait(self.port, timeout=0.25)  # clears the pending bit before we look
+            self._check_capacity()  # xen_vbd_resize's check, on every wake (an idle one too)
+            if not woken:
+                continue
+            if self.stop.is_set():
+                break
+            with self.io_lock:
+                notify = self.server.process(self.stop)
+            if notify:
+                self.evtchn.notify(self.port)
 
     def _check_capacity(self) -> None:
         """Serve the disk's current size if it changed (a grown loop device),

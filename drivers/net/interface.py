@@ -14,6 +14,7 @@ import select
 import threading
 from dataclasses import dataclass
 
+from xenbed.drivers.xenbus.backend import run_ring_thread
 from xenbed.drivers.xenbus.nodes import BadNode, read_flag, read_uint
 from xenbed.protocols import netif
 from xenbed.protocols.ring import BackRing, RingOverflow
@@ -147,38 +148,33 @@ class NetbackConnection:
                 return
 
     def _serve(self) -> None:
+        run_ring_thread(self.name, self.stop, self.on_fatal, self._serve_rings, (FatalTxError, RingOverflow))
+
+    def _serve_rings(self) -> None:
         server = self.server
         tap_fd = server.tap_fd
         timeout = 0.0
-        try:
-            while not self.stop.is_set():
-                readable, _, _ = select.select([self.wake_r, tap_fd], [], [], timeout)
-                if self.stop.is_set():
-                    break
-                if self.wake_r in readable:
-                    try:
-                        os.read(self.wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                notify_tx, credit_wait = server.process_tx(self.stop)
-                if notify_tx:
-                    self.evtchn.notify(self.tx_port)
-                if tap_fd in readable:
-                    server.read_tap()
-                if server.deliver_rx():
-                    self.evtchn.notify(self.rx_port)
-                timeout = 0.25
-                if credit_wait:
-                    timeout = min(timeout, credit_wait)
-                if server.backlog:
-                    timeout = min(timeout, RX_POLL_SECONDS if not server.rx_notify else 0.1)
-        except (FatalTxError, RingOverflow) as exc:
-            log.error("%s: fatal error on the tx ring: %s", self.name, exc)
-            self.on_fatal(errno.EPROTO, f"fatal tx error: {exc}")
-        except Exception as exc:
-            if not self.stop.is_set():
-                log.exception("%s: vif thread failed", self.name)
-                self.on_fatal(errno.EIO, f"vif thread failed: {exc}")
+        while not self.stop.is_set():
+            readable, _, _ = select.select([self.wake_r, tap_fd], [], [], timeout)
+            if self.stop.is_set():
+                break
+            if self.wake_r in readable:
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            notify_tx, credit_wait = server.process_tx(self.stop)
+            if notify_tx:
+                self.evtchn.notify(self.tx_port)
+            if tap_fd in readable:
+                server.read_tap()
+            if server.deliver_rx():
+                self.evtchn.notify(self.rx_port)
+            timeout = 0.25
+            if credit_wait:
+                timeout = min(timeout, credit_wait)
+            if server.backlog:
+                timeout = min(timeout, RX_POLL_SECONDS if not server.rx_notify else 0.1)
 
     def close(self) -> None:
         self.stop.set()

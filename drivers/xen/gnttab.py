@@ -20,7 +20,6 @@ that are not about a grant (EINVAL arguments, ESRCH) stay HypercallError.
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 from xenbed.protocols import hypercall as hc

@@ -41,6 +41,7 @@ dev)`, and may override `reconnect`, `unplugged`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import Callable
@@ -291,3 +292,21 @@ class BackendDriver(XenbusDriver):
                 dev.write(key, value, tx)
 
         dev.store.run_transaction(body)
+
+
+def run_ring_thread(name: str, stop: threading.Event, on_fatal: Callable[[int, str], None],
+                    serve: Callable[[], None], protocol_errors: tuple[type[BaseException], ...]) -> None:
+    """The body of a backend's ring thread: `serve()` until it returns.  A
+    frontend that broke the ring protocol (`protocol_errors`: an overflowed
+    ring, a malicious tx chain) is fatal with EPROTO; any other failure,
+    unless we are stopping anyway, with EIO.  Either way `on_fatal` tears the
+    device down from another thread (BackendDriver.fatal_from_ring)."""
+    try:
+        serve()
+    except protocol_errors as exc:
+        log.error("%s: the frontend broke the ring protocol: %s", name, exc)
+        on_fatal(errno.EPROTO, f"ring protocol: {exc}")
+    except Exception as exc:
+        if not stop.is_set():
+            log.exception("%s: ring thread failed", name)
+            on_fatal(errno.EIO, f"ring thread failed: {exc}")

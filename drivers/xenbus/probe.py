@@ -136,11 +136,15 @@ class XenBus:
 
     # -- device discovery (xenbus_dev_changed) -----------------------------------------
     def _bus_event(self, path: str, token: str) -> None:
+        self._handle_or_hold(self._bus_changed, path, token)
+
+    def _handle_or_hold(self, handle: Callable[[str, str], None], path: str, token: str) -> None:
+        """Every watch callback: handled now, or held while the bus is frozen."""
         with self._watch_mutex:
             if self.frozen:
-                self._held.append((self._bus_changed, path, token))
+                self._held.append((handle, path, token))
                 return
-            self._bus_changed(path, token)
+            handle(path, token)
 
     def _bus_changed(self, path: str, token: str) -> None:
         if self._closed:
@@ -272,11 +276,7 @@ class XenBus:
 
     # -- the other end's state (xenbus_otherend_changed) ---------------------------------
     def _otherend_event(self, path: str, token: str) -> None:
-        with self._watch_mutex:
-            if self.frozen:
-                self._held.append((self._otherend_changed, path, token))
-                return
-            self._otherend_changed(path, token)
+        self._handle_or_hold(self._otherend_changed, path, token)
 
     def _otherend_changed(self, path: str, token: str) -> None:
         dev = self._by_token.get(token)

@@ -24,7 +24,7 @@ Rules, as C xenstored (xenstored_core.c):
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from . import paths
