@@ -230,11 +230,22 @@ class EventChannels:
 
     def send(self, dom: int, port: int) -> Notify | None:
         """EVTCHNOP_send from `dom`: the upcall due to the peer, if any."""
+        to = self.route(dom, port)
+        if to is None:
+            return None  # unbound: Xen silently drops the notification
+        return self._set_pending(self._domains[to[0]], to[1])
+
+    def route(self, dom: int, port: int) -> tuple[int, int] | None:
+        """Where a send from `dom` on `port` goes, deciding nothing: (remote
+        domid, remote port) of an interdomain port, None for an unbound one
+        (the send is dropped); EINVAL otherwise.  For ports whose pending bit
+        lives outside this table (an eventfd the shell handed out: see
+        docs/hypervisor-socket.md, "Event channels at memory speed")."""
         chn = self._caller(dom).port(port)
         if chn.state is PortState.INTERDOMAIN:
-            return self._set_pending(self._domains[chn.remote_dom], chn.remote_port)
+            return chn.remote_dom, chn.remote_port
         if chn.state is PortState.UNBOUND:
-            return None  # Xen: silently drop the notification
+            return None
         raise EvtchnError("EINVAL", f"send on port {port} of domain {dom}: {self._describe(chn)}")
 
     def close(self, dom: int, port: int) -> None:

@@ -32,6 +32,7 @@ import socket
 from dataclasses import dataclass, field
 
 from xenbed.hypervisor.domains import Domain, DomainError, DomainState, DomainTable, Privilege
+from xenbed.hypervisor.ports import ring
 from xenbed.hypervisor.sharing import LinkResources, Reply, Sharing
 from xenbed.hypervisor.trace import FileSink, Tracer
 from xenbed.hypervisor.xenstored import XenStore
@@ -44,7 +45,8 @@ MAX_FDS_PER_MESSAGE = 64
 # A handler's answer meaning "the reply comes later" (SCHEDOP_SHUTDOWN
 # suspend: answered by the DOMAIN_RESUME that ends the suspension).
 DEFERRED = object()
-XS_WRITE_HIGH_WATER = 256 * 1024  # stop reading a store client that does not read its replies
+XS_WRITE_HIGH_WATER = 256 * 1024
+SENDLOG_DRAIN_SECONDS = 0.1  # how stale a trace's direct event-channel sends may be  # stop reading a store client that does not read its replies
 
 
 def recv_with_fds(sock: socket.socket, size: int = 65536) -> tuple[bytes, list[int]]:
@@ -185,6 +187,7 @@ class HypervisorServer:
         echo_path = os.path.join(self.run_dir, "echo.sock")
         _unlink(echo_path)
         self._echo_server = await self.loop.create_unix_server(EchoProtocol, echo_path)
+        self.loop.call_later(SENDLOG_DRAIN_SECONDS, self._drain_sendlogs)
         log.info("hypervisor-service listening on %s", self.socket_path)
 
     def _listen(self, path: str) -> socket.socket:
@@ -297,6 +300,17 @@ class HypervisorServer:
             # A domain that does not read its socket loses its link rather
             # than the hypervisor blocking on it.
             self._drop_link(link, f"send failed: {exc}")
+            return
+        if frame.flags & hc.UPCALL and link.resources.fast is not None:
+            ring(link.resources.fast.doorbell)  # nobody need sit on the socket for upcalls
+
+    def _drain_sendlogs(self) -> None:
+        """Sends made directly on eventfds, into the trace (sharing.py)."""
+        try:
+            self.sharing.drain_sendlogs(list(self.links))
+        finally:
+            if not self.stopping.is_set():
+                self.loop.call_later(SENDLOG_DRAIN_SECONDS, self._drain_sendlogs)
 
     def _drop_link(self, link: DomainLink, why: str) -> None:
         if link not in self.links:
@@ -376,7 +390,11 @@ class HypervisorServer:
             if self.store.is_introduced(domain.domid):
                 self.loop.call_soon(self._send, link, hc.upcall(hc.Call.UP_XENSTORE_READY))
         log.info("dom%d (%s) %s connected", domain.domid, domain.name, role)
-        return {"domid": domain.domid, "name": domain.name, "privilege": domain.privilege.value}
+        answer = {"domid": domain.domid, "name": domain.name, "privilege": domain.privilege.value}
+        if frame.body.get("evtchn") == "fd":
+            extra, fds = self.sharing.open_fast_path(link)
+            return Reply({**answer, **extra}, fds)
+        return answer
 
     def _call_whoami(self, link, frame):
         return link.domain.summary()

@@ -21,12 +21,14 @@ Refusals are recorded by the server, which sees them all in one place.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from xenbed.hypervisor import gnttab as gt
 from xenbed.hypervisor.domains import DomainError
 from xenbed.hypervisor.evtchn import EventChannels, EvtchnError, Notify
 from xenbed.hypervisor.memory import GuestMemory, MemoryError_
+from xenbed.hypervisor.ports import FastLink, PortFds, drain, is_set, ring
 from xenbed.hypervisor.trace import Tracer
 from xenbed.protocols import hypercall as hc
 from xenbed.protocols.gntst import GNTST_NAMES
@@ -59,6 +61,8 @@ class LinkResources:
     ports: set[int] = field(default_factory=set)
     grants: set[int] = field(default_factory=set)
     mappings: set[int] = field(default_factory=set)
+    # fd mode (HELLO with "evtchn": "fd"): doorbell and send log (ports.py)
+    fast: FastLink | None = None
 
 
 def _port(body) -> int:
@@ -74,6 +78,7 @@ class Sharing:
         self.gnttab = gt.Gnttab()
         self.evtchn = EventChannels(is_privileged=self._is_privileged)
         self.port_owner: dict[tuple[int, int], object] = {}
+        self.port_fds = PortFds()  # pending bits of fd-mode ports (ports.py)
         self._privileged: set[int] = set()
         self.deliver = None  # set by the server: deliver(link, frame)
         self.tracer = Tracer.disabled()  # set by the server
@@ -98,7 +103,9 @@ class Sharing:
         """Its ports close (peers see unbound), its grants can no longer be
         mapped; pages others map stay valid until they unmap."""
         self.gnttab.domain_dying(domid)
-        self.evtchn.domain_dying(domid)
+        for peer, peer_port in self.evtchn.domain_dying(domid):
+            self._unbound(peer, peer_port)
+        self.port_fds.close_domain(domid)
         for key in [k for k in self.port_owner if k[0] == domid]:
             del self.port_owner[key]
 
@@ -119,9 +126,11 @@ class Sharing:
             if mapping is not None:
                 tracer.grant("unmap", domid, granter=mapping.granter, ref=mapping.gref, handle=handle,
                              status=status, why=why)
+        if resources.fast is not None:
+            self._drain_sendlog(domid, resources.fast)
         for port in sorted(resources.ports):
             try:
-                self.evtchn.close(domid, port)
+                self._close_port(domid, port)
             except EvtchnError:
                 pass  # already closed with its domain
             else:
@@ -138,6 +147,9 @@ class Sharing:
         resources.ports.clear()
         resources.grants.clear()
         resources.mappings.clear()
+        if resources.fast is not None:
+            resources.fast.close()
+            resources.fast = None
 
     def suspend_domain(self, domid: int) -> None:
         self.held_upcalls.setdefault(domid, set())
@@ -153,7 +165,10 @@ class Sharing:
                 st = self.evtchn.status(domid, port, caller=domid)
             except EvtchnError:
                 continue
-            if st.get("pending") and not st.get("masked"):
+            fd = self.port_fds.get(domid, port)
+            if fd is not None:
+                ring(fd)  # what was held was a hypervisor-made event; the owner polls the bit
+            elif st.get("pending") and not st.get("masked"):
                 self._notify(Notify(domid, port))
 
     def _notify(self, notify: Notify | None) -> None:
@@ -162,6 +177,10 @@ class Sharing:
         held = self.held_upcalls.get(notify.domid)
         if held is not None:
             held.add(notify.port)
+            return
+        fd = self.port_fds.get(notify.domid, notify.port)
+        if fd is not None:
+            ring(fd)
             return
         owner = self.port_owner.get((notify.domid, notify.port))
         if owner is not None and self.deliver is not None:
@@ -333,19 +352,76 @@ class Sharing:
 
     def bind_interdomain(self, link, frame):
         domid = link.domain.domid
-        bound = self._evtchn(self.evtchn.bind_interdomain, domid, int(frame.body["remote_dom"]),
-                             int(frame.body["remote_port"]))
+        remote_dom, remote_port = int(frame.body["remote_dom"]), int(frame.body["remote_port"])
+        bound = self._evtchn(self.evtchn.bind_interdomain, domid, remote_dom, remote_port)
         link.resources.ports.add(bound.port)
         self.port_owner[(domid, bound.port)] = link
-        self.tracer.evtchn("bind_interdomain", domid, remote_domid=int(frame.body["remote_dom"]),
-                           remote_port=int(frame.body["remote_port"]), port=bound.port,
-                           upcall=bound.notify is not None)
-        # A newly bound port starts pending: the upcall follows the reply.
-        link.after_reply.append(lambda: self._notify(bound.notify))
-        return {"port": bound.port}
+        self.tracer.evtchn("bind_interdomain", domid, remote_domid=remote_dom, remote_port=remote_port,
+                           port=bound.port, upcall=bound.notify is not None)
+        # A newly bound port starts pending: in fd mode its bit is set before
+        # the reply, else the upcall follows the reply.  The unbound end's
+        # owner learns its peer (and, in fd mode, gets its descriptors).
+        peer = self.evtchn.route(domid, bound.port)
+        fds = [self.port_fds.open(domid, bound.port, pending=True)] if link.resources.fast is not None else []
+        self._bound(*peer, domid, bound.port)
+        if not fds:
+            link.after_reply.append(lambda: self._notify(bound.notify))
+            return {"port": bound.port}
+        peer_fd = self.port_fds.get(*peer)
+        if peer_fd is not None:
+            fds.append(peer_fd)
+        # a reply's descriptors are closed once sent: it carries duplicates, we keep ours
+        return Reply({"port": bound.port, "fds": ["in", "out"][:len(fds)]}, [os.dup(fd) for fd in fds])
+
+    def _bound(self, domid: int, port: int, remote_dom: int, remote_port: int) -> None:
+        """`domid`'s unbound `port` was just bound by `remote_dom`: in fd
+        mode its owner gets a fresh pending bit (and the binder's, to send
+        with) through UP_EVTCHN_BOUND."""
+        owner = self.port_owner.get((domid, port))
+        if owner is None or owner.resources.fast is None or self.deliver is None:
+            return
+        pending = bool(self.evtchn.status(domid, port, caller=domid).get("pending"))
+        fds = [self.port_fds.open(domid, port, pending=pending)]
+        binder_fd = self.port_fds.get(remote_dom, remote_port)
+        if binder_fd is not None:
+            fds.append(binder_fd)
+        frame = hc.upcall(hc.Call.UP_EVTCHN_BOUND, {"port": port, "remote_dom": remote_dom,
+                                                    "remote_port": remote_port, "fds": ["in", "out"][:len(fds)],
+                                                    "nfds": len(fds)})
+        frame.flags |= hc.CARRIES_FDS
+        frame.fds = fds
+        self.deliver(owner, frame)
+
+    def _unbound(self, domid: int, port: int) -> None:
+        """`domid`'s `port` went back to unbound (its peer closed or died):
+        its pending bit's descriptor, which the old peer holds too, is
+        closed, and its owner told to drop its copies (UP_EVTCHN_UNBOUND),
+        so the old peer can no longer wake it.  A bit that was set stays set
+        in the table (status still says pending)."""
+        if self.port_fds.get(domid, port) is None:
+            return
+        self.port_fds.close(domid, port)
+        owner = self.port_owner.get((domid, port))
+        if owner is not None and self.deliver is not None:
+            self.deliver(owner, hc.upcall(hc.Call.UP_EVTCHN_UNBOUND, {"port": port}))
+
+    def _close_port(self, domid: int, port: int) -> None:
+        peer = self.evtchn.route(domid, port)
+        self.evtchn.close(domid, port)
+        self.port_fds.close(domid, port)
+        if peer is not None:
+            self._unbound(*peer)
 
     def send(self, link, frame):
         domid, port = link.domain.domid, _port(frame.body)
+        peer = self._evtchn(self.evtchn.route, domid, port)
+        peer_fd = self.port_fds.get(*peer) if peer is not None else None
+        if peer_fd is not None:
+            ring(peer_fd)
+            if self.tracer.enabled:
+                self.tracer.evtchn("send", domid, port=port, remote_domid=peer[0], remote_port=peer[1],
+                                   result="eventfd")
+            return {}
         notify = self._evtchn(self.evtchn.send, domid, port)
         if self.tracer.enabled:
             self._trace_send(domid, port, notify)
@@ -363,13 +439,45 @@ class Sharing:
         self.tracer.evtchn("send", domid, port=port, remote_domid=peer.get("remote_dom"),
                            remote_port=peer.get("remote_port"), result=result)
 
+    def drain_sendlogs(self, links) -> None:
+        """Every fd-mode link's sends since the last drain, into the trace
+        (called by the server every tenth of a second)."""
+        for link in links:
+            fast = link.resources.fast
+            if fast is not None and link.domain is not None:
+                self._drain_sendlog(link.domain.domid, fast)
+
+    def _drain_sendlog(self, domid: int, fast: FastLink) -> None:
+        from xenbed.protocols import sendlog
+        sendlog.set_enabled(fast.log, self.tracer.enabled)
+        records, dropped = fast.reader.drain()
+        if not self.tracer.enabled:
+            return
+        for time_ns, port, _flags in records:
+            try:
+                peer = self.evtchn.route(domid, port)
+            except EvtchnError:
+                peer = None  # closed since (or a port the domain never had: its word only)
+            self.tracer.evtchn("send", domid, port=port, ts=time_ns / 1e9, reported=True,
+                               remote_domid=peer[0] if peer else None, remote_port=peer[1] if peer else None,
+                               result="eventfd")
+        if dropped:
+            self.tracer.evtchn("send_log_full", domid, dropped=dropped)
+
     def clear(self, link, frame):
-        notify = self._evtchn(self.evtchn.clear_pending, link.domain.domid, _port(frame.body))
+        domid, port = link.domain.domid, _port(frame.body)
+        notify = self._evtchn(self.evtchn.clear_pending, domid, port)
+        fd = self.port_fds.get(domid, port)
+        if fd is not None:
+            drain(fd)
+            return {}
         link.after_reply.append(lambda: self._notify(notify))
         return {}
 
     def unmask(self, link, frame):
         notify = self._evtchn(self.evtchn.unmask, link.domain.domid, _port(frame.body))
+        if self.port_fds.get(link.domain.domid, _port(frame.body)) is not None:
+            notify = None  # its bit is an eventfd the owner polls: unmasking is the owner's business
         link.after_reply.append(lambda: self._notify(notify))
         self.tracer.evtchn("unmask", link.domain.domid, port=_port(frame.body), upcall=notify is not None)
         return {}
@@ -380,7 +488,7 @@ class Sharing:
 
     def close(self, link, frame):
         domid, port = link.domain.domid, _port(frame.body)
-        self._evtchn(self.evtchn.close, domid, port)
+        self._evtchn(self._close_port, domid, port)
         link.resources.ports.discard(port)
         self.port_owner.pop((domid, port), None)
         self.tracer.evtchn("close", domid, port=port)
@@ -389,7 +497,19 @@ class Sharing:
     def status(self, link, frame):
         caller = link.domain.domid
         target = int(frame.body.get("domid", caller))
-        return self._evtchn(self.evtchn.status, target, _port(frame.body), caller=caller)
+        port = _port(frame.body)
+        info = self._evtchn(self.evtchn.status, target, port, caller=caller)
+        fd = self.port_fds.get(target if target != 0x7FF0 else caller, port)
+        if fd is not None:
+            info["pending"] = is_set(fd)
+        return info
+
+    # -- fd mode ---------------------------------------------------------------------
+    def open_fast_path(self, link) -> tuple[dict, list[int]]:
+        """HELLO asked for fd mode: the link's doorbell and send log."""
+        link.resources.fast = FastLink(trace=self.tracer.enabled)
+        # a reply's descriptors are closed once sent: it carries duplicates, we keep ours
+        return {"evtchn": "fd", "sendlog": True}, [os.dup(fd) for fd in link.resources.fast.descriptors()]
 
     HANDLERS = {
         hc.Call.MEM_ALLOC: mem_alloc,

@@ -86,6 +86,9 @@ class Call(enum.IntEnum):
     UP_XENSTORE_READY = 100  # the domain was introduced to xenstored; its store connections may start
     UP_DESTROYED = 101  # the domain was destroyed: its kernel should stop
     UP_EVTCHN = 102  # {"port"}: the port became pending (and is not masked)
+    # fd mode (HELLO {"evtchn": "fd"}; docs/hypervisor-socket.md, "Event channels at memory speed"):
+    UP_EVTCHN_BOUND = 103  # {"port", "remote_dom", "remote_port", "fds": ["in", "out"?]} + those descriptors
+    UP_EVTCHN_UNBOUND = 104  # {"port"}: the peer closed; drop the port's descriptors
 
 
 class Flag(enum.IntFlag):

@@ -19,18 +19,23 @@ An upcall handler runs on the reader thread: while it runs no reply can be
 delivered, so it must never make a blocking `call` on the same link (it would
 wait for a reply only it could deliver); `send_oneway` is fine.
 
-Two ways to read the socket:
+Three ways to read the socket:
 
-* `reader="thread"` (the default): a reader thread receives every frame and
-  hands replies to the calling threads.  Upcalls are handled whenever they
-  come.  Each reply costs a thread hand-off (measured ~150 us on a loaded
-  2-core machine: a PING call takes ~180 us where the raw echo takes ~25 us).
-* `reader="inline"`: no reader thread.  A thread that waits -- for its reply
-  in `call`, or for an event in `EventChannels.wait` / `pump` -- reads the
-  socket itself (one at a time, under a lock: the others wait for the lock,
-  and find their reply already delivered when they get it).  Upcalls are
+* `reader="doorbell"` (the default): no thread sits on the socket.  A caller
+  reads its own reply (one reader at a time, under a lock; a reader hands
+  any other caller's reply and any upcall it finds to their owners), so a
+  call costs one round trip and no thread hand-off.  Upcalls that come
+  while nobody reads are announced by the hypervisor on the link's
+  doorbell, an eventfd it rings after every upcall frame; a small thread
+  waits on the doorbell (and on the socket's hang-up) and pumps them.  The
+  HELLO that asks for this also turns on fd-mode event channels
+  (drivers/xen/evtchn.py) and hands over the send log (protocols/sendlog.py).
+* `reader="thread"`: a reader thread receives every frame and hands replies
+  to the calling threads.  Each reply costs a thread hand-off (measured
+  ~150 us on a loaded 2-core machine: a PING call takes ~180 us where the
+  raw echo takes ~25 us).  Event channels go through UP_EVTCHN upcalls.
+* `reader="inline"`: like doorbell, without the doorbell thread: upcalls are
   handled only while some thread waits or pumps, like a driver that polls.
-  This is the latency path for drivers that loop on wait().
 """
 
 from __future__ import annotations
@@ -71,10 +76,14 @@ class LinkClosed(ConnectionError):
 
 
 class HypervisorLink:
-    def __init__(self, path: str | None = None, reader: str = "thread") -> None:
-        if reader not in ("thread", "inline"):
-            raise ValueError(f"reader must be 'thread' or 'inline', not {reader!r}")
-        self.inline = reader == "inline"
+    def __init__(self, path: str | None = None, reader: str = "doorbell") -> None:
+        if reader not in ("thread", "inline", "doorbell"):
+            raise ValueError(f"reader must be 'doorbell', 'thread' or 'inline', not {reader!r}")
+        self.inline = reader != "thread"  # callers read their own replies
+        self.wants_doorbell = reader == "doorbell"
+        self.doorbell: int | None = None  # fd mode: see the module docstring
+        self.sendlog = None  # fd mode: a protocols.sendlog.Writer
+        self.sendlog_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._frames = hc.FrameReader()
         self.path = path or os.environ.get("XENBED_HYPERVISOR_SOCKET", DEFAULT_SOCKET)
@@ -103,16 +112,74 @@ class HypervisorLink:
             self._reader.start()
 
     def hello(self, credential: str, role: str = "device") -> dict:
-        body = self.call(hc.Call.HELLO, {"credential": credential, "role": role})
+        request = {"credential": credential, "role": role}
+        if self.wants_doorbell:
+            request["evtchn"] = "fd"
+        body, fds = self.call_with_fds(hc.Call.HELLO, request)
         self.domid, self.name, self.privilege = body["domid"], body["name"], body["privilege"]
+        if body.get("evtchn") == "fd" and len(fds) == 2:
+            self._start_doorbell(*fds)
+        else:
+            hc.close_fds(fds)
         return body
+
+    @property
+    def fd_mode(self) -> bool:
+        """Event channels on eventfds (HELLO said yes to "evtchn": "fd")."""
+        return self.doorbell is not None
+
+    def _start_doorbell(self, doorbell: int, log_fd: int) -> None:
+        import mmap
+
+        from xenbed.protocols import sendlog
+        try:
+            self.sendlog = sendlog.Writer(mmap.mmap(log_fd, 0))
+        except (OSError, ValueError) as exc:
+            log.warning("the hypervisor's send log is unusable (%s): sends go untraced", exc)
+        finally:
+            os.close(log_fd)
+        self.doorbell = doorbell
+        threading.Thread(target=self._doorbell_loop, name="hypercall-doorbell", daemon=True).start()
+
+    def _doorbell_loop(self) -> None:
+        """Pump upcalls when the hypervisor rings; notice the link's end
+        (POLLRDHUP: the socket hung up, without waking on every reply that
+        a caller is about to read itself)."""
+        poller = select.poll()
+        poller.register(self.doorbell, select.POLLIN)
+        poller.register(self.sock, select.POLLRDHUP)
+        try:
+            while not self.closed.is_set():
+                for fd, _events in poller.poll():
+                    if fd == self.doorbell:
+                        try:
+                            os.eventfd_read(self.doorbell)
+                        except BlockingIOError:
+                            pass
+                self._pump_available()
+        except (OSError, ValueError):
+            pass  # closed under us
+        finally:
+            self._closed_by(self.close_reason or "link closed")
+            try:
+                os.close(self.doorbell)
+            except OSError:
+                pass
+
+    def _pump_available(self) -> None:
+        """Handle every frame already on the socket, without waiting for more."""
+        with self._read_lock:
+            while not self.closed.is_set():
+                readable, _, _ = select.select([self.sock], [], [], 0)
+                if not readable or not self._receive():
+                    return
 
     @classmethod
     def open(cls, credential: str | None = None, role: str = "device", path: str | None = None,
-             upcalls: dict | None = None, reader: str = "thread") -> HypervisorLink:
+             upcalls: dict | None = None, reader: str = "doorbell") -> HypervisorLink:
         """Connect and authenticate with this container's credential.  Upcall
         handlers are installed before HELLO: the hypervisor may upcall at once.
-        `reader`: "thread" or "inline" (see the module docstring)."""
+        `reader`: "doorbell", "thread" or "inline" (see the module docstring)."""
         credential = credential or os.environ.get("XENBED_CREDENTIAL")
         if not credential:
             raise RuntimeError("no credential: XENBED_CREDENTIAL is not set in this container")
