@@ -34,8 +34,9 @@ Three ways to read the socket:
   to the calling threads.  Each reply costs a thread hand-off (measured
   ~150 us on a loaded 2-core machine: a PING call takes ~180 us where the
   raw echo takes ~25 us).  Event channels go through UP_EVTCHN upcalls.
-* `reader="inline"`: like doorbell, without the doorbell thread: upcalls are
-  handled only while some thread waits or pumps, like a driver that polls.
+* `reader="inline"`: like doorbell (fd-mode event channels included),
+  without the doorbell thread: upcalls are handled only while some thread
+  waits or pumps, like a driver that polls.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ class HypervisorLink:
         if reader not in ("thread", "inline", "doorbell"):
             raise ValueError(f"reader must be 'doorbell', 'thread' or 'inline', not {reader!r}")
         self.inline = reader != "thread"  # callers read their own replies
-        self.wants_doorbell = reader == "doorbell"
+        self.reader_mode = reader
         self.doorbell: int | None = None  # fd mode: see the module docstring
+        self.fd_mode = False  # event channels on eventfds: HELLO said yes to "evtchn": "fd"
         self.sendlog = None  # fd mode: a protocols.sendlog.Writer
         self.sendlog_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -113,20 +115,17 @@ class HypervisorLink:
 
     def hello(self, credential: str, role: str = "device") -> dict:
         request = {"credential": credential, "role": role}
-        if self.wants_doorbell:
+        if self.inline:  # fd-mode event channels need no reader thread either
             request["evtchn"] = "fd"
         body, fds = self.call_with_fds(hc.Call.HELLO, request)
         self.domid, self.name, self.privilege = body["domid"], body["name"], body["privilege"]
         if body.get("evtchn") == "fd" and len(fds) == 2:
+            self.fd_mode = True
             self._start_doorbell(*fds)
         else:
             hc.close_fds(fds)
         return body
 
-    @property
-    def fd_mode(self) -> bool:
-        """Event channels on eventfds (HELLO said yes to "evtchn": "fd")."""
-        return self.doorbell is not None
 
     def _start_doorbell(self, doorbell: int, log_fd: int) -> None:
         import mmap
@@ -138,6 +137,9 @@ class HypervisorLink:
             log.warning("the hypervisor's send log is unusable (%s): sends go untraced", exc)
         finally:
             os.close(log_fd)
+        if self.reader_mode != "doorbell":
+            os.close(doorbell)  # inline: upcalls wait until some thread reads
+            return
         self.doorbell = doorbell
         threading.Thread(target=self._doorbell_loop, name="hypercall-doorbell", daemon=True).start()
 
