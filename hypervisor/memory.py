@@ -147,12 +147,25 @@ class GuestMemory:
     def write(self, domid: int, gfn: int, offset: int, data: bytes) -> None:
         self.view(domid, gfn)[offset:offset + len(data)] = data
 
-    def copy(self, src_domid: int, src_gfn: int, src_offset: int, dst_domid: int, dst_gfn: int,
-             dst_offset: int, length: int) -> None:
-        """Bytes from one page to another (both within their page: the grant
-        table checked the bounds)."""
-        source = self.view(src_domid, src_gfn)
-        self.view(dst_domid, dst_gfn)[dst_offset:dst_offset + length] = source[src_offset:src_offset + length]
+    def copy_many(self, ops, answers, okay: int, failed: int) -> list[int]:
+        """The grant table's copy answers carried out: for each op (a struct
+        gnttab_copy's ints) whose answer is (okay, src domid, src gfn, dst
+        domid, dst gfn), its bytes move; one status per op, `failed` where a
+        page could not be reached."""
+        views, view = self._views, self.view
+        statuses = []
+        for op, answer in zip(ops, answers):
+            status = answer[0]
+            if status == okay:
+                try:
+                    source = views.get((answer[1], answer[2])) or view(answer[1], answer[2])
+                    dest = views.get((answer[3], answer[4])) or view(answer[3], answer[4])
+                    soff, doff, length = op[2], op[5], op[6]
+                    dest[doff:doff + length] = source[soff:soff + length]
+                except (MemoryError_, OSError):
+                    status = failed
+            statuses.append(status)
+        return statuses
 
     # -- what the hot paths keep open ---------------------------------------------
     def page_fd(self, domid: int, gfn: int, writable: bool) -> int:

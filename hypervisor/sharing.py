@@ -291,13 +291,14 @@ class Sharing:
                 self.gnttab.unmap(mapper, result.handle)
                 status = gt.GNTST_bad_page
         if fd is None:
-            if trace:  # a single call's refusal is traced by the server
+            if trace and self.tracer.enabled:  # a single call's refusal is traced by the server
                 self.tracer.grant("map", mapper, granter=granter, ref=gref, readonly=readonly, status=status,
                                   **trace)
             return status, 0, 0, None
         link.resources.mappings.add(result.handle)
-        self.tracer.grant("map", mapper, granter=granter, ref=gref, readonly=readonly, handle=result.handle,
-                          status=status, **trace)
+        if self.tracer.enabled:
+                self.tracer.grant("map", mapper, granter=granter, ref=gref, readonly=readonly, handle=result.handle,
+                                  status=status, **trace)
         return status, result.handle, result.frame, fd
 
     def unmap(self, link, frame):
@@ -320,7 +321,7 @@ class Sharing:
         if mapping is not None:
             self.tracer.grant("unmap", domid, granter=mapping.granter, ref=mapping.gref, handle=handle,
                               status=status, **trace)
-        elif trace:
+        elif trace and self.tracer.enabled:
             self.tracer.grant("unmap", domid, handle=handle, status=status, **trace)
         return status
 
@@ -334,16 +335,7 @@ class Sharing:
         """ops: struct gnttab_copy as ints (gntbatch.COPY_OP's order); the
         grant table checks each, then its bytes move, before the next call."""
         caller = link.domain.domid
-        move = self.memory.copy
-        statuses = []
-        for op, answer in zip(ops, self.gnttab.copy_batch(caller, ops)):
-            status = answer[0]
-            if status == gt.GNTST_okay:
-                try:
-                    move(answer[1], answer[2], op[2], answer[3], answer[4], op[5], op[6])
-                except (MemoryError_, OSError):
-                    status = gt.GNTST_bad_page
-            statuses.append(status)
+        statuses = self.memory.copy_many(ops, self.gnttab.copy_batch(caller, ops), gt.GNTST_okay, gt.GNTST_bad_page)
         if self.tracer.enabled:
             failed = [s for s in statuses if s != gt.GNTST_okay]
             self.tracer.grant("copy", caller, count=len(statuses), failed=len(failed),

@@ -28,6 +28,7 @@ that are not about a grant (EINVAL arguments, ESRCH) stay HypercallError.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from xenbed.protocols import gntbatch as gb
 from xenbed.protocols import hypercall as hc
@@ -140,8 +141,9 @@ class CopyOp:
     def wire(self) -> dict:
         return {"src": self.src.wire(), "dst": self.dst.wire(), "len": self.length}
 
+    @cached_property
     def raw(self) -> tuple:
-        """A struct gnttab_copy as gntbatch.encode_copy takes it."""
+        """A struct gnttab_copy as gntbatch.encode_copy takes it (kept: ops are reused)."""
         sref, sdom, soff, sgref = self.src.raw()
         dref, ddom, doff, dgref = self.dst.raw()
         flags = (gb.GNTCOPY_source_gref if sgref else 0) | (gb.GNTCOPY_dest_gref if dgref else 0)
@@ -247,7 +249,7 @@ class GrantTable:
     def copy(self, ops: list[CopyOp], check: bool = True) -> list[str]:
         """GNTTABOP_copy: one status name per op ("GNTST_okay", ...).  With
         `check`, the first failed op raises GrantError (the others ran)."""
-        return self._batched(hc.Call.GNTTAB_COPY_BATCH, gb.encode_copy, [op.raw() for op in ops], check,
+        return self._batched(hc.Call.GNTTAB_COPY_BATCH, gb.encode_copy, [op.raw for op in ops], check,
                              lambda i: f"op {i} of {len(ops)}: {ops[i]}")
 
     def _batched(self, op: hc.Call, encode, entries: list, check: bool, describe) -> list[str]:
