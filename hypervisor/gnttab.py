@@ -475,40 +475,94 @@ class Gnttab:
         then bounds).  On GNTST_okay the shell copies `length` bytes from
         result.source to result.dest."""
         me = self._caller(caller)
+        raw: list[int] = []
         for end in (source, dest):
-            if not isinstance(end, (ViaGrant, OwnFrame)):
+            if isinstance(end, ViaGrant):
+                for name in ("domid", "gref", "offset"):
+                    _check_int(name, getattr(end, name))
+                raw += (end.gref, end.domid, end.offset)
+            elif isinstance(end, OwnFrame):
+                _check_int("frame", end.frame)
+                _check_int("offset", end.offset)
+                raw += (end.frame, DOMID_SELF, end.offset)
+            else:
                 raise GnttabUsageError(f"copy end must be ViaGrant or OwnFrame, got {end!r}")
         _check_int("length", length)
-        if me.dying:
-            return CopyResult(GNTST_general_error)
-        spans: list[Span] = []
-        for end in (source, dest):
-            if isinstance(end, ViaGrant) and (end.domid if end.domid != DOMID_SELF else caller) not in self._live_or_dying():
-                return CopyResult(GNTST_bad_domain)
-        for end, readonly in ((source, True), (dest, False)):
-            status, span = self._claim(caller, end, readonly)
-            if status != GNTST_okay:
-                return CopyResult(status)
-            spans.append(span)
-        if not (0 <= length and all(0 <= s.offset and s.offset + length <= PAGE_SIZE for s in spans)):
-            return CopyResult(GNTST_bad_copy_arg)  # "copy beyond page area"
-        return CopyResult(GNTST_okay, spans[0], spans[1], length)
+        flags = ((GNTCOPY_source_gref if isinstance(source, ViaGrant) else 0)
+                 | (GNTCOPY_dest_gref if isinstance(dest, ViaGrant) else 0))
+        return self._copy_result(self._copy_one(me, caller, *raw, length, flags), raw[2], raw[5], length)
 
     def copy_op(self, caller: int, flags: int, source_domid: int, source_ref: int, source_offset: int,
                 dest_domid: int, dest_ref: int, dest_offset: int, length: int) -> CopyResult:
         """A struct gnttab_copy as a guest sends it: each end is a gref of
         `*_domid` when its GNTCOPY_*_gref flag is set, else a frame that must
         be the caller's own (`*_domid` == DOMID_SELF, else permission denied)."""
-        ends = []
-        for flag, domid, ref, offset in ((GNTCOPY_source_gref, source_domid, source_ref, source_offset),
-                                         (GNTCOPY_dest_gref, dest_domid, dest_ref, dest_offset)):
-            if flags & flag:
-                ends.append(ViaGrant(domid, ref, offset))
-            elif domid != DOMID_SELF:
-                return CopyResult(GNTST_permission_denied)  # "Only DOMID_SELF may reference via frame"
-            else:
-                ends.append(OwnFrame(ref, offset))
-        return self.copy(caller, ends[0], ends[1], length)
+        me = self._caller(caller)
+        for name, value in (("flags", flags), ("source_domid", source_domid), ("source_ref", source_ref),
+                            ("source_offset", source_offset), ("dest_domid", dest_domid), ("dest_ref", dest_ref),
+                            ("dest_offset", dest_offset), ("length", length)):
+            _check_int(name, value)
+        return self._copy_result(self._copy_one(me, caller, source_ref, source_domid, source_offset,
+                                                dest_ref, dest_domid, dest_offset, length, flags),
+                                 source_offset, dest_offset, length)
+
+    def copy_batch(self, caller: int, ops) -> list[tuple]:
+        """GNTTABOP_copy with an array, as protocols/gntbatch.py decodes it:
+        ops are (src ref, src domid, src offset, dst ref, dst domid, dst
+        offset, len, flags) ints.  One answer per op, without building
+        values: (status,) or, for GNTST_okay, (status, src domid, src frame,
+        dst domid, dst frame): the shell copies before the next op."""
+        me = self._caller(caller)
+        one = self._copy_one
+        return [one(me, caller, *op) for op in ops]
+
+    def _copy_one(self, me: _Dom, caller: int, sref: int, sdom: int, soff: int, dref: int, ddom: int,
+                  doff: int, length: int, flags: int) -> tuple:
+        src_gref, dst_gref = flags & GNTCOPY_source_gref, flags & GNTCOPY_dest_gref
+        if (not src_gref and sdom != DOMID_SELF) or (not dst_gref and ddom != DOMID_SELF):
+            return (GNTST_permission_denied,)  # "Only DOMID_SELF may reference via frame"
+        if me.dying:
+            return (GNTST_general_error,)
+        doms = self._doms
+        them_s = them_d = None
+        if src_gref:
+            them_s = doms.get(caller if sdom == DOMID_SELF else sdom)
+            if them_s is None or them_s.zombie:
+                return (GNTST_bad_domain,)
+        if dst_gref:
+            them_d = doms.get(caller if ddom == DOMID_SELF else ddom)
+            if them_d is None or them_d.zombie:
+                return (GNTST_bad_domain,)
+        status, sdom, sframe = self._copy_end(me, caller, them_s, sref, True)
+        if status != GNTST_okay:
+            return (status,)
+        status, ddom, dframe = self._copy_end(me, caller, them_d, dref, False)
+        if status != GNTST_okay:
+            return (status,)
+        if not (0 <= length and 0 <= soff and soff + length <= PAGE_SIZE
+                and 0 <= doff and doff + length <= PAGE_SIZE):
+            return (GNTST_bad_copy_arg,)  # "copy beyond page area"
+        return (GNTST_okay, sdom, sframe, ddom, dframe)
+
+    @staticmethod
+    def _copy_end(me: _Dom, caller: int, them: _Dom | None, ref: int, readonly: bool) -> tuple[int, int, int]:
+        """(status, domid, frame) of a copy end: one's own frame `ref` when
+        `them` is None, else `them`'s grant `ref` (acquire_grant_for_copy)."""
+        if them is None:
+            return (GNTST_okay if me.page_ok(ref) else GNTST_bad_page), caller, ref
+        status, frame = them.table._check(ref, caller, readonly, for_map=False)
+        if status == GNTST_okay and them.dying:
+            status = GNTST_bad_domain  # acquire_grant_for_copy on a dying owner
+        if status == GNTST_okay and not them.page_ok(frame):
+            status = GNTST_bad_page
+        return status, them.table.domid, frame
+
+    @staticmethod
+    def _copy_result(answer: tuple, soff: int, doff: int, length: int) -> CopyResult:
+        if answer[0] != GNTST_okay:
+            return CopyResult(answer[0])
+        _, sdom, sframe, ddom, dframe = answer
+        return CopyResult(GNTST_okay, Span(sdom, sframe, soff), Span(ddom, dframe, doff), length)
 
     def query_size(self, domid: int) -> tuple[int, int]:
         """GNTTABOP_query_size: (nr_frames, max_frames)."""
@@ -572,9 +626,6 @@ class Gnttab:
             raise GnttabUsageError(f"domain {domid!r} has no grant table (add_domain not called, or destroyed)")
         return dom
 
-    def _live_or_dying(self) -> set[int]:
-        return {d for d, dom in self._doms.items() if not dom.zombie}
-
     def _mappers_of(self, granter: int) -> tuple[int, ...]:
         return tuple(sorted({m.mapper for dom in self._doms.values() for m in dom.maptrack.values()
                              if m.granter == granter}))
@@ -585,23 +636,3 @@ class Gnttab:
         them.table._unpin(m.gref, m.readonly)
         if them.zombie and not self._mappers_of(m.granter):
             del self._doms[m.granter]
-
-    def _claim(self, caller: int, end: ViaGrant | OwnFrame, readonly: bool) -> tuple[int, Span | None]:
-        if isinstance(end, OwnFrame):
-            _check_int("frame", end.frame)
-            _check_int("offset", end.offset)
-            if not self._doms[caller].page_ok(end.frame):
-                return GNTST_bad_page, None
-            return GNTST_okay, Span(caller, end.frame, end.offset)
-        for name in ("domid", "gref", "offset"):
-            _check_int(name, getattr(end, name))
-        domid = caller if end.domid == DOMID_SELF else end.domid
-        them = self._doms[domid]
-        status, frame = them.table._check(end.gref, caller, readonly, for_map=False)
-        if status != GNTST_okay:
-            return status, None
-        if them.dying:
-            return GNTST_bad_domain, None  # acquire_grant_for_copy on a dying owner
-        if not them.page_ok(frame):
-            return GNTST_bad_page, None
-        return GNTST_okay, Span(domid, frame, end.offset)

@@ -12,14 +12,23 @@ Pages are allocated on demand (a guest that never touches memory costs
 nothing); gfns are numbered from 0 and bounded by the domain's memory size.
 A page file removed while mapped stays valid for whoever mapped it, as a
 backend's mapping outlives a dying guest in Xen.
+
+The hot paths keep what they opened: `page_fd` a descriptor per (domain,
+gfn, writable) to hand out for grant maps (the receiver gets its own
+duplicate), `view` an mmap per page for grant copies.  Both are forgotten
+when the page goes (free, populate's removals, the domain's removal), so a
+reused gfn is always the new file; each cache is bounded (oldest out first).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 
 PAGE_SIZE = 4096
+FD_CACHE = 1024  # > twice the largest map batch: a batch never evicts its own descriptors
+VIEW_CACHE = 4096
 
 
 class MemoryError_(Exception):
@@ -34,6 +43,8 @@ class GuestMemory:
         self.root = root
         self._max_pages: dict[int, int] = {}
         self._pages: dict[int, set[int]] = {}
+        self._fds: dict[tuple[int, int, bool], int] = {}  # (domid, gfn, writable) -> our descriptor
+        self._views: dict[tuple[int, int], mmap.mmap] = {}  # (domid, gfn) -> read-write mapping
         os.makedirs(root, exist_ok=True)
 
     def _dir(self, domid: int) -> str:
@@ -46,12 +57,14 @@ class GuestMemory:
         path = self._dir(domid)
         # A stale directory (a previous hypervisor run, a reused domid) must
         # not leak its pages into a new domain.
+        self._forget_domain(domid)
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
         self._max_pages[domid] = memory_mb * (1 << 20) // PAGE_SIZE
         self._pages[domid] = set()
 
     def remove_domain(self, domid: int) -> None:
+        self._forget_domain(domid)
         shutil.rmtree(self._dir(domid), ignore_errors=True)
         self._max_pages.pop(domid, None)
         self._pages.pop(domid, None)
@@ -122,21 +135,74 @@ class GuestMemory:
         for gfn in gfns:
             if gfn in pages:
                 pages.discard(gfn)
+                self._forget(domid, gfn)
                 try:
                     os.unlink(self._path(domid, gfn))
                 except FileNotFoundError:
                     pass
 
     def read(self, domid: int, gfn: int, offset: int, length: int) -> bytes:
-        fd = self.open_page(domid, gfn, writable=False)
-        try:
-            return os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
+        return self.view(domid, gfn)[offset:offset + length]
 
     def write(self, domid: int, gfn: int, offset: int, data: bytes) -> None:
-        fd = self.open_page(domid, gfn, writable=True)
-        try:
-            os.pwrite(fd, data, offset)
-        finally:
-            os.close(fd)
+        self.view(domid, gfn)[offset:offset + len(data)] = data
+
+    def copy_many(self, ops, answers, okay: int, failed: int) -> list[int]:
+        """The grant table's copy answers carried out: for each op (a struct
+        gnttab_copy's ints) whose answer is (okay, src domid, src gfn, dst
+        domid, dst gfn), its bytes move; one status per op, `failed` where a
+        page could not be reached."""
+        views, view = self._views, self.view
+        statuses = []
+        for op, answer in zip(ops, answers):
+            status = answer[0]
+            if status == okay:
+                try:
+                    source = views.get((answer[1], answer[2])) or view(answer[1], answer[2])
+                    dest = views.get((answer[3], answer[4])) or view(answer[3], answer[4])
+                    soff, doff, length = op[2], op[5], op[6]
+                    dest[doff:doff + length] = source[soff:soff + length]
+                except (MemoryError_, OSError):
+                    status = failed
+            statuses.append(status)
+        return statuses
+
+    # -- what the hot paths keep open ---------------------------------------------
+    def page_fd(self, domid: int, gfn: int, writable: bool) -> int:
+        """The page's descriptor, kept open here: send it, never close it."""
+        key = (domid, gfn, writable)
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = self.open_page(domid, gfn, writable)
+            if len(self._fds) >= FD_CACHE:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            self._fds[key] = fd
+        return fd
+
+    def view(self, domid: int, gfn: int) -> mmap.mmap:
+        """A read-write mapping of the page, kept here."""
+        key = (domid, gfn)
+        view = self._views.get(key)
+        if view is None:
+            fd = self.open_page(domid, gfn, writable=True)
+            try:
+                view = mmap.mmap(fd, PAGE_SIZE)
+            finally:
+                os.close(fd)
+            if len(self._views) >= VIEW_CACHE:
+                self._views.pop(next(iter(self._views))).close()
+            self._views[key] = view
+        return view
+
+    def _forget(self, domid: int, gfn: int) -> None:
+        for writable in (True, False):
+            fd = self._fds.pop((domid, gfn, writable), None)
+            if fd is not None:
+                os.close(fd)
+        view = self._views.pop((domid, gfn), None)
+        if view is not None:
+            view.close()
+
+    def _forget_domain(self, domid: int) -> None:
+        for gfn in {k[1] for k in self._fds if k[0] == domid} | {k[1] for k in self._views if k[0] == domid}:
+            self._forget(domid, gfn)

@@ -260,6 +260,9 @@ class HypervisorServer:
                 raise DomainError("ENOSYS", f"unknown call {frame.op}")
             if link.domain is None and frame.op not in (hc.Call.PING, hc.Call.HELLO):
                 raise DomainError("EACCES", f"{frame.op_name} before HELLO")
+            if bool(frame.flags & hc.BINARY) != (frame.op in hc.BINARY_CALLS):
+                kind = "a BINARY" if frame.op in hc.BINARY_CALLS else "a JSON"
+                raise DomainError("EINVAL", f"{frame.op_name} takes {kind} body")
             result = handler(self, link, frame)
         except DomainError as exc:
             self._refuse(link, frame, wants_reply, exc.code, exc.message)
@@ -274,7 +277,7 @@ class HypervisorServer:
                 self._send(link, hc.reply(frame, result.body, result.fds))
             else:
                 self._send(link, hc.reply(frame, result))
-        if isinstance(result, Reply):
+        if isinstance(result, Reply) and result.owned:
             hc.close_fds(result.fds)  # the domain holds its own duplicates now
         while link.after_reply:
             link.after_reply.pop(0)()
@@ -282,8 +285,9 @@ class HypervisorServer:
     def _refuse(self, link: DomainLink, frame: hc.Frame, wants_reply: bool, code: str, message: str) -> None:
         hc.close_fds(frame.fds)
         link.after_reply.clear()
-        if self.tracer.enabled and link.domain is not None and isinstance(frame.body, dict):
-            self.tracer.refused(frame.op, link.domain.domid, frame.body, code)
+        if self.tracer.enabled and link.domain is not None:
+            body = frame.body if isinstance(frame.body, dict) else {"bytes": len(frame.body)}
+            self.tracer.refused(frame.op, link.domain.domid, body, code)
         if wants_reply:
             self._send(link, hc.error(frame, code, message))
         else:

@@ -30,6 +30,7 @@ from xenbed.hypervisor.evtchn import EventChannels, EvtchnError, Notify
 from xenbed.hypervisor.memory import GuestMemory, MemoryError_
 from xenbed.hypervisor.ports import FastLink, PortFds, drain, is_set, ring
 from xenbed.hypervisor.trace import Tracer
+from xenbed.protocols import gntbatch as gb
 from xenbed.protocols import hypercall as hc
 from xenbed.protocols.gntst import GNTST_NAMES
 
@@ -48,10 +49,12 @@ class GrantRefused(DomainError):
 
 @dataclass
 class Reply:
-    """A call's result that carries descriptors too."""
+    """A call's result that carries descriptors too.  `owned`: the server
+    closes them once sent; not for descriptors GuestMemory keeps open."""
 
-    body: dict
+    body: dict | bytes
     fds: list[int] = field(default_factory=list)
+    owned: bool = True
 
 
 @dataclass
@@ -274,62 +277,104 @@ class Sharing:
         return {}
 
     def map(self, link, frame):
-        mapper = link.domain.domid
         granter, gref = int(frame.body["domid"]), int(frame.body["gref"])
         readonly = bool(frame.body.get("readonly", False))
+        status, handle, gfn, fd = self._map_one(link, granter, gref, readonly)
+        if status != gt.GNTST_okay:
+            raise GrantRefused(status, f"map dom{granter} gref {gref}")
+        return Reply({"handle": handle, "gfn": gfn}, [fd], owned=False)
+
+    def map_batch(self, link, frame):
+        """GNTTAB_MAP_BATCH: each entry mapped on its own (one failing does
+        not fail the others); one descriptor per mapped entry, in order."""
+        results, fds = [], []
+        ops = gb.decode_map(frame.body)
+        for granter, flags, gref in ops:
+            status, handle, gfn, fd = self._map_one(link, granter, gref, bool(flags & gb.GNTMAP_readonly),
+                                                    batch=len(ops))
+            results.append((status, handle, gfn))
+            if fd is not None:
+                fds.append(fd)
+        return Reply(gb.encode_map_results(results), fds, owned=False)
+
+    def _map_one(self, link, granter: int, gref: int, readonly: bool, **trace) -> tuple[int, int, int, int | None]:
+        """(status, handle, gfn, descriptor) -- the descriptor is GuestMemory's
+        (read-only for a read-only map), to be sent and not closed."""
+        mapper = link.domain.domid
         result = self.gnttab.map(mapper, granter, gref, readonly)
-        if not result.ok:
-            raise GrantRefused(result.status, f"map dom{granter} gref {gref}")
-        try:
-            fd = self.memory.open_page(granter, result.frame, writable=not readonly)
-        except (MemoryError_, OSError) as exc:
-            self.gnttab.unmap(mapper, result.handle)
-            raise GrantRefused(gt.GNTST_bad_page, f"map dom{granter} gref {gref}: {exc}") from None
+        status, fd = result.status, None
+        if result.ok:
+            try:
+                fd = self.memory.page_fd(granter, result.frame, writable=not readonly)
+            except (MemoryError_, OSError):
+                self.gnttab.unmap(mapper, result.handle)
+                status = gt.GNTST_bad_page
+        if fd is None:
+            if trace and self.tracer.enabled:  # a single call's refusal is traced by the server
+                self.tracer.grant("map", mapper, granter=granter, ref=gref, readonly=readonly, status=status,
+                                  **trace)
+            return status, 0, 0, None
         link.resources.mappings.add(result.handle)
-        self.tracer.grant("map", mapper, granter=granter, ref=gref, readonly=readonly, handle=result.handle,
-                          status=result.status)
-        return Reply({"handle": result.handle, "gfn": result.frame}, [fd])
+        if self.tracer.enabled:
+                self.tracer.grant("map", mapper, granter=granter, ref=gref, readonly=readonly, handle=result.handle,
+                                  status=status, **trace)
+        return status, result.handle, result.frame, fd
 
     def unmap(self, link, frame):
         handle = int(frame.body["handle"])
-        mapping = self.gnttab.mapping(link.domain.domid, handle) if self.tracer.enabled else None
-        status = self.gnttab.unmap(link.domain.domid, handle)
+        status = self._unmap_one(link, handle)
         if status != gt.GNTST_okay:
             raise GrantRefused(status, f"unmap handle {handle}")
-        link.resources.mappings.discard(handle)
-        if mapping is not None:
-            self.tracer.grant("unmap", mapping.mapper, granter=mapping.granter, ref=mapping.gref, handle=handle,
-                              status=status)
         return {}
 
+    def unmap_batch(self, link, frame):
+        handles = gb.decode_unmap(frame.body)
+        return gb.encode_statuses([self._unmap_one(link, handle, batch=len(handles)) for handle in handles])
+
+    def _unmap_one(self, link, handle: int, **trace) -> int:
+        domid = link.domain.domid
+        mapping = self.gnttab.mapping(domid, handle) if self.tracer.enabled else None
+        status = self.gnttab.unmap(domid, handle)
+        if status == gt.GNTST_okay:
+            link.resources.mappings.discard(handle)
+        if mapping is not None:
+            self.tracer.grant("unmap", domid, granter=mapping.granter, ref=mapping.gref, handle=handle,
+                              status=status, **trace)
+        elif trace and self.tracer.enabled:
+            self.tracer.grant("unmap", domid, handle=handle, status=status, **trace)
+        return status
+
     def copy(self, link, frame):
+        return {"statuses": self._copy(link, [self._raw_copy_op(op) for op in frame.body["ops"]])}
+
+    def copy_batch(self, link, frame):
+        return gb.encode_statuses(self._copy(link, gb.decode_copy(frame.body)))
+
+    def _copy(self, link, ops) -> list[int]:
+        """ops: struct gnttab_copy as ints (gntbatch.COPY_OP's order); the
+        grant table checks each, then its bytes move, before the next call."""
         caller = link.domain.domid
-        statuses = []
-        for op in frame.body["ops"]:
-            source, dest = self._copy_end(caller, op["src"]), self._copy_end(caller, op["dst"])
-            length = int(op["len"])
-            result = self.gnttab.copy(caller, source, dest, length)
-            if result.ok:
-                try:
-                    data = self.memory.read(result.source.domid, result.source.frame, result.source.offset, length)
-                    self.memory.write(result.dest.domid, result.dest.frame, result.dest.offset, data)
-                except (MemoryError_, OSError):
-                    result = gt.CopyResult(gt.GNTST_bad_page, None, None, 0)
-            statuses.append(result.status)
+        statuses = self.memory.copy_many(ops, self.gnttab.copy_batch(caller, ops), gt.GNTST_okay, gt.GNTST_bad_page)
         if self.tracer.enabled:
             failed = [s for s in statuses if s != gt.GNTST_okay]
             self.tracer.grant("copy", caller, count=len(statuses), failed=len(failed),
                               status=failed[0] if failed else gt.GNTST_okay,
-                              refs=sorted({(int(e["domid"]), int(e["gref"])) for op in frame.body["ops"]
-                                           for e in (op["src"], op["dst"]) if "gref" in e})[:8])
-        return {"statuses": statuses}
+                              refs=sorted({(op[1], op[0]) for op in ops if op[7] & gb.GNTCOPY_source_gref}
+                                          | {(op[4], op[3]) for op in ops if op[7] & gb.GNTCOPY_dest_gref})[:8])
+        return statuses
 
     @staticmethod
-    def _copy_end(caller: int, end: dict):
-        offset = int(end["offset"])
-        if "gref" in end:
-            return gt.ViaGrant(int(end["domid"]), int(end["gref"]), offset)
-        return gt.OwnFrame(int(end["gfn"]), offset)
+    def _raw_copy_op(op: dict) -> tuple:
+        """A JSON copy op as a struct gnttab_copy's ints: an end with "gref"
+        is a grant of its "domid", else the caller's own "gfn" (DOMID_SELF)."""
+        raw, flags = [], 0
+        for end, flag in ((op["src"], gb.GNTCOPY_source_gref), (op["dst"], gb.GNTCOPY_dest_gref)):
+            if "gref" in end:
+                raw += (int(end["gref"]), int(end["domid"]), int(end["offset"]))
+                flags |= flag
+            else:
+                raw += (int(end["gfn"]), gb.DOMID_SELF, int(end["offset"]))
+        return (*raw, int(op["len"]), flags)
 
     def query_size(self, link, frame):
         nr, most = self.gnttab.query_size(link.domain.domid)
@@ -523,6 +568,9 @@ class Sharing:
         hc.Call.GNTTAB_MAP: map,
         hc.Call.GNTTAB_UNMAP: unmap,
         hc.Call.GNTTAB_COPY: copy,
+        hc.Call.GNTTAB_MAP_BATCH: map_batch,
+        hc.Call.GNTTAB_UNMAP_BATCH: unmap_batch,
+        hc.Call.GNTTAB_COPY_BATCH: copy_batch,
         hc.Call.GNTTAB_QUERY_SIZE: query_size,
         hc.Call.EVTCHN_ALLOC_UNBOUND: alloc_unbound,
         hc.Call.EVTCHN_BIND_INTERDOMAIN: bind_interdomain,

@@ -6,13 +6,17 @@ one Unix stream socket, `/run/xenbed/hypervisor.sock`, in frames:
 
     offset 0  u32 body length
     offset 4  u16 op          (Call)
-    offset 6  u16 flags       (REPLY, UPCALL, ERROR, CARRIES_FDS)
+    offset 6  u16 flags       (REPLY, UPCALL, ERROR, CARRIES_FDS, BINARY)
     offset 8  u32 seq         a reply echoes the call's seq; upcalls use 0
-    offset 12 body            UTF-8 JSON object
+    offset 12 body            UTF-8 JSON object, or raw structs when BINARY
 
 A frame that carries file descriptors (SCM_RIGHTS) sets CARRIES_FDS and says
-how many in its body's "nfds"; the sender sends the whole frame in one
-sendmsg with the descriptors attached, so they arrive with its first byte.
+how many in its body's "nfds" -- or, in a BINARY frame, in a u32 LE that
+comes first in the body (the rest of the body follows it); the sender sends
+the whole frame in one sendmsg with the descriptors attached, so they arrive
+with its first byte.  BINARY frames carry little-endian structs (the batched
+grant ops, protocols/gntbatch.py); `Frame.body` is then `bytes`.  Error
+replies are always JSON, whatever the call was.
 The receiver queues descriptors in arrival order and hands them to frames in
 order.  `docs/hypervisor-socket.md` documents every op for drivers written in
 other languages.
@@ -72,6 +76,12 @@ class Call(enum.IntEnum):
     GNTTAB_COPY = 44  # {"ops": [{"src": end, "dst": end, "len"}]} -> {"statuses": [...]}; end = {"domid","gref","offset"} or {"gfn","offset"}
     GNTTAB_QUERY_SIZE = 45  # {} -> {"nr_frames", "max_frames"}
     GNTTAB_SET_ENTRY = 46  # {"gref", "flags", "domid", "frame"}: write an entry of one's own table, raw
+    # Batched grant ops, BINARY frames only (protocols/gntbatch.py): Xen's
+    # arrays of gnttab_map_grant_ref / gnttab_unmap_grant_ref / gnttab_copy,
+    # one GNTST_* status per entry.
+    GNTTAB_MAP_BATCH = 47  # n x {domid, flags, gref} -> n x {status, handle, gfn} + one fd per mapped entry
+    GNTTAB_UNMAP_BATCH = 48  # n x handle -> n x status
+    GNTTAB_COPY_BATCH = 49  # n x gnttab_copy -> n x status
     # Event channels.  Ports belong to the link that allocated or bound them
     # (like an open /dev/xen/evtchn); upcalls go to that link.
     EVTCHN_ALLOC_UNBOUND = 50  # {"remote_dom"} -> {"port"}
@@ -97,11 +107,16 @@ class Flag(enum.IntFlag):
     UPCALL = 2
     ERROR = 4
     CARRIES_FDS = 8
+    BINARY = 16
 
 
 # The same flags as plain ints, for the per-frame path (IntFlag's operators
 # build enum members and cost microseconds on every event-channel send).
-REPLY, UPCALL, ERROR, CARRIES_FDS = 1, 2, 4, 8
+REPLY, UPCALL, ERROR, CARRIES_FDS, BINARY = 1, 2, 4, 8, 16
+# The calls whose frames are BINARY (both ways, errors excepted); every other
+# call is JSON.  The hypervisor refuses a frame of the other kind (EINVAL).
+BINARY_CALLS = frozenset({Call.GNTTAB_MAP_BATCH, Call.GNTTAB_UNMAP_BATCH, Call.GNTTAB_COPY_BATCH})
+NFDS = struct.Struct("<I")  # a BINARY frame's descriptor count, first in its body when CARRIES_FDS
 _encoder = json.JSONEncoder(separators=(",", ":"))
 _decoder = json.JSONDecoder()
 
@@ -115,11 +130,16 @@ class Frame:
     op: int
     flags: int  # Flag bits
     seq: int
-    body: dict
+    body: dict | bytes  # bytes when flags has BINARY
     fds: list[int] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        body = _encoder.encode(self.body).encode()
+        if self.flags & BINARY:
+            body = bytes(self.body)
+            if self.flags & CARRIES_FDS:
+                body = NFDS.pack(len(self.fds)) + body
+        else:
+            body = _encoder.encode(self.body).encode()
         if len(body) > BODY_MAX:
             raise ValueError(f"frame body of {len(body)} bytes exceeds {BODY_MAX}")
         return FRAME_HEADER.pack(len(body), int(self.op), int(self.flags), self.seq) + body
@@ -142,22 +162,27 @@ def close_fds(fds) -> None:
             pass
 
 
-def call(op: Call, seq: int, body: dict | None = None, fds: list[int] | None = None) -> Frame:
-    body = dict(body or {})
-    flags = 0
-    if fds:
-        flags |= CARRIES_FDS
-        body["nfds"] = len(fds)
+def _frame(op: int, flags: int, seq: int, body, fds) -> Frame:
+    """A JSON frame for a dict body, a BINARY one for bytes; CARRIES_FDS and
+    the descriptor count when there are descriptors."""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        body, flags = bytes(body), flags | BINARY
+        if fds:
+            flags |= CARRIES_FDS
+    else:
+        body = dict(body or {})
+        if fds:
+            flags |= CARRIES_FDS
+            body["nfds"] = len(fds)
     return Frame(op, flags, seq, body, list(fds or []))
 
 
-def reply(to: Frame, body: dict | None = None, fds: list[int] | None = None) -> Frame:
-    body = dict(body or {})
-    flags = REPLY
-    if fds:
-        flags |= CARRIES_FDS
-        body["nfds"] = len(fds)
-    return Frame(to.op, flags, to.seq, body, list(fds or []))
+def call(op: Call, seq: int, body: dict | bytes | None = None, fds: list[int] | None = None) -> Frame:
+    return _frame(op, 0, seq, body, fds)
+
+
+def reply(to: Frame, body: dict | bytes | None = None, fds: list[int] | None = None) -> Frame:
+    return _frame(to.op, REPLY, to.seq, body, fds)
 
 
 def error(to: Frame, code: str, message: str) -> Frame:
@@ -192,16 +217,27 @@ class FrameReader:
             return None
         raw = bytes(self._buffer[FRAME_HEADER.size:end])
         del self._buffer[:end]
-        try:
-            body = _decoder.decode(raw.decode()) if raw else {}
-        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
-            raise FrameProtocolError(f"frame body is not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise FrameProtocolError("frame body is not a JSON object")
+        body: dict | bytes
+        wanted = None
+        if flags & BINARY:
+            body = raw
+            if flags & CARRIES_FDS:
+                if len(raw) < NFDS.size:
+                    raise FrameProtocolError(f"binary frame with descriptors has a {len(raw)}-byte body, "
+                                             f"no room for its descriptor count")
+                (wanted,) = NFDS.unpack_from(raw)
+                body = raw[NFDS.size:]
+        else:
+            try:
+                body = _decoder.decode(raw.decode()) if raw else {}
+            except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
+                raise FrameProtocolError(f"frame body is not JSON: {exc}") from None
+            if not isinstance(body, dict):
+                raise FrameProtocolError("frame body is not a JSON object")
+            wanted = body.get("nfds")
         fds: list[int] = []
         if flags & CARRIES_FDS:
-            wanted = body.get("nfds")
-            if not isinstance(wanted, int) or wanted < 1 or wanted > len(self._fds):
+            if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1 or wanted > len(self._fds):
                 raise FrameProtocolError(
                     f"frame says it carries {wanted!r} descriptors, {len(self._fds)} arrived"
                 )

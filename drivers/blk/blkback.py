@@ -146,8 +146,10 @@ def response_operation(req) -> int:
 class BlkifServer:
     """Serves one blkif ring over one open disk descriptor.
 
-    `grants` has GrantTable's `map(domid, gref, readonly) -> Mapping(.mmap)`
-    and `unmap(mapping)`.  `process()` takes every request on the ring,
+    `grants` has GrantTable's `map_batch([(domid, gref, readonly)]) ->
+    [Mapping(.mmap) | exception]` and `unmap_batch(mappings)`: a request's
+    segments (or an indirect request's pages) are mapped with one call and
+    unmapped with one.  `process()` takes every request on the ring,
     answers each, pushes the responses and returns whether the frontend
     wants an event (it does the final check itself).  RingOverflow
     propagates: the caller must close the device.
@@ -227,9 +229,8 @@ class BlkifServer:
         reading = op == BLKIF_OP_READ
         mappings, views = [], []
         try:
-            for ext in extents:
-                mapping = self._map(ext.gref, readonly=not reading)
-                mappings.append(mapping)
+            mappings = self._map_all([ext.gref for ext in extents], readonly=not reading)
+            for ext, mapping in zip(extents, mappings):
                 page = memoryview(mapping.mmap)
                 views.append(page)
                 views.append(page[ext.page_offset:ext.page_offset + ext.length])
@@ -250,8 +251,7 @@ class BlkifServer:
         finally:
             for view in reversed(views):
                 view.release()
-            for mapping in mappings:
-                self._unmap(mapping)
+            self._unmap_all(mappings)
 
     def _discard(self, req: BlkifRequestDiscard) -> int:
         if req.nr_sectors == 0:
@@ -271,49 +271,73 @@ class BlkifServer:
     def _indirect_segments(self, req: BlkifRequestIndirect) -> tuple[Segment, ...]:
         segments: list[Segment] = []
         remaining = req.nr_segments
-        for gref in req.indirect_grefs[:blkif.indirect_pages_needed(req.nr_segments)]:
-            mapping = self._map(gref, readonly=True)
-            try:
-                page = bytes(mapping.mmap[:XEN_PAGE_SIZE])  # copy before decoding (double fetch)
-            finally:
-                self._unmap(mapping)
+        mappings = self._map_all(req.indirect_grefs[:blkif.indirect_pages_needed(req.nr_segments)], readonly=True)
+        try:
+            pages = [bytes(m.mmap[:XEN_PAGE_SIZE]) for m in mappings]  # copies before decoding (double fetch)
+        finally:
+            self._unmap_all(mappings)
+        for page in pages:
             count = min(remaining, blkif.SEGMENTS_PER_INDIRECT_PAGE)
             segments += blkif.decode_indirect_page(page, count)
             remaining -= count
         return tuple(segments)
 
     # -- grants -----------------------------------------------------------------
-    def _map(self, gref: int, readonly: bool):
-        if self.persistent:
-            mapping = self.persistent_maps.get(gref)
-            if mapping is not None:
-                return mapping
-            if len(self.persistent_maps) < MAX_PERSISTENT_GRANTS:
-                # persistent grants are granted read-write by the frontend, and mapped so
-                try:
-                    mapping = self.grants.map(self.domid, gref, False)
-                except Exception:
-                    if not readonly:
-                        raise
-                    # a read-only grant after all (an indirect page, say): map it for this request only
-                    return self.grants.map(self.domid, gref, True)
+    def _map_all(self, grefs, readonly: bool) -> list:
+        """Map a request's pages, in order, with one map_batch call (two when
+        a persistent mapping is refused: see below).  Persistent grants are
+        granted read-write by the frontend and mapped so, and kept; a page
+        that is refused that way but wanted read-only (an indirect page, say)
+        is mapped read-only for this request only.  If any page is refused,
+        the others are unmapped again and the GrantError raised."""
+        out: list = [None] * len(grefs)
+        wanted: list[tuple[int, int, bool]] = []  # (index, gref, keep as persistent)
+        room = MAX_PERSISTENT_GRANTS - len(self.persistent_maps) if self.persistent else 0
+        planned: dict[int, int] = {}  # gref -> index of its first mapping in this request
+        for i, gref in enumerate(grefs):
+            if self.persistent and gref in self.persistent_maps:
+                out[i] = self.persistent_maps[gref]
+            elif gref in planned and wanted[planned[gref]][2]:
+                out[i] = planned[gref]  # the same persistent page twice: resolved below
+            else:
+                keep = room > 0
+                room -= keep
+                planned.setdefault(gref, len(wanted))
+                wanted.append((i, gref, keep))
+        results = self.grants.map_batch([(self.domid, g, readonly and not keep) for _, g, keep in wanted]) \
+            if wanted else []
+        retry = [n for n, ((_, _, keep), r) in enumerate(zip(wanted, results))
+                 if keep and readonly and isinstance(r, Exception)]
+        if retry:
+            again = self.grants.map_batch([(self.domid, wanted[n][1], True) for n in retry])
+            for n, result in zip(retry, again):
+                results[n] = result
+                wanted[n] = (wanted[n][0], wanted[n][1], False)
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            self._unmap_all([r for r in results if not isinstance(r, Exception)], keep=False)
+            raise failed
+        for (i, gref, keep), mapping in zip(wanted, results):
+            out[i] = mapping
+            if keep:
                 self.persistent_maps[gref] = mapping
-                return mapping
-        return self.grants.map(self.domid, gref, readonly)
+        return [m if not isinstance(m, int) else results[m] for m in out]
 
-    def _unmap(self, mapping) -> None:
-        if self.persistent and self.persistent_maps.get(mapping.gref) is mapping:
-            return  # kept until disconnect
-        self.grants.unmap(mapping)
+    def _unmap_all(self, mappings, keep: bool = True) -> None:
+        """Unmap with one call what is not kept as a persistent grant (until disconnect)."""
+        kept = self.persistent_maps if self.persistent and keep else {}
+        gone = {id(m): m for m in mappings if kept.get(m.gref) is not m}
+        if gone:
+            self.grants.unmap_batch(list(gone.values()))
 
     def release(self) -> None:
         """Unmap every persistent grant (at disconnect)."""
         maps, self.persistent_maps = list(self.persistent_maps.values()), {}
-        for mapping in maps:
+        if maps:
             try:
-                self.grants.unmap(mapping)
+                self.grants.unmap_batch(maps)
             except Exception as exc:
-                log.warning("%s: unmapping persistent gref %s: %s", self.name, getattr(mapping, "gref", "?"), exc)
+                log.warning("%s: unmapping %d persistent grants: %s", self.name, len(maps), exc)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

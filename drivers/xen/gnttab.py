@@ -12,6 +12,13 @@ gnttab_batch_copy):
   a read-only grant cannot even be created (PermissionError);
 * `copy(ops)` moves bytes between grant refs and one's own frames without
   mapping (GNTTABOP_copy), each op getting its own status.
+* `map_batch([(domid, gref, readonly), ...])` and `unmap_batch(mappings)`
+  map or unmap many in one call (gnttab_map_refs), each entry with its own
+  status: a refused entry is a GrantError in the list, the others map.
+
+map, unmap and copy travel in BINARY frames (protocols/gntbatch.py: Xen's
+arrays of gnttab_map_grant_ref / unmap / copy); batches larger than the
+hypervisor takes in one call are split.
 
 Refusals raise `GrantError` named by Xen's GNTST_* status (`.status` holds
 the name, e.g. "GNTST_eagain"; `.code` the number); errno-style refusals
@@ -21,7 +28,9 @@ that are not about a grant (EINVAL arguments, ESRCH) stay HypercallError.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
+from xenbed.protocols import gntbatch as gb
 from xenbed.protocols import hypercall as hc
 
 from .hypercall import HypercallError, HypervisorLink
@@ -56,7 +65,7 @@ def _gnttab_call(link: HypervisorLink, op: hc.Call, body: dict, with_fds: bool =
         if status is None:
             raise
         raise GrantError(status, exc.op, exc.message) from None
-    status = _status_of(reply.get("status", GNTST_okay))
+    status = _status_of(reply.get("status", GNTST_okay)) if isinstance(reply, dict) else None
     if status is not None and status != "GNTST_okay":
         hc.close_fds(fds)
         raise GrantError(status, op.name, str(reply.get("message", "")))
@@ -102,6 +111,10 @@ class GrantRef:
     def wire(self) -> dict:
         return {"domid": self.domid, "gref": self.gref, "offset": self.offset}
 
+    def raw(self) -> tuple[int, int, int, bool]:
+        """(ref, domid, offset, is a gref): a gnttab_copy_ptr."""
+        return self.gref, self.domid, self.offset, True
+
 
 @dataclass(frozen=True)
 class LocalFrame:
@@ -112,6 +125,9 @@ class LocalFrame:
 
     def wire(self) -> dict:
         return {"gfn": self.gfn, "offset": self.offset}
+
+    def raw(self) -> tuple[int, int, int, bool]:
+        return self.gfn, gb.DOMID_SELF, self.offset, False
 
 
 @dataclass(frozen=True)
@@ -124,6 +140,14 @@ class CopyOp:
 
     def wire(self) -> dict:
         return {"src": self.src.wire(), "dst": self.dst.wire(), "len": self.length}
+
+    @cached_property
+    def raw(self) -> tuple:
+        """A struct gnttab_copy as gntbatch.encode_copy takes it (kept: ops are reused)."""
+        sref, sdom, soff, sgref = self.src.raw()
+        dref, ddom, doff, dgref = self.dst.raw()
+        flags = (gb.GNTCOPY_source_gref if sgref else 0) | (gb.GNTCOPY_dest_gref if dgref else 0)
+        return sref, sdom, soff, dref, ddom, doff, self.length, flags
 
 
 class GrantTable:
@@ -159,39 +183,88 @@ class GrantTable:
         return handle, None if gfn is None else int(gfn), fds[0]
 
     def map(self, domid: int, gref: int, readonly: bool = False) -> Mapping:
-        """Map `domid`'s grant `gref` (GNTTAB_MAP) -> Mapping(handle, mmap)."""
-        handle, gfn, fd = self.map_fd(domid, gref, readonly)
-        try:
-            view = map_page_fd(fd, readonly)
-        except BaseException:
-            self.unmap_handle(handle)
-            raise
-        return Mapping(handle, view, int(domid), int(gref), bool(readonly), gfn)
+        """Map `domid`'s grant `gref` -> Mapping(handle, mmap)."""
+        [mapping] = self.map_batch([(domid, gref, readonly)])
+        if isinstance(mapping, GrantError):
+            raise mapping
+        return mapping
+
+    def map_batch(self, ops) -> list[Mapping | GrantError]:
+        """Map many grants, [(domid, gref, readonly)], in one call per
+        gntbatch.MAX_MAP_BATCH: a Mapping per entry, or the GrantError that
+        entry was refused with (the others are mapped all the same)."""
+        ops = [(int(d), int(g), bool(ro)) for d, g, ro in ops]
+        out: list[Mapping | GrantError] = []
+        for start in range(0, len(ops), gb.MAX_MAP_BATCH):
+            out += self._map_chunk(ops[start:start + gb.MAX_MAP_BATCH])
+        return out
+
+    def _map_chunk(self, ops) -> list[Mapping | GrantError]:
+        body, fds = _gnttab_call(self.link, hc.Call.GNTTAB_MAP_BATCH, gb.encode_map(ops), with_fds=True)
+        results = gb.decode_map_results(body)
+        mapped = [r[1] for r in results if r[0] == GNTST_okay]
+        if len(results) != len(ops) or len(mapped) != len(fds):
+            hc.close_fds(fds)
+            self._unmap_handles(mapped, check=False)
+            raise RuntimeError(f"GNTTAB_MAP_BATCH answered {len(results)} entries and {len(fds)} descriptors "
+                               f"for {len(ops)} ops ({len(mapped)} mapped)")
+        out: list[Mapping | GrantError] = []
+        pending = iter(fds)
+        for (domid, gref, readonly), (status, handle, gfn) in zip(ops, results):
+            if status != GNTST_okay:
+                out.append(GrantError(gntst_name(status), "GNTTAB_MAP_BATCH", f"map dom{domid} gref {gref}"))
+                continue
+            try:
+                view = map_page_fd(next(pending), readonly)
+            except OSError as exc:  # the descriptor is closed; the handle is still ours to unmap
+                self._unmap_handles([handle], check=False)
+                out.append(GrantError("GNTST_general_error", "GNTTAB_MAP_BATCH", f"mmap of gref {gref}: {exc}"))
+                continue
+            out.append(Mapping(handle, view, domid, gref, readonly, gfn))
+        return out
 
     def unmap(self, mapping: Mapping) -> None:
         """Drop our mapping, then tell the hypervisor (so the granter may end
         the grant).  Views into the mmap (a ring) must be released first."""
-        if not mapping.mmap.closed:
-            mapping.mmap.close()  # BufferError while a ring still holds a view of it
-        self.unmap_handle(mapping.handle)
+        self.unmap_batch([mapping])
+
+    def unmap_batch(self, mappings, check: bool = True) -> list[str]:
+        """Unmap many in one call per gntbatch.MAX_BATCH: our views are
+        closed first (BufferError while a ring still holds one), then the
+        handles go.  One status name per mapping; with `check`, the first
+        failure raises GrantError (the others were unmapped)."""
+        for mapping in mappings:
+            if not mapping.mmap.closed:
+                mapping.mmap.close()
+        return self._unmap_handles([m.handle for m in mappings], check)
 
     def unmap_handle(self, handle: int) -> None:
-        _gnttab_call(self.link, hc.Call.GNTTAB_UNMAP, {"handle": int(handle)})
+        self._unmap_handles([int(handle)])
+
+    def _unmap_handles(self, handles: list[int], check: bool = True) -> list[str]:
+        return self._batched(hc.Call.GNTTAB_UNMAP_BATCH, gb.encode_unmap, handles, check,
+                             lambda i: f"unmap handle {handles[i]}")
 
     # -- copy --------------------------------------------------------------------
     def copy(self, ops: list[CopyOp], check: bool = True) -> list[str]:
         """GNTTABOP_copy: one status name per op ("GNTST_okay", ...).  With
         `check`, the first failed op raises GrantError (the others ran)."""
-        if not ops:
-            return []
-        reply = _gnttab_call(self.link, hc.Call.GNTTAB_COPY, {"ops": [op.wire() for op in ops]})
-        statuses = [(_status_of(s) or f"GNTST_{s}") for s in reply.get("statuses", ())]
-        if len(statuses) != len(ops):
-            raise RuntimeError(f"GNTTAB_COPY answered {len(statuses)} statuses for {len(ops)} ops")
+        return self._batched(hc.Call.GNTTAB_COPY_BATCH, gb.encode_copy, [op.raw for op in ops], check,
+                             lambda i: f"op {i} of {len(ops)}: {ops[i]}")
+
+    def _batched(self, op: hc.Call, encode, entries: list, check: bool, describe) -> list[str]:
+        """A status-array op over `entries`, one call per gntbatch.MAX_BATCH."""
+        statuses: list[str] = []
+        for start in range(0, len(entries), gb.MAX_BATCH):
+            chunk = entries[start:start + gb.MAX_BATCH]
+            answer = gb.decode_statuses(_gnttab_call(self.link, op, encode(chunk)))
+            if len(answer) != len(chunk):
+                raise RuntimeError(f"{op.name} answered {len(answer)} statuses for {len(chunk)} entries")
+            statuses += [gntst_name(s) for s in answer]
         if check:
             for i, status in enumerate(statuses):
                 if status != "GNTST_okay":
-                    raise GrantError(status, "GNTTAB_COPY", f"op {i} of {len(ops)}: {ops[i]}")
+                    raise GrantError(status, op.name, describe(i))
         return statuses
 
     def query_size(self) -> dict:

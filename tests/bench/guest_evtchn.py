@@ -17,9 +17,11 @@ XenStore (`data/<tag>/` in its own directory, readable by the peer).  Then:
   * the raw Unix-socket echo round trip to the hypervisor-service's echo
     socket from the same guest, interleaved round by round with the above so
     that the 2-core machine's other load weighs on both alike;
-  * on the responder, afterwards: GNTTAB_MAP + GNTTAB_UNMAP pairs per second
-    of the initiator's grant, and GNTTAB_COPY throughput (16 x 4 KiB per call)
-    from the grant into the responder's own pages.
+  * on the responder, afterwards: map + unmap pairs per second of the
+    initiator's grant, one by one and 32 per call (GNTTAB_MAP_BATCH +
+    GNTTAB_UNMAP_BATCH), and grant copy throughput (GNTTAB_COPY_BATCH,
+    64 x 4 KiB per call, as Xen's netback batches) from the grant into the
+    responder's own pages.
 
 Each side prints one JSON object.
 """
@@ -36,7 +38,8 @@ from xenbed.drivers.xen import (CopyOp, EventChannels, GrantRef, GrantTable, Gue
 ECHO = "/run/xenbed/echo.sock"
 ROUNDS = 10
 WARMUP = 50
-COPY_BATCH = 16
+COPY_BATCH = 64  # copy ops per call
+MAP_BATCH = 32  # map (and unmap) entries per call
 
 
 def recv_exact(sock, n):
@@ -166,6 +169,16 @@ def responder(peer, tag, samples, seconds):
         maps += 50
     map_s = time.perf_counter() - t0
 
+    batch = [(peer, gref, True)] * MAP_BATCH
+    batched = 0
+    deadline = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    while time.perf_counter() < deadline:
+        for _ in range(10):
+            g.gnttab.unmap_batch(g.gnttab.map_batch(batch))
+        batched += 10 * MAP_BATCH
+    batched_s = time.perf_counter() - t0
+
     mine = g.mem.alloc(COPY_BATCH)
     ops = [CopyOp(GrantRef(peer, gref, 0), LocalFrame(p.gfn, 0), 4096) for p in mine]
     copied = 0
@@ -181,8 +194,9 @@ def responder(peer, tag, samples, seconds):
     g.evtchn.notify(port)
     g.evtchn.close(port)
     g.cleanup(tag)
-    print(json.dumps({"map_unmap": maps, "map_seconds": map_s, "copy_bytes": copied, "copy_seconds": copy_s,
-                      "copy_ok": ok}))
+    print(json.dumps({"map_unmap": maps, "map_seconds": map_s, "map_unmap_batched": batched,
+                      "map_batched_seconds": batched_s, "map_batch": MAP_BATCH, "copy_bytes": copied,
+                      "copy_seconds": copy_s, "copy_batch": COPY_BATCH, "copy_ok": ok}))
 
 
 def main():

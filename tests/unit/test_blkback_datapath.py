@@ -166,8 +166,11 @@ def test_indirect_write_and_read_of_200_segments(disk_fd):
     ind, ind_page = grants.grant_page(readonly=True)
     ind_page[:] = blkif.encode_indirect_page([Segment(g, 0, 7) for g in data])
     front.push(BlkifRequestIndirect(BLKIF_OP_WRITE, 200, 0, 9, 8, (ind,)))
+    calls = grants.batch_calls
     server.process()
     assert front.responses() == [BlkifResponse(9, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)]
+    # one map and one unmap call for the indirect page, one each for the 200 segments
+    assert grants.batch_calls - calls == 4
     assert os.pread(disk_fd, 200 * 4096, 4096) == b"".join(bytes([i]) * 4096 for i in range(200))
     # read the same back into fresh pages, half a page each
     targets = [grants.grant_page() for _ in range(200)]

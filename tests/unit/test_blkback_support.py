@@ -37,6 +37,7 @@ class FakeGrants:
         self.next_handle = 1
         self.live: dict[int, FakeMapping] = {}
         self.map_calls = 0
+        self.batch_calls = 0  # map_batch and unmap_batch calls
         self.lock = threading.Lock()
 
     def grant_page(self, readonly: bool = False) -> tuple[int, mmap.mmap]:
@@ -79,9 +80,25 @@ class FakeGrants:
             self.live[handle] = None
             return handle, gref, fd
 
+    def map_batch(self, ops) -> list:
+        self.batch_calls += 1
+        out = []
+        for domid, gref, readonly in ops:
+            try:
+                out.append(self.map(domid, gref, readonly))
+            except FakeGrantError as exc:
+                out.append(exc)
+        return out
+
     def unmap(self, mapping: FakeMapping) -> None:
         mapping.mmap.close()
         self.unmap_handle(mapping.handle)
+
+    def unmap_batch(self, mappings) -> list[str]:
+        self.batch_calls += 1
+        for mapping in mappings:
+            self.unmap(mapping)
+        return ["GNTST_okay"] * len(mappings)
 
     def unmap_handle(self, handle: int) -> None:
         with self.lock:
