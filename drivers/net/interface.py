@@ -154,8 +154,11 @@ class NetbackConnection:
         server = self.server
         tap_fd = server.tap_fd
         timeout = 0.0
+        poller = select.poll()  # not select(2): descriptors past 1024 are common in dom0
+        poller.register(self.wake_r, select.POLLIN)
+        poller.register(tap_fd, select.POLLIN)
         while not self.stop.is_set():
-            readable, _, _ = select.select([self.wake_r, tap_fd], [], [], timeout)
+            readable = {fd for fd, _ in poller.poll(0 if timeout <= 0 else max(1, int(timeout * 1000)))}
             if self.stop.is_set():
                 break
             if self.wake_r in readable:

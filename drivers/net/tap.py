@@ -104,8 +104,10 @@ class Tap:
         after `timeout` (or when the tap is closed)."""
         if self.closed:
             return None
-        try:
-            ready, _, _ = select.select([self.fd], [], [], timeout)
+        try:  # poll, not select: descriptors past 1024 are common in a driver
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
         except (OSError, ValueError):
             return None
         if not ready or self.closed:

@@ -172,8 +172,7 @@ class HypervisorLink:
         """Handle every frame already on the socket, without waiting for more."""
         with self._read_lock:
             while not self.closed.is_set():
-                readable, _, _ = select.select([self.sock], [], [], 0)
-                if not readable or not self._receive():
+                if not _readable(self.sock, 0) or not self._receive():
                     return
 
     @classmethod
@@ -330,8 +329,7 @@ class HypervisorLink:
                 if self.closed.is_set():
                     return False
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                readable, _, _ = select.select([self.sock], [], [], remaining)
-                if readable:
+                if _readable(self.sock, remaining):
                     self._receive()
             finally:
                 self._read_lock.release()
@@ -344,8 +342,7 @@ class HypervisorLink:
             if self._read_lock.acquire(timeout=-1 if timeout is None else timeout):
                 try:
                     if not self.closed.is_set():
-                        readable, _, _ = select.select([self.sock], [], [], timeout)
-                        if readable:
+                        if _readable(self.sock, timeout):
                             self._receive()
                 finally:
                     self._read_lock.release()
@@ -367,6 +364,15 @@ class HypervisorLink:
                 pending.answer(frame)
         if pending is None:  # nobody waits (timed out): do not leak its descriptors
             hc.close_fds(frame.fds)
+
+
+def _readable(sock: socket.socket, timeout: float | None) -> bool:
+    """poll(2), not select(2): a process with many descriptors (a driver
+    holding pages, eventfds, a FUSE device) has sockets numbered past
+    select's 1024."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 def _op_name(op: int) -> str:
