@@ -37,6 +37,8 @@ log = logging.getLogger("xenbed.blkback")
 # What this backend offers (Linux blkback's defaults).
 MAX_RING_PAGE_ORDER = 4  # xen_blkif_max_ring_order
 MAX_INDIRECT_SEGMENTS = 256  # MAX_INDIRECT_SEGMENTS in xen-blkback/common.h
+# xenblk_max_queues: Linux offers one queue per online CPU
+MAX_QUEUES = max(1, min(os.cpu_count() or 1, 8))
 DISCARD_GRANULARITY = 4096
 
 BLKDISCARD = 0x1277  # _IO(0x12, 119)

@@ -71,6 +71,30 @@ MAX_INDIRECT_SEGMENTS = 256
 PERSISTENT_GRANTS = 1056
 
 
+# Multi-page rings: we ask for min(the backend's max-ring-page-order, this).
+# Linux's blkfront defaults to 0 (max_ring_page_order); a larger ring holds
+# more requests in flight, and the pool stays within the persistent budget.
+MAX_RING_PAGE_ORDER = 1
+
+
+def ring_page_order_to_use(offered: str | None, ours: int = MAX_RING_PAGE_ORDER) -> int:
+    """The ring-page-order to ask for, given the backend's
+    `max-ring-page-order` node (None or junk: a one-page ring)."""
+    try:
+        theirs = int(offered) if offered is not None else 0
+    except ValueError:
+        return 0
+    return max(0, min(theirs, ours))
+
+
+def ring_nodes(grefs: Sequence[int], order: int) -> dict[str, str]:
+    """The frontend's ring keys: `ring-ref` for a one-page ring, else
+    `ring-page-order` and `ring-ref0..N` (as Linux writes them)."""
+    if order == 0:
+        return {"ring-ref": str(grefs[0])}
+    return {"ring-page-order": str(order)} | {f"ring-ref{i}": str(g) for i, g in enumerate(grefs[:1 << order])}
+
+
 def indirect_segments_to_use(offered: int) -> int:
     """Segments per indirect request for a backend's
     `feature-max-indirect-segments` (0: no indirect requests).  Like Linux,
@@ -81,14 +105,15 @@ def indirect_segments_to_use(offered: int) -> int:
 
 def pool_layout(ring_size: int, indirect_segments: int) -> tuple[int, int]:
     """(data pages, indirect pages) of a ring's persistent pool.  Direct:
-    ring-size x 11 data pages.  Indirect: one set of indirect pages per ring
-    slot, and data pages for the rest of the persistent-grant budget (never
-    fewer than the direct pool, never fewer than one full request)."""
-    direct = ring_size * BLKIF_MAX_SEGMENTS_PER_REQUEST
+    ring-size x 11 data pages, at most the persistent-grant budget (a
+    request waits for pages, so a smaller pool only queues).  Indirect: one
+    set of indirect pages per ring slot, and data pages for the rest of the
+    budget (never fewer than one full request)."""
+    direct = min(ring_size * BLKIF_MAX_SEGMENTS_PER_REQUEST, PERSISTENT_GRANTS)
     if not indirect_segments:
         return direct, 0
     ipages = ring_size * indirect_pages_needed(indirect_segments)
-    return max(direct, indirect_segments, PERSISTENT_GRANTS - ipages), ipages
+    return max(indirect_segments, PERSISTENT_GRANTS - ipages), ipages
 
 
 @dataclass(frozen=True)
