@@ -38,6 +38,8 @@ GOALS = {
     "gnttab.copy_mb_per_s": (">=", 1_000),
     "blk.seq_read_ratio": (">=", 0.5),
     "blk.seq_write_ratio": (">=", 0.5),
+    "blk.rand4k_read_ratio": (">=", 0.25),
+    "blk.fuse_seq_read_ratio": (">=", 0.25),
     "net.tcp_ratio": (">=", 0.10),
     "migration.downtime_ms": ("<=", 200),
 }
@@ -198,11 +200,14 @@ def bench_blk(testbed: Testbed, cycles: int = 8, size_mb: int = 48, rand_seconds
     own driver and I/O engine (no FUSE) while tests/bench/dom0_blk.py in dom0
     attaches and detaches a disk to time the connection, then runs the same
     I/O with fio straight on the loop device that blkback serves.  The FUSE
-    figure is dd on domu1's /run/xen/vbd/xvda (its daemon, the usual path).
+    figure is dd on domu1's /run/xen/vbd/xvda (its daemon, the usual path),
+    against the loop device's sequential read; then fio's 4 KiB random read
+    and write (libaio, O_DIRECT, queue depth `depth`) on that FUSE file.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     fuse_bytes, fuse_s = _fuse_seq_read(testbed, size_mb)
+    fuse_fio = _fuse_fio(testbed, size_mb, rand_seconds, depth)
     name = "blkbench"
     domid = Xen(testbed).create_domain(name, memory_mb=64, environment={"XENBED_MODULES": ""})
     pool = ThreadPoolExecutor(1)
@@ -237,6 +242,8 @@ def bench_blk(testbed: Testbed, cycles: int = 8, size_mb: int = 48, rand_seconds
         "blk.loop_rand4k_read_iops": {"value": round(loop["rand4k_read_iops"]), "unit": f"IOPS@qd{depth}"},
         "blk.rand4k_read_ratio": {"value": round(iops / loop["rand4k_read_iops"], 3), "unit": "x"},
         "blk.fuse_seq_read_mb_s": {"value": round(fuse_bytes / fuse_s / mb, 1), "unit": "MB/s"},
+        "blk.fuse_seq_read_ratio": {"value": round(fuse_bytes / fuse_s / mb / loop["seq_read_mb_s"], 3), "unit": "x"},
+        **fuse_fio,
     }
 
 
@@ -274,6 +281,25 @@ def _fuse_seq_read(testbed: Testbed, size_mb: int, guest: str = "domu1") -> tupl
     # "50331648 bytes (50 MB, 48 MiB) copied, 0.41 s, 122 MB/s"
     line = [ln for ln in (result.stderr or result.stdout).splitlines() if " copied, " in ln][-1]
     return int(line.split()[0]), float(line.split(" copied, ")[1].split()[0])
+
+
+def _fuse_fio(testbed: Testbed, size_mb: int, seconds: float, depth: int,
+              guest: str = "domu1") -> dict[str, dict]:
+    """fio's 4 KiB random read, then write, on the guest's FUSE disk file
+    (libaio, O_DIRECT, `depth` in flight, over its first `size_mb` MiB):
+    IOPS and completion-latency p99."""
+    figures = {}
+    for rw in ("randread", "randwrite"):
+        cmd = ["fio", f"--name=fuse{rw}", "--filename=/run/xen/vbd/xvda", "--direct=1", f"--rw={rw}", "--bs=4k",
+               f"--size={size_mb}M", "--ioengine=libaio", f"--iodepth={depth}", "--time_based",
+               f"--runtime={seconds}", "--randrepeat=0", "--output-format=json"]
+        out = testbed.exec(guest, cmd, check=True).stdout
+        side = json.loads(out[out.index("{"):])["jobs"][0]["read" if rw == "randread" else "write"]
+        p99_us = side["clat_ns"]["percentile"]["99.000000"] / 1000.0
+        kind = "read" if rw == "randread" else "write"
+        figures[f"blk.fuse_fio_rand4k_{kind}_iops"] = {"value": round(side["iops"]), "unit": f"IOPS@qd{depth}"}
+        figures[f"blk.fuse_fio_rand4k_{kind}_p99_us"] = {"value": round(p99_us), "unit": "us"}
+    return figures
 
 
 def bench_net(testbed: Testbed, seconds: int = 5, pings: int = 50) -> dict[str, dict]:

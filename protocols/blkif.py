@@ -21,6 +21,9 @@ decoding preserves them so the backend can answer with the right error.
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .ring import XEN_PAGE_SIZE, MalformedRequest, MalformedResponse, RingMessage, ring_bytes_for_order, ring_size, pack_fields, require_length
@@ -254,6 +257,84 @@ def decode_indirect_page(page: bytes, count: int) -> tuple[Segment, ...]:
     require_length(page, count * SEGMENT_SIZE, "indirect segment page", MalformedRequest)
     return tuple(Segment(*_SEGMENT.unpack_from(page, i * SEGMENT_SIZE)) for i in range(count))
 
+
+
+@dataclass(frozen=True)
+class SegmentArray:
+    """Many segments at once, as three parallel columns (the data path's
+    view of an indirect request: no object per segment).  `grefs` is an
+    array('I'), `first_sects`/`last_sects` one byte per segment."""
+
+    grefs: Sequence[int]
+    first_sects: bytes
+    last_sects: bytes
+
+    def __len__(self) -> int:
+        return len(self.grefs)
+
+    @classmethod
+    def whole_pages(cls, grefs: Sequence[int], last_sect: int = SECTORS_PER_PAGE - 1) -> SegmentArray:
+        """Whole pages, the last one up to `last_sect` (blkfront's chunks)."""
+        n = len(grefs)
+        lasts = bytes([SECTORS_PER_PAGE - 1]) * (n - 1) + bytes([last_sect]) if n else b""
+        return cls(array("I", grefs), bytes(n), lasts)
+
+    @classmethod
+    def of(cls, segments: Sequence[Segment]) -> SegmentArray:
+        return cls(array("I", [s.gref for s in segments]), bytes(s.first_sect for s in segments),
+                   bytes(s.last_sect for s in segments))
+
+    def segments(self) -> tuple[Segment, ...]:
+        return tuple(Segment(g, f, la) for g, f, la in zip(self.grefs, self.first_sects, self.last_sects))
+
+    def all_whole(self) -> bool:
+        """Every segment is a full page (first 0, last 7): the common case."""
+        n = len(self.grefs)
+        return self.first_sects == bytes(n) and self.last_sects == _WHOLE * n
+
+    def nr_sectors(self) -> int:
+        """Sectors covered (segments must be valid: first <= last)."""
+        return sum(self.last_sects) - sum(self.first_sects) + len(self.grefs)
+
+    def pack_into(self, page, offset: int = 0) -> None:
+        """Write the segments as blkif_request_segment structs at `offset` of a
+        writable buffer (the padding bytes are zeroed)."""
+        n = len(self.grefs)
+        end = offset + n * SEGMENT_SIZE
+        body = bytearray(n * SEGMENT_SIZE)
+        words = memoryview(body).cast("I")
+        words[0::2] = self.grefs if isinstance(self.grefs, array) else array("I", self.grefs)
+        words.release()
+        body[4::SEGMENT_SIZE] = self.first_sects
+        body[5::SEGMENT_SIZE] = self.last_sects
+        page[offset:end] = body
+
+    @classmethod
+    def unpack(cls, page, count: int, offset: int = 0) -> SegmentArray:
+        """The `count` segments at `offset` of a (private) buffer."""
+        data = bytes(page[offset:offset + count * SEGMENT_SIZE])
+        require_length(data, count * SEGMENT_SIZE, "segment array", MalformedRequest)
+        grefs = array("I")
+        grefs.frombytes(data)
+        return cls(grefs[0::2], data[4::SEGMENT_SIZE], data[5::SEGMENT_SIZE])
+
+
+_WHOLE = bytes([SECTORS_PER_PAGE - 1])
+if sys.byteorder != "little":  # pragma: no cover - the wire is little-endian (x86_64-abi)
+    raise ImportError("blkif.SegmentArray packs native words: little-endian hosts only")
+
+
+def encode_indirect_pages(segments: SegmentArray) -> list[bytes]:
+    """The indirect pages (4 KiB each, zero-filled after the segments) of an
+    indirect request carrying `segments`."""
+    pages = []
+    for start in range(0, len(segments), SEGMENTS_PER_INDIRECT_PAGE):
+        stop = start + SEGMENTS_PER_INDIRECT_PAGE
+        page = bytearray(XEN_PAGE_SIZE)
+        SegmentArray(segments.grefs[start:stop], segments.first_sects[start:stop],
+                     segments.last_sects[start:stop]).pack_into(page)
+        pages.append(bytes(page))
+    return pages
 
 # Where every field lives, named as tests/abi/ring_abi.c names it.
 FIELDS = {  # "struct.member": (offset, size)

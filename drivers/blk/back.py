@@ -16,15 +16,18 @@ and Closedown).  `Blkback` is a `XenbusDriver` for type "vbd" on a
 probes each new `<frontend-domid>/<devid>` dir in state Initialising, and
 watches the frontend's `state`:
 
-* probe: write `max-ring-page-order` and `feature-max-indirect-segments`,
+* probe: write `max-ring-page-order`, `multi-queue-max-queues` (one per
+  CPU, as Linux's xenblk_max_queues) and `feature-max-indirect-segments`,
   Initialising -> InitWait, watch `<backend>/physical-device` (the hotplug
   step writes it; the device is then opened, O_DIRECT, and a loop device's
   autoclear turned on, until the device is removed or unplugged) and
   `<backend>/state` (the toolstack writes `online=0` + Closing to unplug).
 * when the frontend is Initialised (or Connected) AND `physical-device` is
   there, in either order: read and validate `ring-ref` (or
-  `ring-page-order` + `ring-ref0..N`), `event-channel`, `protocol`,
-  `feature-persistent`; map the ring, bind the event channel, write
+  `ring-page-order` + `ring-ref0..N`), `event-channel` -- per queue under
+  `queue-<i>/` when `multi-queue-num-queues` > 1 --, `protocol`,
+  `feature-persistent`; map each ring, bind each event channel (a worker
+  thread per ring), write
   `sectors`, `info`, `sector-size`, `physical-sector-size`,
   `feature-flush-cache`, `feature-discard` (+ granularity/alignment),
   `feature-persistent` in ONE transaction, then Connected.  Bad keys:
@@ -96,7 +99,7 @@ from xenbed.protocols import blkif
 from xenbed.protocols.blkif import SECTOR_SIZE
 
 from . import hotplug, loop
-from .blkback import DISCARD_GRANULARITY, MAX_INDIRECT_SEGMENTS, MAX_RING_PAGE_ORDER
+from .blkback import DISCARD_GRANULARITY, MAX_INDIRECT_SEGMENTS, MAX_QUEUES, MAX_RING_PAGE_ORDER
 from .connection import BlkbackConnection, Disk, parse_frontend_config
 
 log = logging.getLogger("xenbed.blkback")
@@ -106,6 +109,7 @@ S = XenbusState
 PROBE_FEATURES = {
     "feature-max-indirect-segments": str(MAX_INDIRECT_SEGMENTS),
     "max-ring-page-order": str(MAX_RING_PAGE_ORDER),
+    "multi-queue-max-queues": str(MAX_QUEUES),
 }
 
 
@@ -276,9 +280,9 @@ class Blkback(BackendDriver):
         be.connection = conn
         conn.on_resize = lambda _sectors, conn=conn: self._publish_sectors(dev, conn)
         conn.start()
-        log.info("%s: connected to dom%d: %s (%s sectors, %s, ring order %d, port %d, persistent %s)",
+        log.info("%s: connected to dom%d: %s (%s sectors, %s, %d queue(s), ring order %d, ports %s, persistent %s)",
                  dev.nodename, dev.otherend_id, disk.path, geometry.sectors, "ro" if readonly else "rw",
-                 config.ring_page_order, conn.port, config.persistent)
+                 len(conn.queues), config.ring_page_order, [q.port for q in conn.queues], config.persistent)
         dev.switch_state(S.Connected)
 
     # -- reconfiguration while Connected ----------------------------------------------------

@@ -25,16 +25,20 @@ from xenbed.protocols import blkif
 from xenbed.protocols.blkif import (
     BLKIF_DISCARD_SECURE, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
-    SECTOR_SIZE, SECTORS_PER_PAGE, BlkifRequestDiscard, BlkifRequestIndirect, BlkifResponse, Segment,
+    SECTOR_SIZE, SECTORS_PER_PAGE, BlkifRequestDiscard, BlkifRequestIndirect, BlkifResponse,
+    SegmentArray,
 )
 from xenbed.protocols.ring import XEN_PAGE_SIZE, BackRing, MalformedRequest
+
+from .pgrants import MAX_PERSISTENT_GRANTS, PersistentGrants
 
 log = logging.getLogger("xenbed.blkback")
 
 # What this backend offers (Linux blkback's defaults).
 MAX_RING_PAGE_ORDER = 4  # xen_blkif_max_ring_order
 MAX_INDIRECT_SEGMENTS = 256  # MAX_INDIRECT_SEGMENTS in xen-blkback/common.h
-MAX_PERSISTENT_GRANTS = 1056  # xen_blkif_max_pgrants
+# xenblk_max_queues: Linux offers one queue per online CPU
+MAX_QUEUES = max(1, min(os.cpu_count() or 1, 8))
 DISCARD_GRANULARITY = 4096
 
 BLKDISCARD = 0x1277  # _IO(0x12, 119)
@@ -58,6 +62,11 @@ def segments_status(segments, sector_number: int, geometry: DiskGeometry) -> int
     """BLKIF_RSP_OKAY when every segment is well formed (first_sect <=
     last_sect <= 7) and the sectors they cover, laid end to end from
     `sector_number`, lie inside the disk; BLKIF_RSP_ERROR otherwise."""
+    if isinstance(segments, SegmentArray):
+        if not segments.all_whole():
+            if any(not f <= la < SECTORS_PER_PAGE for f, la in zip(segments.first_sects, segments.last_sects)):
+                return BLKIF_RSP_ERROR
+        return BLKIF_RSP_OKAY if sector_number + segments.nr_sectors() <= geometry.sectors else BLKIF_RSP_ERROR
     total = 0
     for seg in segments:
         if not 0 <= seg.first_sect <= seg.last_sect < SECTORS_PER_PAGE:
@@ -146,37 +155,53 @@ def response_operation(req) -> int:
 class BlkifServer:
     """Serves one blkif ring over one open disk descriptor.
 
-    `grants` has GrantTable's `map_batch([(domid, gref, readonly)]) ->
-    [Mapping(.mmap) | exception]` and `unmap_batch(mappings)`: a request's
-    segments (or an indirect request's pages) are mapped with one call and
-    unmapped with one.  `process()` takes every request on the ring,
-    answers each, pushes the responses and returns whether the frontend
-    wants an event (it does the final check itself).  RingOverflow
-    propagates: the caller must close the device.
+    `grants` has GrantTable's `map(domid, gref, readonly) -> Mapping(.mmap)`
+    and `unmap(mapping)`.  `process()` takes every request on the ring --
+    all that one notification brought, together -- answers each, pushes
+    the responses once per batch with ring.h's notify check and returns
+    whether the frontend wants an event (it does the final check itself).
+    Data move between the disk and the granted pages with one
+    `preadv`/`pwritev` per request, straight into the mappings: no Python
+    copy.  RingOverflow propagates: the caller must close the device.
     """
 
     def __init__(self, ring: BackRing, grants, domid: int, fd: int, geometry: DiskGeometry,
-                 *, persistent: bool = False, name: str = "blkif"):
+                 *, persistent: bool = False, name: str = "blkif", max_grants: int = MAX_PERSISTENT_GRANTS):
         self.ring, self.grants, self.domid = ring, grants, domid
         self.fd, self.geometry = fd, geometry  # swapped together by a media change
         self.persistent = persistent
         self.name = name
-        self.persistent_maps: dict[int, object] = {}
-        self.stats = {"requests": 0, "errors": 0, "eopnotsupp": 0, "read_bytes": 0, "written_bytes": 0}
+        self.pgrants = PersistentGrants(grants, domid, persistent=persistent, max_grants=max_grants, name=name)
+        self.stats = {"requests": 0, "errors": 0, "eopnotsupp": 0, "read_bytes": 0, "written_bytes": 0,
+                      "batches": 0}
+
+    @property
+    def persistent_maps(self):
+        """gref -> persistent mapping entry (for tests and status)."""
+        return self.pgrants.table
 
     # -- the loop ---------------------------------------------------------------
     def process(self, stop: threading.Event | None = None) -> bool:
         """Handle requests until the ring is empty after a final check (or
         `stop` is set); returns True if the frontend must be notified."""
         notify = False
+        ring = self.ring
         while True:
-            while self.ring.unconsumed_requests():
-                if stop is not None and stop.is_set():
-                    return self._push() or notify
-                entry = self.ring.take_request()  # a private copy: everything below looks only at it
-                self.ring.put_response(self.handle_entry(entry).encode())
+            while ring.unconsumed_requests():
+                self.stats["batches"] += 1
+                batch = []
+                while ring.unconsumed_requests():  # everything this notification brought
+                    batch.append(ring.take_request())  # private copies: everything below looks only at them
+                for entry in batch:
+                    ring.put_response(self.handle_entry(entry).encode())
+                    if stop is not None and stop.is_set():
+                        break
                 notify = self._push() or notify
-            if not self.ring.final_check_for_requests():
+                if stop is not None and stop.is_set():
+                    return notify
+            if self.pgrants.purge_due():
+                self.pgrants.purge()
+            if not ring.final_check_for_requests():
                 return notify
 
     def _push(self) -> bool:
@@ -196,6 +221,8 @@ class BlkifServer:
                 log.warning("%s: request id=%d op=%d sector=%d failed: %s", self.name, req.id, req.operation,
                             req.sector_number, exc)
                 status = BLKIF_RSP_ERROR
+            finally:
+                self.pgrants.done()
         return self._respond(req.id, response_operation(req), status)
 
     def _respond(self, id_: int, op: int, status: int) -> BlkifResponse:
@@ -217,41 +244,40 @@ class BlkifServer:
             return self._rw(req.indirect_op, req.sector_number, segments)
         if req.operation == BLKIF_OP_FLUSH_DISKCACHE:
             if req.nr_segments:  # a write with REQ_PREFLUSH: data, then everything durable
-                status = self._rw(BLKIF_OP_WRITE, req.sector_number, req.segments)
+                status = self._rw(BLKIF_OP_WRITE, req.sector_number, SegmentArray.of(req.segments))
                 if status != BLKIF_RSP_OKAY:
                     return status
             os.fdatasync(self.fd)
             return BLKIF_RSP_OKAY
-        return self._rw(req.operation, req.sector_number, req.segments)
+        return self._rw(req.operation, req.sector_number, SegmentArray.of(req.segments))
 
-    def _rw(self, op: int, sector_number: int, segments) -> int:
-        extents = segment_extents(sector_number, segments)
+    def _rw(self, op: int, sector_number: int, segments: SegmentArray) -> int:
+        """One preadv/pwritev over the (validated) segments' pieces of their pages."""
         reading = op == BLKIF_OP_READ
-        mappings, views = [], []
+        views = self.pgrants.pages(segments.grefs, not reading)
+        if segments.all_whole():
+            buffers, total = views, len(views) * XEN_PAGE_SIZE
+        else:
+            buffers = [v[f * SECTOR_SIZE:(la + 1) * SECTOR_SIZE]
+                       for v, f, la in zip(views, segments.first_sects, segments.last_sects)]
+            total = segments.nr_sectors() * SECTOR_SIZE
+        offset = sector_number * SECTOR_SIZE
         try:
-            mappings = self._map_all([ext.gref for ext in extents], readonly=not reading)
-            for ext, mapping in zip(extents, mappings):
-                page = memoryview(mapping.mmap)
-                views.append(page)
-                views.append(page[ext.page_offset:ext.page_offset + ext.length])
-            buffers = views[1::2]
-            total = sum(e.length for e in extents)
-            offset = extents[0].disk_offset
             if reading:
                 done = os.preadv(self.fd, buffers, offset)
                 self.stats["read_bytes"] += done
             else:
                 done = os.pwritev(self.fd, buffers, offset)
                 self.stats["written_bytes"] += done
-            if done != total:
-                log.warning("%s: short %s at %d: %d of %d bytes", self.name, "read" if reading else "write",
-                            offset, done, total)
-                return BLKIF_RSP_ERROR
-            return BLKIF_RSP_OKAY
         finally:
-            for view in reversed(views):
-                view.release()
-            self._unmap_all(mappings)
+            if buffers is not views:
+                for b in buffers:
+                    b.release()
+        if done != total:
+            log.warning("%s: short %s at %d: %d of %d bytes", self.name, "read" if reading else "write",
+                        offset, done, total)
+            return BLKIF_RSP_ERROR
+        return BLKIF_RSP_OKAY
 
     def _discard(self, req: BlkifRequestDiscard) -> int:
         if req.nr_sectors == 0:
@@ -268,76 +294,17 @@ class BlkifServer:
             raise
         return BLKIF_RSP_OKAY
 
-    def _indirect_segments(self, req: BlkifRequestIndirect) -> tuple[Segment, ...]:
-        segments: list[Segment] = []
-        remaining = req.nr_segments
-        mappings = self._map_all(req.indirect_grefs[:blkif.indirect_pages_needed(req.nr_segments)], readonly=True)
-        try:
-            pages = [bytes(m.mmap[:XEN_PAGE_SIZE]) for m in mappings]  # copies before decoding (double fetch)
-        finally:
-            self._unmap_all(mappings)
-        for page in pages:
-            count = min(remaining, blkif.SEGMENTS_PER_INDIRECT_PAGE)
-            segments += blkif.decode_indirect_page(page, count)
-            remaining -= count
-        return tuple(segments)
-
-    # -- grants -----------------------------------------------------------------
-    def _map_all(self, grefs, readonly: bool) -> list:
-        """Map a request's pages, in order, with one map_batch call (two when
-        a persistent mapping is refused: see below).  Persistent grants are
-        granted read-write by the frontend and mapped so, and kept; a page
-        that is refused that way but wanted read-only (an indirect page, say)
-        is mapped read-only for this request only.  If any page is refused,
-        the others are unmapped again and the GrantError raised."""
-        out: list = [None] * len(grefs)
-        wanted: list[tuple[int, int, bool]] = []  # (index, gref, keep as persistent)
-        room = MAX_PERSISTENT_GRANTS - len(self.persistent_maps) if self.persistent else 0
-        planned: dict[int, int] = {}  # gref -> index of its first mapping in this request
-        for i, gref in enumerate(grefs):
-            if self.persistent and gref in self.persistent_maps:
-                out[i] = self.persistent_maps[gref]
-            elif gref in planned and wanted[planned[gref]][2]:
-                out[i] = planned[gref]  # the same persistent page twice: resolved below
-            else:
-                keep = room > 0
-                room -= keep
-                planned.setdefault(gref, len(wanted))
-                wanted.append((i, gref, keep))
-        results = self.grants.map_batch([(self.domid, g, readonly and not keep) for _, g, keep in wanted]) \
-            if wanted else []
-        retry = [n for n, ((_, _, keep), r) in enumerate(zip(wanted, results))
-                 if keep and readonly and isinstance(r, Exception)]
-        if retry:
-            again = self.grants.map_batch([(self.domid, wanted[n][1], True) for n in retry])
-            for n, result in zip(retry, again):
-                results[n] = result
-                wanted[n] = (wanted[n][0], wanted[n][1], False)
-        failed = next((r for r in results if isinstance(r, Exception)), None)
-        if failed is not None:
-            self._unmap_all([r for r in results if not isinstance(r, Exception)], keep=False)
-            raise failed
-        for (i, gref, keep), mapping in zip(wanted, results):
-            out[i] = mapping
-            if keep:
-                self.persistent_maps[gref] = mapping
-        return [m if not isinstance(m, int) else results[m] for m in out]
-
-    def _unmap_all(self, mappings, keep: bool = True) -> None:
-        """Unmap with one call what is not kept as a persistent grant (until disconnect)."""
-        kept = self.persistent_maps if self.persistent and keep else {}
-        gone = {id(m): m for m in mappings if kept.get(m.gref) is not m}
-        if gone:
-            self.grants.unmap_batch(list(gone.values()))
+    def _indirect_segments(self, req: BlkifRequestIndirect) -> SegmentArray:
+        """The segment array from the request's indirect pages, copied out of
+        the granted pages before it is looked at (no double fetch)."""
+        pages = req.indirect_grefs[:blkif.indirect_pages_needed(req.nr_segments)]
+        data = b"".join(bytes(view[:XEN_PAGE_SIZE]) for view in self.pgrants.pages(pages, True))
+        self.pgrants.done()  # the indirect pages mapped for this request only are not needed any more
+        return SegmentArray.unpack(data, req.nr_segments)
 
     def release(self) -> None:
         """Unmap every persistent grant (at disconnect)."""
-        maps, self.persistent_maps = list(self.persistent_maps.values()), {}
-        if maps:
-            try:
-                self.grants.unmap_batch(maps)
-            except Exception as exc:
-                log.warning("%s: unmapping %d persistent grants: %s", self.name, len(maps), exc)
+        self.pgrants.release()
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -4,15 +4,14 @@ ring kthread, xen-blkback/common.h and blkback.c's xen_blkif_schedule).
 
 `Disk` is the backing device, open from the hotplug step's
 `physical-device` until the device is removed (Linux's xen_vbd);
-`ContiguousPages` maps a multi-page ring side by side (vmap).
+`ContiguousPages` (drivers/xen/memory.py) maps a multi-page ring side by side.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
 import logging
-import mmap
 import os
 import stat
 import threading
@@ -25,8 +24,10 @@ from xenbed.protocols.ring import XEN_PAGE_SIZE, BackRing, RingOverflow
 from xenbed.drivers.xenbus.backend import run_ring_thread
 from xenbed.drivers.xenbus.nodes import BadNode, read_flag, read_uint
 
+from xenbed.drivers.xen.memory import ContiguousPages
+
 from . import loop
-from .blkback import MAX_RING_PAGE_ORDER, BlkifServer, DiskGeometry
+from .blkback import MAX_QUEUES, MAX_RING_PAGE_ORDER, BlkifServer, DiskGeometry
 
 log = logging.getLogger("xenbed.blkback")
 
@@ -36,86 +37,59 @@ log = logging.getLogger("xenbed.blkback")
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class FrontendConfig:
+class QueueConfig:
+    """One queue's ring: its grant refs and the frontend's event channel."""
+
     ring_refs: tuple[int, ...]
+    event_channel: int
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    ring_refs: tuple[int, ...]  # queue 0's (the only one without multi-queue)
     ring_page_order: int
     event_channel: int
     protocol: str
     persistent: bool
+    queues: tuple[QueueConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.queues:
+            object.__setattr__(self, "queues", (QueueConfig(self.ring_refs, self.event_channel),))
 
 
-def parse_frontend_config(read, max_ring_page_order: int = MAX_RING_PAGE_ORDER) -> FrontendConfig:
-    """Read and validate the frontend's connection keys.  `read(key)` returns
-    the value of `<frontend>/<key>` or None (xenbus_gather / read_per_ring_refs).
-    Missing or malformed keys raise BadNode (-> dev_fatal)."""
+def parse_frontend_config(read, max_ring_page_order: int = MAX_RING_PAGE_ORDER,
+                          max_queues: int = MAX_QUEUES) -> FrontendConfig:
+    """Read and validate the frontend's connection keys (connect_ring and
+    read_per_ring_refs).  `read(key)` returns the value of `<frontend>/<key>`
+    or None.  `multi-queue-num-queues` N > 1 (at most `max_queues`): each
+    queue's `ring-ref*` and `event-channel` under `queue-<i>/`;
+    `ring-page-order` applies to every queue.  Missing or malformed keys
+    raise BadNode (-> dev_fatal)."""
     protocol = read("protocol")
     if protocol is None or protocol == "":
         protocol = blkif.PROTOCOL  # native
     if protocol != blkif.XEN_IO_PROTO_ABI_X86_64:
         raise BadNode(errno.ENOSYS, f"unknown fe protocol {protocol!r}")
-    queues = read("multi-queue-num-queues")
-    if queues is not None and read_uint(queues, "multi-queue-num-queues") != 1:
-        raise BadNode(errno.ENOSYS, f"{queues} queues requested; multi-queue-max-queues is not offered")
+    queues_text = read("multi-queue-num-queues")
+    nqueues = 1 if queues_text is None else read_uint(queues_text, "multi-queue-num-queues")
+    if not 1 <= nqueues <= max_queues:
+        raise BadNode(errno.ENOSYS, f"guest requested {nqueues} queues, exceeding the maximum of {max_queues}")
     order_text = read("ring-page-order")
-    if order_text is None:
-        order = 0
-        refs = (read_uint(read("ring-ref"), "ring-ref"),)
-    else:
-        order = read_uint(order_text, "ring-page-order")
-        if order > max_ring_page_order:
-            raise BadNode(errno.EINVAL, f"ring-page-order {order} exceeds max-ring-page-order "
-                                        f"{max_ring_page_order}")
-        refs = tuple(read_uint(read(f"ring-ref{i}"), f"ring-ref{i}") for i in range(1 << order))
-    port = read_uint(read("event-channel"), "event-channel")
+    order = 0 if order_text is None else read_uint(order_text, "ring-page-order")
+    if order > max_ring_page_order:
+        raise BadNode(errno.EINVAL, f"ring-page-order {order} exceeds max-ring-page-order {max_ring_page_order}")
+
+    def per_ring(prefix: str) -> QueueConfig:
+        if order_text is None:
+            refs = (read_uint(read(f"{prefix}ring-ref"), f"{prefix}ring-ref"),)
+        else:
+            refs = tuple(read_uint(read(f"{prefix}ring-ref{i}"), f"{prefix}ring-ref{i}") for i in range(1 << order))
+        return QueueConfig(refs, read_uint(read(f"{prefix}event-channel"), f"{prefix}event-channel"))
+
+    queues = tuple(per_ring("" if nqueues == 1 else f"queue-{q}/") for q in range(nqueues))
     persistent = read_flag(read("feature-persistent"), "feature-persistent")
-    return FrontendConfig(refs, order, port, protocol, persistent)
-
-
-# ---------------------------------------------------------------------------------------------
-# Mapping a multi-page ring contiguously
-# ---------------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_memview_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
-_memview_from_memory.restype = ctypes.py_object
-_memview_from_memory.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
-_PyBUF_WRITE = 0x200
-_MAP_FIXED = 0x10
-_PROT_NONE = 0
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-class ContiguousPages:
-    """Several page descriptors mapped side by side (vmap of a multi-page
-    ring): `buf` is a writable memoryview over all of them."""
-
-    def __init__(self, fds: list[int]):
-        self.size = len(fds) * XEN_PAGE_SIZE
-        addr = _libc.mmap(None, self.size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if addr in (None, _MAP_FAILED):
-            raise OSError(ctypes.get_errno(), "reserving ring address space")
-        self.addr = addr
-        try:
-            for i, fd in enumerate(fds):
-                at = _libc.mmap(addr + i * XEN_PAGE_SIZE, XEN_PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE,
-                                mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
-                if at != addr + i * XEN_PAGE_SIZE:
-                    raise OSError(ctypes.get_errno(), f"mapping ring page {i}")
-        except BaseException:
-            _libc.munmap(addr, self.size)
-            raise
-        self.buf = _memview_from_memory(addr, self.size, _PyBUF_WRITE)
-
-    def close(self) -> None:
-        if self.addr is not None:
-            self.buf.release()
-            _libc.munmap(self.addr, self.size)
-            self.addr = None
+    return FrontendConfig(queues[0].ring_refs, order, queues[0].event_channel, protocol, persistent, queues)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,44 +155,35 @@ class Disk:
             self.fd = None
 
 
-class BlkbackConnection:
-    """The live half of a connected vbd: the mapped ring, the bound port, the
-    open loop device and the thread serving them."""
+class RingQueue:
+    """One queue of a connected vbd: its mapped ring, bound port, server and
+    the worker thread serving them (Linux's xen_blkif_ring and its kthread)."""
 
-    def __init__(self, name: str, grants, evtchn, domid: int, config: FrontendConfig, disk: Disk, on_fatal):
-        self.name = name
-        self.grants, self.evtchn = grants, evtchn
-        self.domid, self.config = domid, config
-        self.on_fatal = on_fatal
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
+    def __init__(self, conn: BlkbackConnection, index: int, queue: QueueConfig) -> None:
+        self.conn, self.index = conn, index
+        self.name = conn.name if len(conn.config.queues) == 1 else f"{conn.name}/queue-{index}"
         self.ring_mappings: list = []
         self.ring_pages: ContiguousPages | None = None
         self.port: int | None = None
         self.server: BlkifServer | None = None
-        self.disk = disk
+        self.thread: threading.Thread | None = None
         # Held while requests are served, so a media change never swaps the
-        # descriptor under a request; `publish_lock` orders writers of `sectors`.
+        # descriptor under a request.
         self.io_lock = threading.Lock()
-        self.publish_lock = threading.Lock()
-        self.on_resize = None  # called on the ring thread with the new sector count
-        try:
-            self._open(disk)
-        except BaseException:
-            self.close()
-            raise
+        self._open(queue)
 
-    def _open(self, disk: Disk) -> None:
-        cfg = self.config
+    def _open(self, queue: QueueConfig) -> None:
+        conn, cfg = self.conn, self.conn.config
+        grants = conn.grants
         if cfg.ring_page_order == 0:
-            mapping = self.grants.map(self.domid, cfg.ring_refs[0], False)
+            mapping = grants.map(conn.domid, queue.ring_refs[0], False)
             self.ring_mappings.append(mapping)
             buf = mapping.mmap
         else:
             fds = []
             try:
-                for ref in cfg.ring_refs:
-                    handle, _gfn, fd = self.grants.map_fd(self.domid, ref, False)
+                for ref in queue.ring_refs:
+                    handle, _gfn, fd = grants.map_fd(conn.domid, ref, False)
                     self.ring_mappings.append(handle)
                     fds.append(fd)
                 self.ring_pages = ContiguousPages(fds)
@@ -227,33 +192,116 @@ class BlkbackConnection:
                     os.close(fd)
             buf = self.ring_pages.buf
         ring = BackRing(buf, blkif.RING_ENTRY_SIZE, ring_bytes=XEN_PAGE_SIZE << cfg.ring_page_order)
-        self.server = BlkifServer(ring, self.grants, self.domid, disk.fd, disk.geometry,
+        self.server = BlkifServer(ring, grants, conn.domid, conn.disk.fd, conn.disk.geometry,
                                   persistent=cfg.persistent, name=self.name)
-        self.port = self.evtchn.bind_interdomain(self.domid, cfg.event_channel)
-
-    @property
-    def geometry(self) -> DiskGeometry:
-        return self.server.geometry
+        self.port = conn.evtchn.bind_interdomain(conn.domid, queue.event_channel)
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._serve, name=f"blkif-{self.name}", daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        run_ring_thread(self.name, self.stop, self.on_fatal, self._serve_ring, (RingOverflow,))
+        conn = self.conn
+        run_ring_thread(self.name, conn.stop, conn.on_fatal, self._serve_ring, (RingOverflow,))
 
     def _serve_ring(self) -> None:
-        while not self.stop.is_set():
-            woken = self.evtchn.wait(self.port, timeout=0.25)  # clears the pending bit before we look
-            self._check_capacity()  # xen_vbd_resize's check, on every wake (an idle one too)
+        conn, evtchn, stop = self.conn, self.conn.evtchn, self.conn.stop
+        while not stop.is_set():
+            woken = evtchn.wait(self.port, timeout=0.25)  # clears the pending bit before we look
+            if self.index == 0:
+                conn._check_capacity()  # xen_vbd_resize's check, on every wake (an idle one too)
             if not woken:
+                if self.server.pgrants.purge_due():  # an idle ring's grants time out too
+                    with self.io_lock:
+                        self.server.pgrants.purge()
                 continue
-            if self.stop.is_set():
+            if stop.is_set():
                 break
             with self.io_lock:
-                notify = self.server.process(self.stop)
+                notify = self.server.process(stop)
             if notify:
-                self.evtchn.notify(self.port)
+                evtchn.notify(self.port)
+
+    def join(self) -> None:
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(10)
+            if self.thread.is_alive():
+                log.error("%s: ring thread did not stop", self.name)
+
+    def close(self) -> None:
+        conn = self.conn
+        if self.server is not None:
+            try:
+                self.server.ring.push_responses()
+            except Exception:
+                pass
+            self.server.release()
+            self.server.ring.release()
+        if self.port is not None:
+            try:
+                conn.evtchn.remove_callbacks(self.port)
+                conn.evtchn.close(self.port)
+            except Exception as exc:
+                log.warning("%s: closing port %d: %s", self.name, self.port, exc)
+            self.port = None
+        if self.ring_pages is not None:
+            self.ring_pages.close()
+        for mapping in self.ring_mappings:
+            try:
+                if isinstance(mapping, int):
+                    conn.grants.unmap_handle(mapping)
+                else:
+                    conn.grants.unmap(mapping)
+            except Exception as exc:
+                log.warning("%s: unmapping the ring: %s", self.name, exc)
+        self.ring_mappings = []
+
+
+class BlkbackConnection:
+    """The live half of a connected vbd: one `RingQueue` per queue the
+    frontend asked for (ring, port, worker thread) over the open disk."""
+
+    def __init__(self, name: str, grants, evtchn, domid: int, config: FrontendConfig, disk: Disk, on_fatal):
+        self.name = name
+        self.grants, self.evtchn = grants, evtchn
+        self.domid, self.config = domid, config
+        self.on_fatal = on_fatal
+        self.stop = threading.Event()
+        self.queues: list[RingQueue] = []
+        self.disk = disk
+        self.geometry = disk.geometry
+        # `publish_lock` orders writers of `sectors`.
+        self.publish_lock = threading.Lock()
+        self.on_resize = None  # called on the ring thread with the new sector count
+        try:
+            for index, queue in enumerate(config.queues):
+                self.queues.append(RingQueue(self, index, queue))
+        except BaseException:
+            self.close()
+            raise
+
+    # queue 0, for callers that know one ring
+    @property
+    def server(self) -> BlkifServer | None:
+        return self.queues[0].server if self.queues else None
+
+    @property
+    def port(self) -> int | None:
+        return self.queues[0].port if self.queues else None
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self.queues[0].thread if self.queues else None
+
+    def start(self) -> None:
+        for queue in self.queues:
+            queue.start()
+
+    def _set_disk(self, fd, geometry: DiskGeometry) -> None:
+        """Every queue's locks held: the next request of each sees it."""
+        self.geometry = geometry
+        for queue in self.queues:
+            queue.server.fd, queue.server.geometry = fd, geometry
 
     def _check_capacity(self) -> None:
         """Serve the disk's current size if it changed (a grown loop device),
@@ -265,56 +313,35 @@ class BlkbackConnection:
             sectors = loop.device_size(disk.fd) // SECTOR_SIZE
         except OSError:
             return
-        with self.io_lock:
-            if self.disk is not disk or sectors == self.server.geometry.sectors:
+        with self._all_io_locks():
+            if self.disk is not disk or sectors == self.geometry.sectors:
                 return  # a media change came in between, or nothing changed
-            old = self.server.geometry.sectors
-            self.server.geometry = disk.geometry = replace(self.server.geometry, sectors=sectors)
+            old = self.geometry.sectors
+            disk.geometry = replace(self.geometry, sectors=sectors)
+            self._set_disk(disk.fd, disk.geometry)
         log.info("%s: %s changed size: %d -> %d sectors", self.name, disk.path, old, sectors)
         if self.on_resize is not None:
             self.on_resize(sectors)
 
+    def _all_io_locks(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for queue in self.queues:
+            stack.enter_context(queue.io_lock)
+        return stack
+
     def swap_disk(self, disk: Disk) -> Disk:
         """Serve `disk` from the next request on (a media change); returns the
         old one, which no request uses any more (the caller closes it)."""
-        with self.io_lock:
+        with self._all_io_locks():
             old, self.disk = self.disk, disk
-            self.server.fd = disk.fd
-            self.server.geometry = disk.geometry
+            self._set_disk(disk.fd, disk.geometry)
         return old
 
     def close(self) -> None:
-        """Stop taking requests, let the one in hand finish, then unmap
+        """Stop taking requests, let the ones in hand finish, then unmap
         everything, unbind and close the disk (autoclear frees the loop)."""
         self.stop.set()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(10)
-            if self.thread.is_alive():
-                log.error("%s: ring thread did not stop", self.name)
-        if self.server is not None:
-            try:
-                self.server.ring.push_responses()
-            except Exception:
-                pass
-            self.server.release()
-            self.server.ring.release()
-        if self.port is not None:
-            try:
-                self.evtchn.remove_callbacks(self.port)
-                self.evtchn.close(self.port)
-            except Exception as exc:
-                log.warning("%s: closing port %d: %s", self.name, self.port, exc)
-            self.port = None
-        if self.ring_pages is not None:
-            self.ring_pages.close()
-        for mapping in self.ring_mappings:
-            try:
-                if isinstance(mapping, int):
-                    self.grants.unmap_handle(mapping)
-                else:
-                    self.grants.unmap(mapping)
-            except Exception as exc:
-                log.warning("%s: unmapping the ring: %s", self.name, exc)
-        self.ring_mappings = []
-
-
+        for queue in self.queues:
+            queue.join()
+        for queue in self.queues:
+            queue.close()

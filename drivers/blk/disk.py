@@ -147,7 +147,7 @@ class BlkDisk:
     def block(self) -> int:
         return max(SECTOR_SIZE, self.info.sector_size)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         size = self.size
         if size == 0 and self.info.cdrom:
             raise OSError(errno.ENOMEDIUM, f"{self.name}: no medium in the drive")
@@ -157,7 +157,9 @@ class BlkDisk:
         start, end = align_span(offset, length, self.block)
         end = min(end, size)
         data = self.engine.read_sectors(start // SECTOR_SIZE, (end - start) // SECTOR_SIZE)
-        return bytes(memoryview(data)[offset - start:offset - start + length])
+        if offset == start and len(data) == length:
+            return data  # aligned: no copy (FUSE replies from any buffer)
+        return memoryview(data)[offset - start:offset - start + length]
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         if self.readonly:

@@ -8,10 +8,13 @@ FUSE (fuse_disk.py), on which `dd`, `mkfs.ext4` and `fsck` work.
 
 Connection (seed 000, Device Initialisation)
 --------------------------------------------
-probe (both ends Initialising): allocate the ring page, SHARED_RING_INIT it,
-grant it to `backend-id`, allocate an unbound event channel for the backend,
-write `ring-ref`, `event-channel`, `protocol` (x86_64-abi) and
-`feature-persistent` in one transaction, switch to Initialised.  When the
+backend in InitWait (at probe, or when it gets there: talk_to_blkback):
+read its `max-ring-page-order`; allocate the ring -- 2**order pages, order
+= min(that, ours), mapped side by side -- SHARED_RING_INIT it, grant each
+page to `backend-id`, allocate an unbound event channel for the backend,
+write `ring-ref` (order 0) or `ring-page-order` + `ring-ref0..N`,
+`event-channel`, `protocol` (x86_64-abi) and `feature-persistent` in one
+transaction, switch to Initialised.  When the
 backend reaches Connected: read `sectors`, `sector-size`, `info`,
 `feature-flush-cache` / `feature-barrier`, `feature-discard`,
 `feature-persistent`, `feature-max-indirect-segments`; grant the data-page
@@ -51,11 +54,13 @@ from xenbed.drivers.xenbus.frontend import FrontendDevice, GrantedPage, RingReso
 from xenbed.drivers.xenbus.nodes import read_int
 from xenbed.protocols import blkif
 from xenbed.protocols.blkif import BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER, RING_ENTRY_SIZE
-from xenbed.protocols.ring import FrontRing, MalformedResponse, RingError, SharedRing
+from xenbed.protocols.ring import XEN_PAGE_SIZE, FrontRing, MalformedResponse, RingError, SharedRing
 from xenbed.protocols.vdev import number_to_vdev
 
 from .disk import BlkDisk, DiskInfo
-from .front_engine import BlkfrontEngine, indirect_segments_to_use, pool_layout
+from .front_engine import (
+    MAX_RING_PAGE_ORDER, BlkfrontEngine, indirect_segments_to_use, pool_layout, ring_nodes, ring_page_order_to_use,
+)
 
 if TYPE_CHECKING:
     from xenbed.drivers.xenbus.daemon import GuestXen
@@ -100,10 +105,12 @@ class BlkFront(XenbusFrontend):
     devicetype = "vbd"
     report_key = "disks"
 
-    def __init__(self, xen: GuestXen, fs=None, *, drain_timeout: float = 30.0) -> None:
+    def __init__(self, xen: GuestXen, fs=None, *, drain_timeout: float = 30.0,
+                 max_ring_page_order: int = MAX_RING_PAGE_ORDER) -> None:
         super().__init__(xen)
         self.fs = fs
         self.drain_timeout = drain_timeout
+        self.max_ring_page_order = max_ring_page_order  # 0: a one-page ring, whatever the backend offers
 
     # -- XenbusDriver ----------------------------------------------------------------
     def probe(self, dev) -> None:
@@ -117,7 +124,7 @@ class BlkFront(XenbusFrontend):
         vbd = Vbd(dev, name, devnum)
         dev.priv = vbd
         self._add(vbd)
-        self._talk_to_backend(vbd)
+        self._talk_when_backend_waits(vbd)
 
     def otherend_changed(self, dev, state) -> None:
         vbd: Vbd | None = dev.priv
@@ -161,7 +168,7 @@ class BlkFront(XenbusFrontend):
         if vbd is None:
             return
         self._drop_rings(vbd)
-        self._talk_to_backend(vbd)
+        self._talk_when_backend_waits(vbd)
 
     def _drop_rings(self, vbd: Vbd) -> None:
         """Keep the disk: what was in flight stays in the shadow, callers of
@@ -180,25 +187,41 @@ class BlkFront(XenbusFrontend):
 
     # -- connection ----------------------------------------------------------------
     def _talk_to_backend(self, vbd: Vbd) -> None:
-        """Ring page, grant, port, then the four nodes in ONE transaction and
-        Initialised (seed 000)."""
+        """talk_to_blkback: the ring (of 2**order pages, as the backend's
+        `max-ring-page-order` allows), its grants, the port, then the
+        nodes in ONE transaction and Initialised (seed 000)."""
         dev, xen = vbd.dev, self.xen
         conn = VbdRing()
+        order = ring_page_order_to_use(dev.otherend_read("max-ring-page-order"), self.max_ring_page_order)
         with self._setting_up(dev, conn, "setting up ring"):
-            conn.pages = xen.mem.alloc(1)
-            SharedRing.init(conn.pages[0].mmap)
-            conn.ring = FrontRing(conn.pages[0].mmap, RING_ENTRY_SIZE)
-            conn.rings.append(conn.ring)
+            nbytes = XEN_PAGE_SIZE << order
+            if order == 0:
+                conn.pages = xen.mem.alloc(1)
+                buf = conn.pages[0].mmap
+            else:
+                conn.pages, contiguous = xen.mem.alloc_contiguous(1 << order)
+                conn.rings.append(contiguous)  # released after the ring on it
+                buf = contiguous.buf
+            SharedRing.init(buf)
+            conn.ring = FrontRing(buf, RING_ENTRY_SIZE, ring_bytes=nbytes)
+            conn.rings.insert(0, conn.ring)
             conn.grefs = self._grant_rings(dev, conn.pages)
             conn.ring_ref = conn.grefs[0]
             conn.port = xen.evtchn.alloc_unbound(dev.otherend_id)
             conn.ports.append(conn.port)
         vbd.conn = conn
-        self._publish(dev, {"ring-ref": str(conn.ring_ref), "event-channel": str(conn.port),
+        self._publish(dev, {**ring_nodes(conn.grefs, order), "event-channel": str(conn.port),
                             "protocol": blkif.PROTOCOL, "feature-persistent": "1"},
                       "writing ring-ref/event-channel")
         xen.evtchn.on_event(conn.port, lambda port, vbd=vbd, conn=conn: self._on_event(vbd, conn, port))
         dev.switch_state(XenbusState.Initialised)
+
+    def _talk_when_backend_waits(self, vbd: Vbd) -> None:
+        """Linux talks to blkback when it reaches InitWait (its keys are
+        written by then); a backend there already is not seen changing."""
+        backend = XenbusState.parse(vbd.dev.otherend_read("state"))
+        if backend in (XenbusState.InitWait, XenbusState.Initialised, XenbusState.Connected):
+            self._talk_to_backend(vbd)
 
     def _on_event(self, vbd: Vbd, conn: VbdRing, port: int) -> None:
         if vbd.conn is not conn or conn.ring is None:
@@ -366,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         fs = VbdFilesystem(args.mountpoint)
         fs.start()
     log.info("blkfront: disks under %s", "(no FUSE)" if fs is None else args.mountpoint)
-    return run_frontend("blkfront", lambda xen: BlkFront(xen, fs), transitions=args.transitions, interval=0.5,
+    order = int(os.environ.get("XENBED_BLKFRONT_MAX_RING_PAGE_ORDER", MAX_RING_PAGE_ORDER))
+    return run_frontend("blkfront", lambda xen: BlkFront(xen, fs, max_ring_page_order=order), transitions=args.transitions, interval=0.5,
                         before_close=fs.stop if fs is not None else None)
 
 

@@ -53,7 +53,8 @@ from xenbed.protocols.blkif import (
     BlkifRequestIndirect,
     BlkifResponse,
     Segment,
-    encode_indirect_page,
+    SegmentArray,
+    encode_indirect_pages,
     indirect_pages_needed,
 )
 from xenbed.protocols.ring import XEN_PAGE_SIZE, FrontRing, MalformedResponse
@@ -70,6 +71,30 @@ MAX_INDIRECT_SEGMENTS = 256
 PERSISTENT_GRANTS = 1056
 
 
+# Multi-page rings: we ask for min(the backend's max-ring-page-order, this).
+# Linux's blkfront defaults to 0 (max_ring_page_order); a larger ring holds
+# more requests in flight, and the pool stays within the persistent budget.
+MAX_RING_PAGE_ORDER = 1
+
+
+def ring_page_order_to_use(offered: str | None, ours: int = MAX_RING_PAGE_ORDER) -> int:
+    """The ring-page-order to ask for, given the backend's
+    `max-ring-page-order` node (None or junk: a one-page ring)."""
+    try:
+        theirs = int(offered) if offered is not None else 0
+    except ValueError:
+        return 0
+    return max(0, min(theirs, ours))
+
+
+def ring_nodes(grefs: Sequence[int], order: int) -> dict[str, str]:
+    """The frontend's ring keys: `ring-ref` for a one-page ring, else
+    `ring-page-order` and `ring-ref0..N` (as Linux writes them)."""
+    if order == 0:
+        return {"ring-ref": str(grefs[0])}
+    return {"ring-page-order": str(order)} | {f"ring-ref{i}": str(g) for i, g in enumerate(grefs[:1 << order])}
+
+
 def indirect_segments_to_use(offered: int) -> int:
     """Segments per indirect request for a backend's
     `feature-max-indirect-segments` (0: no indirect requests).  Like Linux,
@@ -80,14 +105,15 @@ def indirect_segments_to_use(offered: int) -> int:
 
 def pool_layout(ring_size: int, indirect_segments: int) -> tuple[int, int]:
     """(data pages, indirect pages) of a ring's persistent pool.  Direct:
-    ring-size x 11 data pages.  Indirect: one set of indirect pages per ring
-    slot, and data pages for the rest of the persistent-grant budget (never
-    fewer than the direct pool, never fewer than one full request)."""
-    direct = ring_size * BLKIF_MAX_SEGMENTS_PER_REQUEST
+    ring-size x 11 data pages, at most the persistent-grant budget (a
+    request waits for pages, so a smaller pool only queues).  Indirect: one
+    set of indirect pages per ring slot, and data pages for the rest of the
+    budget (never fewer than one full request)."""
+    direct = min(ring_size * BLKIF_MAX_SEGMENTS_PER_REQUEST, PERSISTENT_GRANTS)
     if not indirect_segments:
         return direct, 0
     ipages = ring_size * indirect_pages_needed(indirect_segments)
-    return max(direct, indirect_segments, PERSISTENT_GRANTS - ipages), ipages
+    return max(indirect_segments, PERSISTENT_GRANTS - ipages), ipages
 
 
 @dataclass(frozen=True)
@@ -414,25 +440,29 @@ class BlkfrontEngine:
             req = BlkifRequestDiscard(self.handle, rid, sh.sector, sh.nr_sectors, sh.discard_flag)
             sh.pages, sh.indirect = [], []
         else:
-            chunk = Chunk(sh.sector, sh.nr_sectors, 0)
             npages = sh.npages
-            sh.pages = [self._free_pages.pop() for _ in range(npages)]
+            free = self._free_pages
+            sh.pages = pages = free[len(free) - npages:]
+            del free[len(free) - npages:]
+            pool = self.pool
             if sh.operation == BLKIF_OP_WRITE and sh.write_data is not None:
                 data = sh.write_data
-                for i, p in enumerate(sh.pages):
+                for i, p in enumerate(pages):
                     piece = data[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE]
-                    self.pool[p].buf[:len(piece)] = piece
-            segs = chunk.segments([self.pool[p].gref for p in sh.pages]) if npages else ()
+                    pool[p].buf[:len(piece)] = piece
+            grefs = [pool[p].gref for p in pages]
+            last = (sh.nr_sectors - 1) % SECTORS_PER_PAGE
             if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST:  # INDIRECT: the segments go in granted pages
                 sh.indirect = [self._free_indirect.pop() for _ in range(indirect_pages_needed(npages))]
-                per = blkif.SEGMENTS_PER_INDIRECT_PAGE
-                for i, ip in enumerate(sh.indirect):
-                    self.indirect_pool[ip].buf[:XEN_PAGE_SIZE] = encode_indirect_page(segs[i * per:(i + 1) * per])
+                segs = SegmentArray.whole_pages(grefs, last)
+                for ip, page in zip(sh.indirect, encode_indirect_pages(segs)):
+                    self.indirect_pool[ip].buf[:XEN_PAGE_SIZE] = page
                 req = BlkifRequestIndirect(sh.operation, npages, self.handle, rid, sh.sector,
                                            tuple(self.indirect_pool[ip].gref for ip in sh.indirect))
                 self.indirect_requests += 1
             else:
                 sh.indirect = []
+                segs = Chunk(sh.sector, sh.nr_sectors, 0).segments(grefs) if npages else ()
                 req = BlkifRequest(sh.operation, self.handle, rid, sh.sector, segs)
         self.shadow[rid] = sh
         self.ring.put_request(req.encode())
@@ -475,13 +505,15 @@ class BlkfrontEngine:
         self.responses += 1
         status = rsp.status
         if status == BLKIF_RSP_OKAY and sh.operation == BLKIF_OP_READ and sh.read_into is not None:
-            out = sh.read_into
-            for i, p in enumerate(sh.pages):
-                start = i * XEN_PAGE_SIZE
-                n = min(XEN_PAGE_SIZE, len(out) - start)
-                if n <= 0:
-                    break
-                out[start:start + n] = self.pool[p].buf[:n]
+            out, pool = sh.read_into, self.pool
+            size = len(out)
+            start = 0
+            for p in sh.pages:
+                if size - start >= XEN_PAGE_SIZE:
+                    out[start:start + XEN_PAGE_SIZE] = pool[p].buf
+                elif start < size:
+                    out[start:size] = pool[p].buf[:size - start]
+                start += XEN_PAGE_SIZE
         if status == BLKIF_RSP_EOPNOTSUPP:
             if sh.operation in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
                 log.warning("backend refused %s: no more cache flushes", "flush" if sh.operation == BLKIF_OP_FLUSH_DISKCACHE else "barrier")

@@ -16,6 +16,7 @@ name.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 from dataclasses import dataclass
@@ -72,7 +73,22 @@ class GuestMemory:
             raise
         return pages
 
-    def _alloc_some(self, count: int) -> list[Page]:
+    def alloc_contiguous(self, count: int) -> tuple[list[Page], ContiguousPages]:
+        """`count` (<= 64) fresh pages, each mapped as `alloc` does, and all
+        of them mapped again side by side: a multi-page ring's buffer."""
+        if not 1 <= count <= ALLOC_MAX:
+            raise ValueError(f"allocate 1..{ALLOC_MAX} contiguous pages, not {count}")
+        kept: list[int] = []
+        pages = self._alloc_some(count, keep=kept)
+        try:
+            return pages, ContiguousPages(kept)
+        except BaseException:
+            self.free(pages)
+            raise
+        finally:
+            hc.close_fds(kept)
+
+    def _alloc_some(self, count: int, keep: list[int] | None = None) -> list[Page]:
         body, fds = self.link.call_with_fds(hc.Call.MEM_ALLOC, {"count": count})
         gfns = [int(g) for g in body.get("gfns", ())]
         if len(gfns) != len(fds) or len(gfns) != count:
@@ -82,6 +98,8 @@ class GuestMemory:
         try:
             while fds:
                 fd = fds.pop(0)
+                if keep is not None:
+                    keep.append(os.dup(fd))
                 pages.append(Page(gfns[len(pages)], map_page_fd(fd)))
         except BaseException:
             hc.close_fds(fds)
@@ -105,3 +123,47 @@ class GuestMemory:
             page.close()
         if pages:
             self.link.call(hc.Call.MEM_FREE, {"gfns": [page.gfn for page in pages]})
+
+
+# Several pages side by side (vmap): a multi-page ring, at either end.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_memview_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
+_memview_from_memory.restype = ctypes.py_object
+_memview_from_memory.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+_PyBUF_WRITE = 0x200
+_MAP_FIXED = 0x10
+_PROT_NONE = 0
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class ContiguousPages:
+    """Several page descriptors mapped side by side (vmap of a multi-page
+    ring): `buf` is a writable memoryview over all of them."""
+
+    def __init__(self, fds: list[int]):
+        self.size = len(fds) * PAGE_SIZE
+        addr = _libc.mmap(None, self.size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if addr in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "reserving ring address space")
+        self.addr = addr
+        try:
+            for i, fd in enumerate(fds):
+                at = _libc.mmap(addr + i * PAGE_SIZE, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE,
+                                mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+                if at != addr + i * PAGE_SIZE:
+                    raise OSError(ctypes.get_errno(), f"mapping ring page {i}")
+        except BaseException:
+            _libc.munmap(addr, self.size)
+            raise
+        self.buf = _memview_from_memory(addr, self.size, _PyBUF_WRITE)
+
+    def close(self) -> None:
+        if self.addr is not None:
+            self.buf.release()
+            _libc.munmap(self.addr, self.size)
+            self.addr = None
+
+    release = close  # so it can sit among a connection's rings

@@ -235,6 +235,33 @@ def test_connection_serves_on_events_and_closes_cleanly(tmp_path, disk_fd):
     assert port in evtchn.closed and not grants.live and not fatal
 
 
+def test_multi_queue_connection_serves_each_ring_on_its_own_port(disk_fd):
+    """multi-queue-num-queues 2, two-page rings: a worker per ring, each
+    answering on its own ring and port; close undoes every queue."""
+    from xenbed.drivers.blk.connection import QueueConfig
+
+    grants, evtchn = FakeGrants(), FakeEvtchn()
+    fronts = [FakeFront(grants, 1), FakeFront(grants, 1)]
+    disk = Disk.from_fd_for_tests(os.dup(disk_fd), SECTORS)
+    queues = tuple(QueueConfig(tuple(f.refs), 40 + i) for i, f in enumerate(fronts))
+    cfg = FrontendConfig(queues[0].ring_refs, 1, 40, "x86_64-abi", True, queues)
+    conn = BlkbackConnection("mq", grants, evtchn, 1, cfg, disk, lambda err, msg: None)
+    conn.start()
+    assert len(conn.queues) == 2 and len({q.port for q in conn.queues}) == 2
+    assert {q.thread.name for q in conn.queues} == {"blkif-mq/queue-0", "blkif-mq/queue-1"}
+    for i, (front, queue) in enumerate(zip(fronts, conn.queues)):
+        g, _ = page_with(grants, bytes([65 + i]) * 4096)
+        front.push(BlkifRequest(BLKIF_OP_WRITE, 0, 7, i * 8, (Segment(g, 0, 7),)))
+        evtchn.kick(queue.port)
+        assert evtchn.wait_notified(queue.port, 1)
+        assert front.responses() == [BlkifResponse(7, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)]
+    assert os.pread(disk_fd, 8192, 0) == b"A" * 4096 + b"B" * 4096
+    ports = [q.port for q in conn.queues]
+    conn.close()
+    disk.close()
+    assert set(ports) <= set(evtchn.closed) and not grants.live
+
+
 def test_connection_reports_ring_overflow_as_fatal(disk_fd):
     grants, evtchn = FakeGrants(), FakeEvtchn()
     front = FakeFront(grants)

@@ -106,6 +106,29 @@ def test_frontend_keys_multi_page():
     assert cfg.ring_refs == (20, 21, 22, 23) and cfg.ring_page_order == 2
 
 
+def test_frontend_keys_multi_queue_multi_page():
+    """Linux's blkfront with two queues and two-page rings: ring-page-order
+    at the top, each queue's ring-ref%u and event-channel under queue-%u."""
+    keys = {"multi-queue-num-queues": "2", "ring-page-order": "1", "feature-persistent": "1"}
+    for q in range(2):
+        keys |= {f"queue-{q}/ring-ref0": str(10 * q + 1), f"queue-{q}/ring-ref1": str(10 * q + 2),
+                 f"queue-{q}/event-channel": str(30 + q)}
+    cfg = parse_frontend_config(reader(keys), max_queues=4)
+    assert [(q.ring_refs, q.event_channel) for q in cfg.queues] == [((1, 2), 30), ((11, 12), 31)]
+    assert cfg.ring_page_order == 1 and cfg.persistent
+    assert (cfg.ring_refs, cfg.event_channel) == ((1, 2), 30)  # queue 0, for one-ring callers
+
+
+def test_frontend_keys_one_queue_asked_explicitly_reads_the_top_keys():
+    cfg = parse_frontend_config(reader({"multi-queue-num-queues": "1", "ring-ref": "8", "event-channel": "3"}))
+    assert [(q.ring_refs, q.event_channel) for q in cfg.queues] == [((8,), 3)]
+
+
+def test_frontend_asking_for_nothing_gets_one_one_page_queue():
+    cfg = parse_frontend_config(reader({"ring-ref": "8", "event-channel": "3"}), max_queues=4)
+    assert cfg.ring_page_order == 0 and [(q.ring_refs, q.event_channel) for q in cfg.queues] == [((8,), 3)]
+
+
 BAD_KEYS = [
     ("no ring-ref", {"event-channel": "3"}, errno.ENOENT),
     ("no event-channel", {"ring-ref": "8"}, errno.ENOENT),
@@ -116,7 +139,13 @@ BAD_KEYS = [
     ("bogus protocol", {"ring-ref": "8", "event-channel": "3", "protocol": "pdp11"}, errno.ENOSYS),
     ("ring order beyond max", {"ring-page-order": "5", "event-channel": "3"}, errno.EINVAL),
     ("missing ring-ref1", {"ring-page-order": "1", "ring-ref0": "8", "event-channel": "3"}, errno.ENOENT),
-    ("two queues", {"ring-ref": "8", "event-channel": "3", "multi-queue-num-queues": "2"}, errno.ENOSYS),
+    ("more queues than offered", {"ring-ref": "8", "event-channel": "3", "multi-queue-num-queues": "99"},
+     errno.ENOSYS),
+    ("zero queues", {"ring-ref": "8", "event-channel": "3", "multi-queue-num-queues": "0"}, errno.ENOSYS),
+    ("two queues, keys at the top", {"ring-ref": "8", "event-channel": "3", "multi-queue-num-queues": "2"},
+     errno.ENOENT),
+    ("queue-1 without its event-channel", {"multi-queue-num-queues": "2", "queue-0/ring-ref": "8",
+                                           "queue-0/event-channel": "3", "queue-1/ring-ref": "9"}, errno.ENOENT),
     ("feature-persistent junk", {"ring-ref": "8", "event-channel": "3", "feature-persistent": "yes"}, errno.EINVAL),
 ]
 

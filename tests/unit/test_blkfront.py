@@ -289,3 +289,40 @@ def test_disk_discard_whole_blocks_zeroes_partial_ones():
     assert store.discards == [(2, 5)]
     assert store.data[1000:4000] == bytes(3000)
     assert store.data[999] == 999 % 256 and store.data[4000] == 4000 % 256
+
+
+# -- ring negotiation (talk_to_blkback) ----------------------------------------------------
+
+def test_ring_page_order_follows_the_backends_offer_up_to_ours():
+    from xenbed.drivers.blk.front_engine import ring_page_order_to_use
+    assert ring_page_order_to_use(None) == 0  # a backend that offers nothing: one page
+    assert ring_page_order_to_use("0", 4) == 0
+    assert ring_page_order_to_use("4", 1) == 1
+    assert ring_page_order_to_use("1", 4) == 1
+    assert ring_page_order_to_use("4", 0) == 0  # a frontend that asks for none of it
+    assert ring_page_order_to_use("junk", 2) == 0
+
+
+def test_ring_nodes_as_linux_writes_them():
+    from xenbed.drivers.blk.front_engine import ring_nodes
+    assert ring_nodes([8], 0) == {"ring-ref": "8"}
+    assert ring_nodes([8, 9], 1) == {"ring-page-order": "1", "ring-ref0": "8", "ring-ref1": "9"}
+
+
+def test_frontend_ring_nodes_parse_back_in_blkback():
+    from xenbed.drivers.blk.connection import parse_frontend_config
+    from xenbed.drivers.blk.front_engine import ring_nodes
+    for order, grefs in ((0, [8]), (2, [20, 21, 22, 23])):
+        keys = ring_nodes(grefs, order) | {"event-channel": "5", "protocol": "x86_64-abi", "feature-persistent": "1"}
+        cfg = parse_frontend_config(keys.get)
+        assert cfg.ring_refs == tuple(grefs) and cfg.ring_page_order == order and len(cfg.queues) == 1
+
+
+def test_pool_stays_within_the_persistent_budget_on_bigger_rings():
+    from xenbed.drivers.blk.front_engine import PERSISTENT_GRANTS, pool_layout
+    from xenbed.protocols.blkif import blkif_ring_size
+    for order in range(5):
+        size = blkif_ring_size(order)
+        for segs in (0, 256):
+            data, ind = pool_layout(size, segs)
+            assert data >= max(segs, 11) and data + ind <= PERSISTENT_GRANTS
