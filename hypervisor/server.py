@@ -45,7 +45,8 @@ MAX_FDS_PER_MESSAGE = 64
 # A handler's answer meaning "the reply comes later" (SCHEDOP_SHUTDOWN
 # suspend: answered by the DOMAIN_RESUME that ends the suspension).
 DEFERRED = object()
-XS_WRITE_HIGH_WATER = 256 * 1024
+XS_WRITE_HIGH_WATER = 256 * 1024  # output held for one store client, beyond which it is not served
+XS_REQUESTS_PER_TURN = 8  # store requests one connection gets handled before the others' turn
 SENDLOG_DRAIN_SECONDS = 0.1  # how stale a trace's direct event-channel sends may be  # stop reading a store client that does not read its replies
 
 
@@ -78,7 +79,20 @@ class DomainLink:
 
 
 class XenStoreConnection(asyncio.Protocol):
-    """One xenstored client: bytes in, packets through the store, bytes out."""
+    """One xenstored client: bytes in, packets through the store, bytes out.
+
+    Served in turns, so that no connection starves the others (issue #16:
+    a socket that echoed its replies back made every store read 1,000
+    times slower): a turn handles at most XS_REQUESTS_PER_TURN requests
+    (fewer when the "outstanding" quota says so) and writes their replies;
+    requests left over wait for another turn, queued behind every other
+    connection's (call_soon), and meanwhile nothing more is read from this
+    socket.  What xenstored holds for one connection is bounded
+    (XSA-326): while more than XS_WRITE_HIGH_WATER bytes wait to be sent
+    to it, no request of it is handled and none read, and watch events are
+    handed to it only as far as that limit leaves room (`room`); the rest
+    wait in the store's capped queue, which drops and counts what does not
+    fit.  A turn starts again when the client reads (resume_writing)."""
 
     def __init__(self, server: HypervisorServer, domid: int, privileged: bool) -> None:
         self.server = server
@@ -86,6 +100,8 @@ class XenStoreConnection(asyncio.Protocol):
         self.conn = server.store.connect(domid, privileged=privileged)
         self.reader = xs_wire.PacketReader()
         self.transport: asyncio.Transport | None = None
+        self.output_full = False  # the client is not reading: hold everything back
+        self.turn_scheduled = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -94,12 +110,27 @@ class XenStoreConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        if not self.turn_scheduled:
+            self._turn()
+
+    def _turn(self) -> None:
+        self.turn_scheduled = False
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.output_full:
+            return
         replies = []
         introduced = []
-        handle, conn = self.server.store.handle, self.conn
+        handle, conn, may_read = self.server.store.handle, self.conn, self.server.store.may_read
         tracer = self.server.tracer
+        backlog = False
         try:
-            for packet in self.reader:
+            while True:
+                if len(replies) >= XS_REQUESTS_PER_TURN or not may_read(conn, len(replies)):
+                    backlog = True  # perhaps: the next turn finds out
+                    break
+                packet = self.reader.next_packet()
+                if packet is None:
+                    break
                 reply = handle(conn, packet)
                 if tracer.enabled:
                     tracer.xenstore(self.domid, conn.id, packet, reply)
@@ -110,22 +141,48 @@ class XenStoreConnection(asyncio.Protocol):
             # The stream can no longer be framed: close this connection only.
             log.warning("dom%d xenstore connection closed: %s", self.domid, exc)
             if replies:
-                self.transport.write(b"".join(replies))
-            self.transport.close()
+                transport.write(b"".join(replies))
+            transport.close()
             return
         if replies:
-            self.transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
+            transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
         self.server.flush_watch_events()
         for domid in introduced:
             self.server.on_domain_introduced(domid)
+        self._pace(backlog)
+
+    def _pace(self, backlog: bool) -> None:
+        """Read more only when everything read is handled and the client
+        reads its output; requests left over get the next turn in line."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if backlog or self.output_full:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+        if backlog and not self.output_full and not self.turn_scheduled:
+            self.turn_scheduled = True
+            self.server.loop.call_soon(self._turn)
+
+    def room(self) -> int | None:
+        """How many bytes of watch events this client may be handed now
+        (None: it is gone, take and drop them)."""
+        if self.transport is None or self.transport.is_closing():
+            return None
+        return max(0, XS_WRITE_HIGH_WATER - self.transport.get_write_buffer_size())
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop reading its requests,
         # so that what we hold for it stays bounded.
+        self.output_full = True
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        self.output_full = False
+        self.server.flush_watch_events()  # what waited in the store's queue
+        if not self.turn_scheduled:
+            self._turn()
 
     def connection_lost(self, exc) -> None:
         self.server.xs_connections.pop(self.conn, None)
@@ -355,8 +412,9 @@ class HypervisorServer:
 
     # -- xenstored -------------------------------------------------------------
     def flush_watch_events(self) -> None:
-        for conn, packets in self.store.take_outgoing():
-            target = self.xs_connections.get(conn)
+        connections = self.xs_connections
+        for conn, packets in self.store.take_outgoing(lambda c: connections[c].room() if c in connections else None):
+            target = connections.get(conn)
             if target is not None:
                 target.send_packets(packets)
                 self.tracer.watch_events(conn.domid, conn.id, packets)

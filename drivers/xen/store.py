@@ -4,6 +4,17 @@ Like Linux's xenbus_xs.c: one connection, requests tagged with req_id so
 replies may come back in any order, a reader thread that routes replies to
 their callers and watch events to a separate watch thread (the "xenwatch"
 thread), so a watch callback may itself use the store.
+
+Watch events are admitted before they are queued for the xenwatch thread,
+as Linux does since XSA-349 (another domain can make events fire on a path
+we watch as fast as it likes): a watch may name a `will_handle(path, token)`
+filter, and events it refuses are discarded at once (the bus's watch on
+`<otherend>/state` wants only that exact path, not `state/x` below it); and
+each watch has at most `max_pending` events waiting (default
+DEFAULT_MAX_PENDING; the bus's other-end watch: 1, as Linux's
+frontend_will_handle(), since its handler re-reads the state anyway).  A
+refused or excess event is counted in the watch's `discarded` and in the
+client's `discarded_events`.
 """
 
 from __future__ import annotations
@@ -41,6 +52,31 @@ class StoreClosed(ConnectionError):
 
 
 WatchCallback = Callable[[str, str], None]
+DEFAULT_MAX_PENDING = 256  # events one watch may have queued for the xenwatch thread
+
+
+class Watcher:
+    """A watch's callback and its admission rule (Linux's struct
+    xenbus_watch: will_handle and nr_pending).  Calling it runs the callback."""
+
+    def __init__(self, callback: WatchCallback, will_handle: Callable[[str, str], bool] | None = None,
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+        self.callback = callback
+        self.will_handle = will_handle
+        self.max_pending = max_pending
+        self.pending = 0  # queued for the xenwatch thread, not yet taken
+        self.discarded = 0
+
+    def admit(self, path: str, token: str) -> bool:
+        """Whether an event that just arrived is queued (caller holds the client's lock)."""
+        if (self.will_handle is not None and not self.will_handle(path, token)) or self.pending >= self.max_pending:
+            self.discarded += 1
+            return False
+        self.pending += 1
+        return True
+
+    def __call__(self, path: str, token: str) -> None:
+        self.callback(path, token)
 
 
 class XenStoreClient:
@@ -53,8 +89,9 @@ class XenStoreClient:
         self._calls: dict[int, Waiter] = {}
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._watches: dict[tuple[str, str], WatchCallback] = {}
+        self._watches: dict[tuple[str, str], Watcher] = {}
         self._events: queue.Queue = queue.Queue()
+        self.discarded_events = 0
         self.closed = threading.Event()
         self.close_reason = ""
         threading.Thread(target=self._read_loop, args=(self.sock,), name="xenbus", daemon=True).start()
@@ -94,7 +131,7 @@ class XenStoreClient:
                 reader.feed(data)
                 for packet in reader:
                     if packet.op == Op.WATCH_EVENT:
-                        self._events.put(packet)
+                        self._admit(packet)
                         continue
                     with self._lock:
                         call = self._calls.get(packet.req_id)
@@ -112,27 +149,45 @@ class XenStoreClient:
             self.closed.set()
         self._events.put(None)
 
+    def _admit(self, packet: Packet) -> None:
+        """On the reader thread: queue an event for the xenwatch thread if
+        its watch wants it and has room (see the module docstring)."""
+        parts = packet.strings()
+        if len(parts) < 2:
+            return
+        path, token = parts[0], parts[1]
+        # An event names the path that changed; find the watch by token
+        # (tokens are unique per watch in this client).
+        with self._lock:
+            for (_wpath, wtoken), watcher in self._watches.items():
+                if wtoken == token:
+                    break
+            else:
+                return  # a watch already dropped
+            if not watcher.admit(path, token):
+                self.discarded_events += 1
+                return
+        self._events.put((watcher, path, token))
+
     def _watch_loop(self) -> None:
         while True:
-            packet = self._events.get()
-            if packet is None:
+            item = self._events.get()
+            if item is None:
                 with self._lock:  # closed for good, unless reconnect() came first
                     if self.closed.is_set():
                         self._watch_thread = None
                         return
                 continue
-            parts = packet.strings()
-            if len(parts) < 2:
-                continue
-            path, token = parts[0], parts[1]
-            # An event names the path that changed; find the watch by token
-            # (tokens are unique per watch in this client).
-            for (wpath, wtoken), callback in list(self._watches.items()):
-                if wtoken == token:
-                    try:
-                        callback(path, token)
-                    except Exception:  # one watcher's bug must not stop every other watch
-                        log.exception("watch callback for %s (token %s) failed", path, token)
+            watcher, path, token = item
+            with self._lock:
+                watcher.pending -= 1  # taken: a newer event queues again (Linux: before the callback)
+                live = watcher in self._watches.values()
+            if not live:
+                continue  # unwatched since
+            try:
+                watcher(path, token)
+            except Exception:  # one watcher's bug must not stop every other watch
+                log.exception("watch callback for %s (token %s) failed", path, token)
 
     def reconnect(self, path: str | None = None) -> list[str]:
         """Linux's xs_resume, for a domain that resumed elsewhere (or whose
@@ -169,7 +224,8 @@ class XenStoreClient:
             try:
                 self.request(Op.WATCH, xs_wire.join_strings(path_, token))
             except XenStoreError as exc:  # e.g. EACCES: the path is another domain's on the new store
-                self._watches.pop((path_, token), None)
+                with self._lock:
+                    self._watches.pop((path_, token), None)
                 refused.append(f"{path_} ({exc.errno_name})")
         return refused
 
@@ -238,18 +294,25 @@ class XenStoreClient:
         return self.request(Op.IS_DOMAIN_INTRODUCED, xs_wire.join_strings(str(domid))).strings()[0] == "T"
 
     # -- watches -------------------------------------------------------------------
-    def watch(self, path: str, token: str, callback: WatchCallback) -> None:
+    def watch(self, path: str, token: str, callback: WatchCallback, *,
+              will_handle: Callable[[str, str], bool] | None = None,
+              max_pending: int = DEFAULT_MAX_PENDING) -> None:
         """Register a watch; `callback(path, token)` runs on the xenwatch
-        thread, first once at once (Xen fires every new watch immediately)."""
-        self._watches[(path, token)] = callback
+        thread, first once at once (Xen fires every new watch immediately).
+        Events `will_handle(path, token)` refuses, and events beyond
+        `max_pending` waiting for this watch, are discarded on arrival."""
+        with self._lock:  # the reader thread looks watches up under it
+            self._watches[(path, token)] = Watcher(callback, will_handle, max_pending)
         try:
             self.request(Op.WATCH, xs_wire.join_strings(path, token))
         except BaseException:
-            self._watches.pop((path, token), None)
+            with self._lock:
+                self._watches.pop((path, token), None)
             raise
 
     def unwatch(self, path: str, token: str) -> None:
-        self._watches.pop((path, token), None)
+        with self._lock:
+            self._watches.pop((path, token), None)
         self.request(Op.UNWATCH, xs_wire.join_strings(path, token))
 
     # -- transactions --------------------------------------------------------------

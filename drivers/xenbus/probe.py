@@ -24,7 +24,11 @@ watch event it does what xenbus_dev_changed() does:
   when the watch is registered, or `backend/<type>/<domid>`): the devices
   under it are enumerated and new ones probed.
 
-Other-end watch events are filtered before reaching the driver: events
+Other-end watch events are filtered twice.  On arrival (the store client,
+as Linux since XSA-349): the watch on `<otherend>/state` admits only events
+for that exact path -- the other end writing `state/x` a thousand times a
+second queues nothing -- and at most one waiting event, since handling one
+re-reads the state anyway.  Then before reaching the driver: events
 for a device already removed or for a path outside the current other end
 (stale after a resume) are ignored, as in Linux; then the state is re-read
 and delivered only if it differs from the last one delivered, so duplicate
@@ -267,8 +271,10 @@ class XenBus:
             dev._token = token
             dev.otherend_state = None
             self._by_token[token] = dev
+        state_path = f"{dev.otherend}/state"
         try:
-            self.store.watch(f"{dev.otherend}/state", token, self._otherend_event)
+            self.store.watch(state_path, token, self._otherend_event,
+                             will_handle=lambda path, _token: path == state_path, max_pending=1)
         except XenStoreError as exc:
             with self._lock:
                 self._by_token.pop(token, None)

@@ -45,7 +45,7 @@ class Connection:
     id: int = field(default_factory=lambda: next(_conn_ids))
     watches: list[Watch] = field(default_factory=list)
     transactions: TransactionTable = field(default_factory=TransactionTable)
-    events: EventQueue = field(default_factory=lambda: EventQueue(1024))
+    events: EventQueue = field(default_factory=lambda: EventQueue(1024, 256 * 1024))
     released: bool = False  # the domain was released: the shell should close us
     _identity: Identity | None = field(default=None, repr=False)
 
@@ -118,13 +118,14 @@ class XenStore:
         self.connections: list[Connection] = []
         self.introduced: set[int] = set()
         self.targets: dict[int, int] = {}  # controller domid -> target domid
-        self._outgoing = False  # some connection has watch events queued
+        # Connections with watch events queued, in the order they got them.
+        self._waiting: dict[Connection, None] = {}
 
     # -- connections -------------------------------------------------------
     def connect(self, domid: int, privileged: bool | None = None) -> Connection:
         if privileged is None:
             privileged = domid == 0
-        conn = Connection(domid, privileged, events=EventQueue(self.quota.event_queue))
+        conn = Connection(domid, privileged, events=EventQueue(self.quota.event_queue, self.quota.event_bytes))
         self.connections.append(conn)
         return conn
 
@@ -132,6 +133,7 @@ class XenStore:
         conn.watches.clear()
         conn.transactions.clear()
         conn.events.take()
+        self._waiting.pop(conn, None)
         if conn in self.connections:
             self.connections.remove(conn)
 
@@ -142,15 +144,25 @@ class XenStore:
             cached = conn._identity = Identity(conn.domid, conn.privileged, target)
         return cached
 
-    def take_outgoing(self) -> list[tuple[Connection, list[Packet]]]:
-        if not self._outgoing:  # the common case: a request that fired no watch
+    def take_outgoing(self, room: Callable[[Connection], int | None] | None = None,
+                      ) -> list[tuple[Connection, list[Packet]]]:
+        """Watch events to send, per connection.  `room(conn)` says how many
+        bytes the connection's socket may take now (None: any); events that
+        do not fit stay queued here, inside the queue's limits."""
+        if not self._waiting:  # the common case: a request that fired no watch
             return []
-        self._outgoing = False
         out = []
-        for c in self.connections:
-            if len(c.events):
-                out.append((c, c.events.take()))
+        for c in list(self._waiting):
+            packets = c.events.take(None if room is None else room(c))
+            if packets:
+                out.append((c, packets))
+            if not len(c.events):
+                del self._waiting[c]
         return out
+
+    def _queue_event(self, conn: Connection, path: str, token: str) -> None:
+        if conn.events.push(path, token):
+            self._waiting[conn] = None
 
     def may_read(self, conn: Connection, replies_pending: int) -> bool:
         """Flow control for the shell (quota "outstanding"): whether to read
@@ -232,8 +244,7 @@ class XenStore:
                     continue
                 for w in conn.watches:
                     if w.matches(ev.path, ev.exact):
-                        conn.events.push(w.event_path(ev.path), w.token)
-                        self._outgoing = True
+                        self._queue_event(conn, w.event_path(ev.path), w.token)
 
     def _changed(self, tx: Transaction | None, events: list[Event]) -> None:
         if tx is None:
@@ -339,14 +350,14 @@ def _watch(s, c, tx, p) -> bytes:
         path, relative = s._path(c, text)
     if any(w.path == path and w.token == token for w in c.watches):
         raise XenStoreError("EEXIST", "duplicate watch")
-    if not c.privileged and s.quota.exceeded("watches", s.count_watches(c.domid) + 1):
-        raise XenStoreError("ENOSPC", "watch quota")
+    # As 4.17's do_watch(): the count before adding is checked, E2BIG.
+    if not c.privileged and s.quota.exceeded("watches", s.count_watches(c.domid)):
+        raise XenStoreError("E2BIG", "watch quota")
     w = Watch(path, token, paths.domain_path(c.domid) if relative else None)
     c.watches.append(w)
     # The initial event goes out after the OK reply (the shell sends the
     # reply first), with the path as the client gave it, unfiltered.
-    c.events.push(w.event_path(path), token)
-    s._outgoing = True
+    s._queue_event(c, w.event_path(path), token)
     return OK
 
 
@@ -384,7 +395,7 @@ def _tx_end(s, c, tx, p) -> bytes:
         raise XenStoreError("EINVAL", "TRANSACTION_END takes T or F")
     c.transactions.end(tx)
     if arg == "T":
-        s._fire(commit(tx, s.tree))
+        s._fire(commit(tx, s.tree, None if c.privileged else s.quota))
     return OK
 
 
@@ -459,6 +470,7 @@ def _control(s, c, tx, p) -> bytes:
             s.quota = s.quota.set(rest[1], _int(rest[2]))
             for conn in s.connections:
                 conn.events.cap = s.quota.event_queue
+                conn.events.cap_bytes = s.quota.event_bytes
             return OK
         if len(rest) == 1:
             domid = _domid(rest[0])

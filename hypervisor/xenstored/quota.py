@@ -5,8 +5,11 @@ value of 0 disables a limit (as SET_QUOTA documents).
 =================  =======  ==============================================
 name               default  enforced where / error
 =================  =======  ==============================================
-nodes              1000     nodes owned by a domain; creating more: ENOSPC
-watches            128      watches per domain; one more: ENOSPC
+nodes              1000     nodes owned by a domain; creating more: ENOSPC,
+                            inside a transaction and again at its commit
+                            (the net count it adds to the domain's)
+watches            128      watches per domain; beyond: E2BIG (as 4.17,
+                            which checks before adding: 129 fit)
 transactions       10       open transactions per domain; one more: ENOSPC
 node-size          2048     16-byte header + 8/perm entry + value +
                             children names, as calc_node_acc_size(): ENOSPC
@@ -17,6 +20,9 @@ node-permissions   5        entries in one SET_PERMS: ENOSPC
 transaction-nodes  1024     nodes one transaction may touch: ENOSPC
 event-queue        1024     queued watch events per connection; more are
                             dropped and counted (xenbed's own limit)
+event-bytes        262144   bytes of queued watch events per connection;
+                            more are dropped and counted (C: the memory
+                            quota, 2.5 MiB per domain, drops events too)
 =================  =======  ==============================================
 
 `Quota.parse(["--quota-nodes", "500", "--quota", "watches=64"])` reads
@@ -45,6 +51,7 @@ class Quota:
     node_permissions: int = 5
     transaction_nodes: int = 1024
     event_queue: int = 1024
+    event_bytes: int = 256 * 1024
 
     @classmethod
     def defaults(cls) -> Quota:

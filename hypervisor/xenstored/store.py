@@ -19,6 +19,9 @@ Rules, as C xenstored (xenstored_core.c):
 * RM removes the subtree; a missing node whose parent exists is OK; removing
   '/' is EINVAL.
 * Every change gives the node a new generation number (DIRECTORY_PART).
+* No walk recurses (XSA-418 class): a chain of nodes as deep as the path
+  limits allow (XENSTORE_ABS_PATH_MAX: about 1,500 levels) is removed,
+  released and listed with explicit stacks, never Python's call stack.
 """
 
 from __future__ import annotations
@@ -235,18 +238,25 @@ class Tree:
         """Remove without permission checks (also used by domain release)."""
         events: list[Event] = []
         changes: dict[str, Node | None] = {}
-
-        def walk(p: str) -> None:
-            node = self.get(p)
-            if node is None:
-                return
-            for c in node.children:
-                walk(paths.join(p, c))
-            # Fired while the node and its parent still exist (delnode_sub).
-            events.append(Event(p, p != path, self._acls_at(p, node)))
-            changes[p] = None
-
-        walk(path)
+        # Children before their parent, each subtree in order, as the
+        # recursive delnode_sub() would: a stack of (path, node, visited).
+        stack: list[tuple[str, Node, bool]] = []
+        top = self.get(path)
+        if top is not None:
+            stack.append((path, top, False))
+        while stack:
+            p, node, visited = stack.pop()
+            if visited:
+                # Fired while the node and its parent still exist (delnode_sub).
+                events.append(Event(p, p != path, self._acls_at(p, node)))
+                changes[p] = None
+                continue
+            stack.append((p, node, True))
+            for c in reversed(node.children):
+                child_path = paths.join(p, c)
+                child = self.get(child_path)
+                if child is not None:
+                    stack.append((child_path, child, False))
         par_path = paths.parent(path)
         par = self.nodes[par_path]
         name = paths.basename(path)
@@ -320,9 +330,12 @@ def directory_part(node: Node, offset: int) -> bytes:
 
 
 def iter_subtree(nodes: dict[str, Node], path: str) -> Iterable[str]:
-    node = nodes.get(path)
-    if node is None:
-        return
-    yield path
-    for c in node.children:
-        yield from iter_subtree(nodes, paths.join(path, c))
+    """`path` and every node below it, parents first (no recursion)."""
+    stack = [path]
+    while stack:
+        p = stack.pop()
+        node = nodes.get(p)
+        if node is None:
+            continue
+        yield p
+        stack.extend(paths.join(p, c) for c in reversed(node.children))

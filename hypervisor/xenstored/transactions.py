@@ -10,13 +10,25 @@ the snapshot started from, i.e. someone else changed, created or removed it
 global).  Otherwise the changed paths are copied into the live tree, get
 fresh generation numbers, and the queued events fire.  Abort drops
 everything; events never fire for an aborted or failed transaction.
+
+Node quota at commit (C's transaction_fix_domains()): every transaction
+counts nodes against its own snapshot, so ten of them could each stay under
+the quota and together break it.  At commit the transaction's net node count
+per owner is added to the owner's count in the live tree, and if that goes
+over the "nodes" quota for a domain the transaction added nodes to, the
+commit fails with ENOSPC and changes nothing (privileged committers are
+exempt, as they are everywhere).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from collections import Counter
+
 from .errors import XenStoreError
+from .perms import owner
+from .quota import Quota
 from .store import Event, Node, Tree
 
 TX_ID_MAX = 0xFFFFFFFF
@@ -65,13 +77,32 @@ class TransactionTable:
         self.open.clear()
 
 
-def commit(tx: Transaction, live: Tree) -> list[Event]:
-    """Apply `tx` to `live` or raise EAGAIN; returns the events to fire."""
+def commit(tx: Transaction, live: Tree, quota: Quota | None = None) -> list[Event]:
+    """Apply `tx` to `live` or raise EAGAIN (a conflict) or ENOSPC (the node
+    quota, checked when `quota` is given); returns the events to fire."""
     t = tx.tree
     assert t.accessed is not None
     for path in t.accessed:
         if live.nodes.get(path) is not tx.base.get(path):
             raise XenStoreError("EAGAIN", f"{path} changed since the transaction started")
     changes = {p: t.nodes.get(p) for p in t.dirty}
+    if quota is not None:
+        for domid, added in net_nodes(live, changes).items():
+            if added > 0 and quota.exceeded("nodes", live.owned[domid] + added):
+                raise XenStoreError("ENOSPC", f"node quota of domain {domid} at commit")
     live._apply(changes)
     return tx.events
+
+
+def net_nodes(live: Tree, changes: dict[str, Node | None]) -> Counter[int]:
+    """Per owner, how many nodes applying `changes` to `live` adds (< 0: removes)."""
+    delta: Counter[int] = Counter()
+    for path, new in changes.items():
+        if path.startswith("@"):
+            continue
+        old = live.nodes.get(path)
+        if old is not None:
+            delta[owner(old.acl)] -= 1
+        if new is not None:
+            delta[owner(new.acl)] += 1
+    return delta

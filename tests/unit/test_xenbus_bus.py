@@ -585,3 +585,57 @@ def test_init_and_closedown_with_the_real_threaded_client(tmp_path):
         for c in clients:
             c.close()
         server.close()
+
+
+# -- watch events admitted on arrival (XSA-349) --------------------------------------------
+def test_otherend_watch_wants_only_the_exact_state_path():
+    host = Host()
+    fe, _be = host.tools.add()
+    host.pump()
+    watchers = [w for (path, _t), w in host.back_xs._watches.items() if path == f"{fe}/state"]
+    assert len(watchers) == 1  # the backend watches the frontend's state...
+    wanted = watchers[0]
+    assert wanted.will_handle(f"{fe}/state", "t")  # ...that exact path
+    assert not wanted.will_handle(f"{fe}/state/x", "t")  # not what the guest writes below it
+    assert wanted.max_pending == 1  # one waiting event is enough: handling re-reads the state
+
+
+def test_store_client_discards_unwanted_and_excess_events_before_queueing(tmp_path):
+    import threading
+    import time
+
+    from xenbed.drivers.xen.store import XenStoreClient
+
+    from .test_blkback_support import InProcessXenstored
+
+    daemon = InProcessXenstored(str(tmp_path / "xs.sock"))
+    watcher, writer = XenStoreClient(daemon.path), XenStoreClient(daemon.path)
+    state = "/local/domain/1/device/vbd/51712/state"
+    busy, seen = threading.Event(), []
+
+    def handle(path, token):
+        seen.append((token, path))
+        busy.wait(10)  # the xenwatch thread is busy while the flood arrives
+
+    watcher.watch(state, "otherend", handle, will_handle=lambda path, _t: path == state, max_pending=1)
+    watcher.watch("/local/domain/1/flood", "plain", lambda path, token: seen.append((token, path)),
+                  max_pending=5)
+    for i in range(200):
+        writer.write(f"{state}/x", str(i))  # below the watched path: refused on arrival
+        writer.write(state, str(i % 7))  # the path itself: one event waits, the rest are excess
+        writer.write(f"/local/domain/1/flood/{i}", "")  # a plain watch: 5 wait (its first event is one)
+    writer.read(state)  # every event was sent before this reply
+    deadline = time.monotonic() + 5
+    while watcher.discarded_events < 200 + 199 + 196 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert watcher._events.qsize() <= 1 + 5  # the xenwatch queue stayed bounded
+    assert watcher.discarded_events == 200 + 199 + 196  # everything else was counted and dropped
+    busy.set()
+    deadline = time.monotonic() + 5
+    while len(seen) < 1 + 1 + 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [t for t, _ in seen].count("otherend") == 2  # the first event, then one of the flood
+    assert [t for t, _ in seen].count("plain") == 5
+    watcher.close()
+    writer.close()
+    daemon.close()

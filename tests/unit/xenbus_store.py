@@ -14,6 +14,7 @@ left.  So nothing is mocked: only the transport and the thread are gone.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import deque
 
 from xenbed.drivers.xen.store import XenStoreClient, XenStoreError
@@ -30,6 +31,7 @@ class InProcessClient(XenStoreClient):
         self.timeout = 0
         self._req_ids = itertools.count(1)
         self._watches = {}
+        self._lock = threading.Lock()  # watch()/unwatch() take it, as with the reader thread
         self.requests: list[Packet] = []  # every request, for tests that count writes
 
     def request(self, op: Op, payload: bytes, tx: int = 0) -> Packet:

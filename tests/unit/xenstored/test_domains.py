@@ -144,3 +144,38 @@ def test_may_read_flow_control(world):
     assert world.store.may_read(world.conns["d1"], 19)  # outstanding quota is 20
     assert not world.store.may_read(world.conns["d1"], 20)
     assert world.store.may_read(world.conns["d0"], 10_000)  # dom0 exempt
+
+
+def _deepest(prefix: str, limit: int) -> str:
+    """The deepest chain of one-letter nodes below `prefix` that `limit` bytes allow."""
+    return prefix + "/a" * ((limit - len(prefix)) // 2)
+
+
+def test_deep_chains_are_walked_without_recursion(monkeypatch):
+    import sys
+
+    w = World(Quota(nodes=0))  # only the path limits bound the depth here
+    guest = _deepest("/local/domain/1", len("/local/domain/1/") + 2048 - 1)
+    host = _deepest("/deep", 3072)
+    w.run([
+        ("d1", 0, Op.WRITE, guest.encode() + b"\0", OK),  # ~1,024 levels: the path-max quota allows it
+        ("d1", 0, Op.WRITE, guest.encode() + b"/a\0", "EINVAL"),  # one more level breaks path-max
+        ("d0", 0, Op.WRITE, host.encode() + b"\0", OK),  # ~1,535 levels: XENSTORE_ABS_PATH_MAX allows it
+        ("d0", 0, Op.WRITE, host.encode() + b"/a\0", "EINVAL"),  # one more breaks XENSTORE_ABS_PATH_MAX
+        ("d0", 0, Op.WATCH, b"/deep\0top\0", OK),
+        ("d0", 0, Op.WATCH, host.rsplit("/", 1)[0].encode() + b"\0mid\0", OK),
+        ("d0", 0, Op.WATCH, host.encode() + b"\0leaf\0", OK),
+    ])
+    w.events()
+    monkeypatch.setattr(sys, "getrecursionlimit", sys.getrecursionlimit)
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(150)  # far below the depth: any recursive walk would fail
+    try:
+        w.run([("d0", 0, Op.RM, b"/deep/a\0", OK)])  # RM walks the chain iteratively
+        w.store.release_domain(1)  # so does release (XSA-418 class)
+    finally:
+        sys.setrecursionlimit(old)
+    assert not any(p.startswith(("/deep/", "/local/domain/1")) for p in w.store.tree.nodes)
+    events = [(t, p) for p, t in w.events()["d0"] if p.startswith("/deep")]
+    # children fire before their parents, as delnode_sub(); inner nodes only to exact watches
+    assert events == [("leaf", host), ("mid", host.rsplit("/", 1)[0]), ("top", "/deep/a")]

@@ -132,3 +132,30 @@ def test_transaction_nodes_quota():
     for i in range(3):
         w.run([("d1", "t", Op.WRITE, f"n{i}\0".encode(), OK)])
     w.run([("d1", "t", Op.WRITE, b"n9\0", "ENOSPC")])  # touched too many nodes
+
+
+def test_node_quota_checked_again_at_commit():
+    from xenbed.hypervisor.xenstored import Quota
+
+    w = World(Quota(nodes=5))
+    w.run([
+        ("d1", 0, Op.MKDIR, b"x\0", OK),
+        ("d1", 0, Op.MKDIR, b"y\0", OK),  # dom1 owns 3 of 5
+        ("d1", 0, Op.TRANSACTION_START, b"\0", Tx("a")),
+        ("d1", 0, Op.TRANSACTION_START, b"\0", Tx("b")),
+        ("d1", "a", Op.WRITE, b"x/1\0", OK),
+        ("d1", "a", Op.WRITE, b"x/2\0", OK),  # 5 of 5 in a's snapshot
+        ("d1", "b", Op.WRITE, b"y/1\0", OK),
+        ("d1", "b", Op.WRITE, b"y/2\0", OK),  # 5 of 5 in b's snapshot
+        ("d1", "a", Op.TRANSACTION_END, b"T\0", OK),  # a fits: the domain owns 5
+        ("d1", "b", Op.TRANSACTION_END, b"T\0", "ENOSPC"),  # b's net +2 on the live 5 breaks the quota
+        ("d1", 0, Op.READ, b"y/1\0", "ENOENT"),  # the refused commit left nothing behind
+        ("d1", 0, Op.TRANSACTION_START, b"\0", Tx("c")),
+        ("d1", "c", Op.RM, b"x/1\0", OK),
+        ("d1", "c", Op.WRITE, b"y/1\0", OK),
+        ("d1", "c", Op.TRANSACTION_END, b"T\0", OK),  # net 0: a commit that adds nothing more fits
+        ("d0", 0, Op.TRANSACTION_START, b"\0", Tx("d")),
+        ("d0", "d", Op.WRITE, b"/local/domain/1/y/2\0", OK),
+        ("d0", "d", Op.SET_PERMS, b"/local/domain/1/y/2\0n1\0", OK),
+        ("d0", "d", Op.TRANSACTION_END, b"T\0", OK),  # a privileged committer is exempt
+    ])

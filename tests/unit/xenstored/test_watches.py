@@ -140,9 +140,36 @@ def test_watch_quota_and_dom0_exempt():
     w.run([
         ("d1", 0, Op.WATCH, b"a\0" b"1\0", OK),
         ("d1", 0, Op.WATCH, b"a\0" b"2\0", OK),
-        ("d1", 0, Op.WATCH, b"a\0" b"3\0", "ENOSPC"),  # one more than the quota
+        ("d1", 0, Op.WATCH, b"a\0" b"3\0", OK),  # 4.17 checks the count before adding: quota+1 fit
+        ("d1", 0, Op.WATCH, b"a\0" b"4\0", "E2BIG"),  # then 4.17's watch quota error
         ("d1", 0, Op.UNWATCH, b"a\0" b"1\0", OK),
-        ("d1", 0, Op.WATCH, b"a\0" b"3\0", OK),  # room again
+        ("d1", 0, Op.WATCH, b"a\0" b"4\0", OK),  # room again
     ])
     for i in range(5):
         w.run([("d0", 0, Op.WATCH, f"/a\0{i}\0".encode(), OK)])  # dom0 is exempt
+
+
+def test_event_bytes_cap_counts_drops():
+    from xenbed.hypervisor.xenstored import Quota
+
+    w = World(Quota(event_bytes=3 * (16 + len("/q/0\0t\0"))))
+    w.run([("d0", 0, Op.WATCH, b"/q\0t\0", OK)])  # its first event: 16 + 5 bytes
+    for i in range(5):
+        w.run([("d0", 0, Op.WRITE, f"/q/{i}\0".encode(), OK)])
+    got = w.events()["d0"]
+    assert got[0] == ("/q", "t") and len(got) == 3  # what fits in the byte limit is kept...
+    assert w.conns["d0"].dropped_events == 3  # ...the rest dropped and counted
+
+
+def test_take_outgoing_holds_what_the_socket_has_no_room_for(world):
+    world.run([("d0", 0, Op.WATCH, b"/r\0t\0", OK)])
+    for i in range(3):
+        world.run([("d0", 0, Op.WRITE, f"/r/{i}\0".encode(), OK)])
+    size = 16 + len(b"/r/0\0t\0")
+    assert world.store.take_outgoing(lambda c: 0) == []  # no room: nothing taken, nothing lost
+    first = world.store.take_outgoing(lambda c: 16 + 5 + size)
+    assert [p.payload for p in first[0][1]] == [b"/r\0t\0", b"/r/0\0t\0"]  # oldest first, as far as room goes
+    assert world.events() == {"d0": [("/r/1", "t"), ("/r/2", "t")]}  # the rest waited, in order
+    assert world.conns["d0"].dropped_events == 0
+    world.run([("d0", 0, Op.WRITE, b"/r/1\0", OK)])
+    assert world.events() == {"d0": [("/r/1", "t")]}  # taken events are no longer "still queued"
