@@ -1,9 +1,10 @@
 """Hostile guests against the hypervisor socket and guest memory (issue
-#16), each attack replayed from inside domu1 as the issue found it working.
+#16), each attack replayed from inside a guest as the issue found it working
+(domu2 attacks here: domu1 is the guest with a disk in the default topology).
 
-After each one the hypervisor, dom0 and domu2 must still answer, the limit
+After each one the hypervisor, dom0 and domu1 must still answer, the limit
 must answer with the error Xen (or the kernel) gives, and a block workload
-running in domu2 meanwhile must lose nothing.
+running in domu1 meanwhile must lose nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import textwrap
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.block_workload(domain="domu2", workers=1)]
+pytestmark = [pytest.mark.integration, pytest.mark.block_workload(domain="domu1", workers=1)]
 
 GUEST_PRELUDE = """
 import errno, fcntl, json, mmap, os, socket, struct, sys, time
@@ -51,9 +52,9 @@ def hypervisor_fds(testbed) -> int:
 
 def everyone_answers(testbed) -> None:
     """The hypervisor, dom0 and the other guest still answer."""
-    assert "domu2" in testbed.exec("dom0", ["xl", "list"], check=True).stdout
-    assert testbed.exec("domu2", ["xenstore-read", "name"], check=True).stdout.strip() == "domu2"
-    ping = in_guest(testbed, "domu2", """
+    assert "domu1" in testbed.exec("dom0", ["xl", "list"], check=True).stdout
+    assert testbed.exec("domu1", ["xenstore-read", "name"], check=True).stdout.strip() == "domu1"
+    ping = in_guest(testbed, "domu1", """
         link = HypervisorLink.open()
         t = time.perf_counter(); link.call(hc.Call.PING, {}); out({"ms": (time.perf_counter() - t) * 1e3})
     """)
@@ -62,14 +63,14 @@ def everyone_answers(testbed) -> None:
 
 @pytest.fixture
 def other_guest_writes(block_workload):
-    """domu2 writes and verifies its disk throughout the test: nothing lost."""
+    """domu1 writes and verifies its disk throughout the test: nothing lost."""
     yield block_workload
     block_workload.assert_nothing_lost()
 
 
 def test_descriptors_a_guest_sends_where_no_call_takes_them_are_not_kept(testbed, other_guest_writes):
     before = hypervisor_fds(testbed)
-    out = in_guest(testbed, "domu1", """
+    out = in_guest(testbed, "domu2", """
         link = HypervisorLink.open()
         r, w = os.pipe()
         got = {}
@@ -92,7 +93,7 @@ def test_descriptors_a_guest_sends_where_no_call_takes_them_are_not_kept(testbed
 
 def test_links_that_never_say_hello_cost_little_and_go(testbed, other_guest_writes):
     before = hypervisor_fds(testbed)
-    out = in_guest(testbed, "domu1", """
+    out = in_guest(testbed, "domu2", """
         socks = []
         for i in range(200):
             s = socket.socket(socket.AF_UNIX); s.connect(SOCK)
@@ -121,7 +122,7 @@ def test_links_that_never_say_hello_cost_little_and_go(testbed, other_guest_writ
 
 
 def test_a_flood_of_calls_does_not_hold_another_links_ping(testbed, other_guest_writes):
-    out = in_guest(testbed, "domu1", """
+    out = in_guest(testbed, "domu2", """
         import threading
         flooder = HypervisorLink.open()
         copy = {"ops": [{"src": {"gfn": 0, "offset": 0}, "dst": {"gfn": 0, "offset": 0}, "len": 8}] * 300}
@@ -140,7 +141,7 @@ def test_a_flood_of_calls_does_not_hold_another_links_ping(testbed, other_guest_
 
 
 def test_a_read_only_grant_cannot_be_reopened_writable_leased_or_survive_truncation(testbed, other_guest_writes):
-    out = in_guest(testbed, "domu1", """
+    out = in_guest(testbed, "domu2", """
         link = HypervisorLink.open()
         mem, gnttab = GuestMemory(link), GrantTable(link)
         [page, mine] = mem.alloc(2)
@@ -169,7 +170,7 @@ def test_a_read_only_grant_cannot_be_reopened_writable_leased_or_survive_truncat
 
 
 def test_the_hypervisor_socket_cannot_be_replaced_by_a_guest(testbed, other_guest_writes):
-    out = in_guest(testbed, "domu1", """
+    out = in_guest(testbed, "domu2", """
         got = {"rename": error_of(lambda: os.rename(SOCK, SOCK + ".old")),
                "create": error_of(lambda: socket.socket(socket.AF_UNIX).bind(SOCK + ".evil"))}
         link = HypervisorLink.open()
