@@ -22,10 +22,13 @@ IMAGES := xenbed/hypervisor:latest xenbed/dom0:latest xenbed/domu:latest \
           xenbed/peer:latest xenbed/domain:bookworm xenbed/base:bookworm
 
 # Per-machine random domain credentials, so nothing can authenticate with a
-# value it read in this repository.  Stable across make runs (up, test, down
-# must agree); compose falls back to the dev defaults when they are unset.
-CREDS := out/credentials.env
--include $(CREDS)
+# value it read in this repository (the compose files have no defaults: a
+# credential unset is an error).  They live in .env beside COMPOSE_FILE, which
+# docker-compose reads from the repository root, so after `make up` a plain
+# `docker-compose exec ...` there works; stable across make runs (up, test and
+# down must agree); not in git.
+ENVFILE := .env
+-include $(ENVFILE)
 export XENBED_CRED_DOM0 XENBED_CRED_DOMU1 XENBED_CRED_DOMU2
 
 .PHONY: help up down status logs test unit bench chaos images docker tools venv clean distclean
@@ -79,11 +82,12 @@ $(STAMP): pyproject.toml scripts/ensure-venv.sh
 	PYTHON=$(PYTHON) scripts/ensure-venv.sh $(VENV)
 	@touch $@
 
-$(CREDS):
-	@mkdir -p $(@D)
-	@for d in DOM0 DOMU1 DOMU2; do \
-	   echo "XENBED_CRED_$$d := $$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"; \
-	 done > $@
+$(ENVFILE):
+	@{ echo "# written by make: the default topology and fresh domain credentials (not in git)"; \
+	   echo "COMPOSE_FILE=compose/testbed.yml"; echo "COMPOSE_PROJECT_NAME=xenbed"; \
+	   for d in DOM0 DOMU1 DOMU2; do \
+	     echo "XENBED_CRED_$$d=$$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"; \
+	   done; } > $@
 
 # Containers using the images must go first or `docker rmi` refuses.  Only our
 # own image names are removed (others share this engine), plus the untagged

@@ -31,6 +31,25 @@ FD_CACHE = 1024  # > twice the largest map batch: a batch never evicts its own d
 VIEW_CACHE = 4096
 
 
+# Page files belong to a uid no container runs as, mode 0600: a process can
+# reach a page only through a descriptor the hypervisor passed it.  A guest
+# runs without CAP_DAC_OVERRIDE / CAP_FOWNER (compose files), so it cannot
+# reopen a read-only grant's descriptor writable through /proc/self/fd, nor
+# take a lease on it (F_SETLEASE needs ownership) to stall our open(2).
+PAGE_OWNER_UID = int(os.environ.get("XENBED_PAGE_OWNER_UID", "4444"))
+_page_owner_refused = False
+
+
+def _give_to_page_owner(fd: int) -> None:
+    global _page_owner_refused
+    if _page_owner_refused:
+        return
+    try:
+        os.fchown(fd, PAGE_OWNER_UID, PAGE_OWNER_UID)
+    except PermissionError:  # not root (a unit test as a user): pages stay ours
+        _page_owner_refused = True
+
+
 class MemoryError_(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -92,6 +111,7 @@ class GuestMemory:
             while len(out) < count:
                 if gfn not in pages:
                     fd = os.open(self._path(domid, gfn), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    _give_to_page_owner(fd)
                     os.ftruncate(fd, PAGE_SIZE)
                     pages.add(gfn)
                     out.append((gfn, fd))
@@ -117,6 +137,7 @@ class GuestMemory:
         for gfn in wanted:
             fd = os.open(self._path(domid, gfn), os.O_RDWR | os.O_CREAT, 0o600)
             try:
+                _give_to_page_owner(fd)
                 os.ftruncate(fd, PAGE_SIZE)
             finally:
                 os.close(fd)
@@ -152,17 +173,25 @@ class GuestMemory:
         gnttab_copy's ints) whose answer is (okay, src domid, src gfn, dst
         domid, dst gfn), its bytes move; one status per op, `failed` where a
         page could not be reached."""
-        views, view = self._views, self.view
+        # The source is read with pread into the destination's mapping: the
+        # kernel moves the bytes, and a page its owner truncated under us
+        # gives a short read or EFAULT -- a failed op -- where a copy between
+        # two mappings in this process would take a SIGBUS and kill the
+        # hypervisor (docs/security.md, "Guest memory").
+        views, view, fds, page_fd = self._views, self.view, self._fds, self.page_fd
+        preadv = os.preadv
         statuses = []
         for op, answer in zip(ops, answers):
             status = answer[0]
             if status == okay:
                 try:
-                    source = views.get((answer[1], answer[2])) or view(answer[1], answer[2])
+                    source = fds.get((answer[1], answer[2], False)) or page_fd(answer[1], answer[2], False)
                     dest = views.get((answer[3], answer[4])) or view(answer[3], answer[4])
                     soff, doff, length = op[2], op[5], op[6]
-                    dest[doff:doff + length] = source[soff:soff + length]
-                except (MemoryError_, OSError):
+                    with memoryview(dest) as whole:
+                        if preadv(source, [whole[doff:doff + length]], soff) != length:
+                            status = failed  # the source page shrank under us
+                except (MemoryError_, OSError, ValueError):
                     status = failed
             statuses.append(status)
         return statuses

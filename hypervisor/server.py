@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 from xenbed.hypervisor.domains import Domain, DomainError, DomainState, DomainTable, Privilege
@@ -47,7 +48,19 @@ MAX_FDS_PER_MESSAGE = 64
 DEFERRED = object()
 XS_WRITE_HIGH_WATER = 256 * 1024  # output held for one store client, beyond which it is not served
 XS_REQUESTS_PER_TURN = 8  # store requests one connection gets handled before the others' turn
-SENDLOG_DRAIN_SECONDS = 0.1  # how stale a trace's direct event-channel sends may be  # stop reading a store client that does not read its replies
+SENDLOG_DRAIN_SECONDS = 0.1  # how stale a trace's direct event-channel sends may be
+
+# What one link may make the hypervisor hold or do (docs/security.md, "The
+# hypervisor socket").  A guest opens as many links as it likes, so each is
+# cheap until it authenticated, and no link gets more than its turn.
+HELLO_TIMEOUT_SECONDS = 5.0  # an unauthenticated link is dropped after this
+MAX_UNAUTHENTICATED_LINKS = 64  # beyond: the oldest unauthenticated link goes
+UNAUTHENTICATED_BUFFER = 4096  # bytes held for a link before HELLO (a HELLO is ~100)
+MAX_BUFFERED = 2 * hc.BODY_MAX  # bytes held for one link: reading pauses above
+MAX_LINKS_PER_DOMAIN = 64  # a guest's links (the control domain's are not counted)
+MAX_XS_CONNECTIONS_PER_DOMAIN = 32  # store connections a guest may adopt
+FRAMES_PER_TURN = 16  # then the loop serves the others before this link again
+FD_TAKING_CALLS = frozenset({hc.Call.XS_ADOPT})  # calls that take their descriptors off the frame
 
 
 def recv_with_fds(sock: socket.socket, size: int = 65536) -> tuple[bytes, list[int]]:
@@ -71,6 +84,9 @@ class DomainLink:
     # Work to do once the current call's reply is on its way (upcalls that
     # must not overtake the reply, e.g. a newly bound port's first event).
     after_reply: list = field(default_factory=list)
+    opened: float = field(default_factory=time.monotonic)
+    turn_scheduled: bool = False  # _serve_link will run again for this link's backlog
+    reading_paused: bool = False
 
     def describe(self) -> str:
         if self.domain is None:
@@ -280,8 +296,16 @@ class HypervisorServer:
             return
         sock.setblocking(False)
         link = DomainLink(sock)
+        waiting = [l for l in self.links if l.domain is None]
+        if len(waiting) >= MAX_UNAUTHENTICATED_LINKS:
+            self._drop_link(min(waiting, key=lambda l: l.opened), "too many links waiting for HELLO")
         self.links.add(link)
         self.loop.add_reader(sock, self._on_link_readable, link)
+        self.loop.call_later(HELLO_TIMEOUT_SECONDS, self._hello_deadline, link)
+
+    def _hello_deadline(self, link: DomainLink) -> None:
+        if link in self.links and link.domain is None:
+            self._drop_link(link, f"no HELLO within {HELLO_TIMEOUT_SECONDS:g}s")
 
     def _on_link_readable(self, link: DomainLink) -> None:
         try:
@@ -292,16 +316,54 @@ class HypervisorServer:
             self._drop_link(link, f"receive failed: {exc}")
             return
         if not data:
-            for fd in fds:
-                os.close(fd)
+            hc.close_fds(fds)
             self._drop_link(link, "closed by the domain")
             return
+        if link.domain is None:
+            hc.close_fds(fds)  # PING and HELLO carry none: nothing to keep for a stranger
+            fds = []
+            if link.reader.buffered + len(data) > UNAUTHENTICATED_BUFFER:
+                self._drop_link(link, f"more than {UNAUTHENTICATED_BUFFER} bytes before HELLO")
+                return
         link.reader.feed(data, fds)
+        self._serve_link(link)
+
+    def _serve_link(self, link: DomainLink) -> None:
+        """Handle up to FRAMES_PER_TURN whole frames, then let the loop serve
+        every other link before coming back (a guest's flood of calls costs
+        others one turn, not its whole backlog).  Reading pauses while the
+        backlog is large."""
+        link.turn_scheduled = False
+        if link not in self.links:
+            return
         try:
-            while (frame := link.reader.next_frame()) is not None:
+            for _ in range(FRAMES_PER_TURN):
+                frame = link.reader.next_frame()
+                if frame is None:
+                    break
                 self._handle_frame(link, frame)
+                if link not in self.links:
+                    return
+            else:
+                if link.reader.buffered >= hc.FRAME_HEADER.size:
+                    link.turn_scheduled = True
+                    self.loop.call_soon(self._serve_link, link)
         except hc.FrameProtocolError as exc:
             self._drop_link(link, f"protocol violation: {exc}")
+            return
+        if link.reader.buffered < hc.FRAME_HEADER.size and link.reader.queued_fds:
+            # Descriptors arrive with the first byte of the frame that carries
+            # them: with no partial frame left, these belong to no frame.
+            stray = link.reader.take_stray_fds()
+            hc.close_fds(stray)
+            log.info("%s: closed %d descriptors no frame claimed", link.describe(), len(stray))
+        paused = link.reader.buffered > MAX_BUFFERED or link.turn_scheduled
+        if paused != link.reading_paused:
+            link.reading_paused = paused
+            if paused:
+                self.loop.remove_reader(link.sock)
+            else:
+                self.loop.add_reader(link.sock, self._on_link_readable, link)
 
     def _handle_frame(self, link: DomainLink, frame: hc.Frame) -> None:
         if frame.flags & (hc.REPLY | hc.UPCALL):
@@ -327,6 +389,8 @@ class HypervisorServer:
         except (KeyError, TypeError, ValueError) as exc:
             self._refuse(link, frame, wants_reply, "EINVAL", f"bad arguments to {frame.op_name}: {exc!r}")
             return
+        if frame.fds and frame.op not in FD_TAKING_CALLS:
+            hc.close_fds(frame.fds)  # a call that takes no descriptors: none may stay behind
         if result is DEFERRED:
             return
         if wants_reply:
@@ -377,7 +441,8 @@ class HypervisorServer:
         if link not in self.links:
             return
         self.links.discard(link)
-        self.loop.remove_reader(link.sock)
+        if not link.reading_paused:
+            self.loop.remove_reader(link.sock)
         hc.close_fds(link.reader.take_stray_fds())
         link.sock.close()
         domain = link.domain
@@ -420,7 +485,16 @@ class HypervisorServer:
                 self.tracer.watch_events(conn.domid, conn.id, packets)
 
     def adopt_xenstore_socket(self, domain: Domain, fd: int) -> None:
-        sock = socket.socket(fileno=fd)
+        if not domain.is_control and sum(1 for c in self.xs_connections.values()
+                                         if c.domid == domain.domid) >= MAX_XS_CONNECTIONS_PER_DOMAIN:
+            hc.close_fds([fd])
+            raise DomainError("EMFILE", f"domain {domain.domid} has {MAX_XS_CONNECTIONS_PER_DOMAIN} store "
+                                        "connections already")
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket at all (a pipe, a file)
+            hc.close_fds([fd])
+            raise DomainError("EINVAL", "XS_ADOPT needs a connected AF_UNIX stream socket") from None
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             sock.close()
             raise DomainError("EINVAL", "XS_ADOPT needs a connected AF_UNIX stream socket")
@@ -446,6 +520,8 @@ class HypervisorServer:
             raise DomainError("EBUSY", f"domain {domain.domid} ({domain.name}) already has a running kernel")
         if role == "device" and not domain.kernel_connected:
             raise DomainError("ENODEV", f"domain {domain.domid} has no running kernel")
+        if not domain.is_control and sum(1 for l in self.links if l.domain is domain) >= MAX_LINKS_PER_DOMAIN:
+            raise DomainError("EMFILE", f"domain {domain.domid} has {MAX_LINKS_PER_DOMAIN} links open already")
         link.domain, link.role = domain, role
         if role == "kernel":
             domain.kernel_connected = True
@@ -463,12 +539,10 @@ class HypervisorServer:
 
     def _call_xs_adopt(self, link: DomainLink, frame: hc.Frame):
         if len(frame.fds) != 1:
-            hc.close_fds(frame.fds)
-            raise DomainError("EINVAL", "XS_ADOPT carries exactly one descriptor")
+            raise DomainError("EINVAL", "XS_ADOPT carries exactly one descriptor")  # _refuse closes them
         if not self.store.is_introduced(link.domain.domid):
-            hc.close_fds(frame.fds)
             raise DomainError("EAGAIN", f"domain {link.domain.domid} is not introduced to xenstored yet")
-        self.adopt_xenstore_socket(link.domain, frame.fds[0])
+        self.adopt_xenstore_socket(link.domain, frame.fds.pop())  # it owns the descriptor now, kept or closed
         return {}
 
     def _call_domain_create(self, link, frame):

@@ -345,7 +345,10 @@ class Sharing:
         return status
 
     def copy(self, link, frame):
-        return {"statuses": self._copy(link, [self._raw_copy_op(op) for op in frame.body["ops"]])}
+        ops = frame.body["ops"]
+        if not isinstance(ops, list) or len(ops) > gb.MAX_BATCH:
+            raise DomainError("EINVAL", f"GNTTAB_COPY takes at most {gb.MAX_BATCH} ops per call")
+        return {"statuses": self._copy(link, [self._raw_copy_op(op) for op in ops])}
 
     def copy_batch(self, link, frame):
         return gb.encode_statuses(self._copy(link, gb.decode_copy(frame.body)))

@@ -244,6 +244,15 @@ class FrameReader:
             fds, self._fds = self._fds[:wanted], self._fds[wanted:]
         return Frame(op, flags, seq, body, fds)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received that no whole frame has taken yet."""
+        return len(self._buffer)
+
+    @property
+    def queued_fds(self) -> int:
+        return len(self._fds)
+
     def take_stray_fds(self) -> list[int]:
         """Descriptors no frame claimed (to be closed by the owner)."""
         fds, self._fds = self._fds, []

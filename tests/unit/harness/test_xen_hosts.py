@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from xenbed.harness.runenv import fresh_credentials
+
 from xenbed.harness.compose import load_project
 from xenbed.harness.xen_hosts import DEFAULT_XEN_HOST, XenHostError, find_xen_hosts, resolve_xen_host
 
@@ -14,7 +16,7 @@ COMPOSE = Path(__file__).resolve().parents[3] / "compose"
 
 
 def xen_hosts_of(file: str):
-    project = load_project(COMPOSE / file, {})
+    project = load_project(COMPOSE / file, fresh_credentials(COMPOSE / file))
     return find_xen_hosts({name: service.labels for name, service in project.services.items()})
 
 
@@ -57,7 +59,8 @@ def test_a_testbed_sends_each_domains_toolstack_calls_to_its_hosts_dom0():
     from xenbed.harness.testbed import Testbed
     from xenbed.harness.xen import Xen
 
-    two = Xen(Testbed.from_compose(COMPOSE / "two-hosts.yml", "unit", client=object()))  # no engine is asked
+    two = Xen(Testbed.from_compose(COMPOSE / "two-hosts.yml", "unit", client=object(),
+                                   env=fresh_credentials(COMPOSE / "two-hosts.yml")))  # no engine is asked
     assert two.domain("domu1").dom0 == "dom0-a" and two.domain("domu2").dom0 == "dom0-b"
     assert two.domain("domu1", xen_host="dom0-b").dom0 == "dom0-b"  # where a migrated domu1 would be
     assert (two.domain("dom0-b").name, two.domain("dom0-b").service) == ("Domain-0", "dom0-b")
@@ -65,6 +68,7 @@ def test_a_testbed_sends_each_domains_toolstack_calls_to_its_hosts_dom0():
     with pytest.raises(XenHostError):
         two.domain("scratch")  # not a service: which host's toolstack knows it?
     assert two.domain("scratch", xen_host="host-a").dom0 == "dom0-a"
-    one = Xen(Testbed.from_compose(COMPOSE / "testbed.yml", "unit", client=object()))
+    one = Xen(Testbed.from_compose(COMPOSE / "testbed.yml", "unit", client=object(),
+                                   env=fresh_credentials(COMPOSE / "testbed.yml")))
     assert (one.domain("dom0").name, one.domain("dom0").service) == ("Domain-0", "dom0")
     assert one.domain("scratch").dom0 == "dom0" and one.hypervisor() == "hypervisor"
