@@ -389,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         fs = VbdFilesystem(args.mountpoint)
         fs.start()
     log.info("blkfront: disks under %s", "(no FUSE)" if fs is None else args.mountpoint)
-    order = int(os.environ.get("XENBED_BLKFRONT_MAX_RING_PAGE_ORDER", MAX_RING_PAGE_ORDER))
+    # Linux's xen_blkif_max_ring_order defaults to 0 (one page, `ring-ref`):
+    # so does the daemon; the bench and a user who wants more set this.
+    order = int(os.environ.get("XENBED_BLKFRONT_MAX_RING_PAGE_ORDER", "0"))
     return run_frontend("blkfront", lambda xen: BlkFront(xen, fs, max_ring_page_order=order), transitions=args.transitions, interval=0.5,
                         before_close=fs.stop if fs is not None else None)
 
