@@ -230,7 +230,7 @@ def test_a_chain_as_deep_as_the_paths_allow_is_walked_without_recursion(testbed)
     the domain path, EINVAL beyond) and no walk of the store recurses."""
     out = guest_python(testbed, "domu1", """
         s = conn()
-        call(s, RM, b"data/deep\0")  # a failed run's leftovers
+        call(s, RM, b"data/deep\\0")  # a failed run's leftovers
         # as deep as the node quota lets a guest go, less what other tests
         # on this testbed may have left in domu1's tree (the quota counts it)
         deep = "data/deep" + "/a" * 850
