@@ -12,16 +12,22 @@ XENBED_BRIDGE_SETUP=0 leaves the network alone).  Environment as blkback's.
 `Netback` is a `XenbusDriver` for type "vif" on a `BackendBus`, following
 Linux's xen-netback/xenbus.c:
 
-* probe: read `handle`; write the features (feature-sg, feature-rx-copy,
-  feature-split-event-channels, feature-ipv6-csum-offload = 1;
-  feature-gso-tcpv4/6, feature-rx-flip, feature-multicast-control = 0);
-  create the tap `vif<domid>.<handle>` (or `vifname`) with MAC
-  fe:ff:ff:ff:ff:ff, holding its fd; InitWait; watch `hotplug-status`,
-  `rate` and our own `state`.
+* probe: read `handle`; create the tap `vif<domid>.<handle>` (or
+  `vifname`, IFF_VNET_HDR) with MAC fe:ff:ff:ff:ff:ff, holding its fd;
+  write the features (feature-sg, feature-rx-copy,
+  feature-split-event-channels, feature-ipv6-csum-offload,
+  feature-gso-tcpv4/6 = 1 -- GSO only on a vnet-header tap;
+  feature-rx-flip, feature-multicast-control = 0); InitWait; watch
+  `hotplug-status`, `rate` and our own `state`.
 * frontend Connected (or Initialised): read `tx-ring-ref`, `rx-ring-ref`,
   `event-channel` or `event-channel-tx` + `event-channel-rx`,
   `request-rx-copy` (must be 1: else dev_fatal EOPNOTSUPP, as Linux),
-  `feature-rx-notify`, `feature-sg`, `multi-queue-num-queues` (only 1);
+  `feature-rx-notify`, `feature-sg`, `feature-no-csum-offload`,
+  `feature-ipv6-csum-offload`, `feature-gso-tcpv4/6`,
+  `multi-queue-num-queues` (only 1); set the vif's offloads from them
+  (TUNSETOFFLOAD: checksum unless feature-no-csum-offload, TSO only with
+  feature-sg), hold its MTU at 1500 for a frontend without feature-sg
+  (Linux: no multi-slot frames for it, and `mtu` above 1500 refused);
   map both rings, bind the port(s), start the vif thread; switch to
   Connected only once `hotplug-status` is "connected" (libxl: the backend
   waits for its hotplug script).
@@ -83,12 +89,13 @@ from .interface import NetbackConnection, parse_frontend_config
 log = logging.getLogger("xenbed.netback")
 
 S = XenbusState
+SINGLE_SLOT_MTU = 1500  # ETH_DATA_LEN: the most a frontend without feature-sg is given
 VIF_MAC = "fe:ff:ff:ff:ff:ff"  # Linux netback's vif address, so the bridge never takes the guest's
 
 FEATURES = {
     "feature-sg": "1",
-    "feature-gso-tcpv4": "0",
-    "feature-gso-tcpv6": "0",
+    "feature-gso-tcpv4": "1",
+    "feature-gso-tcpv6": "1",
     "feature-ipv6-csum-offload": "1",
     "feature-rx-copy": "1",
     "feature-rx-flip": "0",
@@ -114,8 +121,16 @@ def parse_rate(text: str | None) -> tuple[int, int] | None:
     return (b, us) if b > 0 and us > 0 else None
 
 
+def vif_features(vnet_hdr: bool) -> dict[str, str]:
+    """What we advertise: GSO only when the vif hands offloads through (a
+    vnet-header tap: the kernel segments what the frontend sends whole)."""
+    if vnet_hdr:
+        return FEATURES
+    return {**FEATURES, "feature-gso-tcpv4": "0", "feature-gso-tcpv6": "0"}
+
+
 def default_open_tap(name: str):
-    t = tap.open_tap(name)
+    t = tap.open_tap(name, vnet_hdr=True)
     try:
         tap.set_link(t.name, mac=VIF_MAC)
     except OSError as exc:
@@ -181,8 +196,10 @@ class Netback(BackendDriver):
         name = self._vif_name(dev)
         if name is None:
             return False
-        self.write_features(dev, FEATURES)
-        return self._create_vif(dev, name, self.open_tap, "created")
+        if not self._create_vif(dev, name, self.open_tap, "created"):
+            return False
+        self.write_features(dev, vif_features(getattr(dev.priv.tap, "vnet_hdr", False)))
+        return True
 
     def recover_device(self, dev: XenbusDevice, stale: XenbusState) -> bool:
         name = self._vif_name(dev)
@@ -194,9 +211,9 @@ class Netback(BackendDriver):
             self.hotplug_remove(dev.store, dev.nodename, name)
         except Exception as exc:
             log.warning("%s: clearing the old hotplug keys: %s", dev.nodename, exc)
-        self.write_features(dev, FEATURES)
         if not self._create_vif(dev, name, lambda n: _open_tap_when_free(self.open_tap, n), "recreated"):
             return False
+        self.write_features(dev, vif_features(getattr(dev.priv.tap, "vnet_hdr", False)))
         self.lost_connection(dev, stale)
         self.hotplug("add", dev)
         return True
@@ -210,9 +227,10 @@ class Netback(BackendDriver):
             return
         try:
             config = parse_frontend_config(dev.otherend_read)
+            vnet = getattr(be.tap, "vnet_hdr", False)
             be.connection = NetbackConnection(dev.nodename, self.grants, self.evtchn, self.memory,
                                               dev.otherend_id, config, be.tap.fd, parse_rate(dev.read("rate")),
-                                              lambda err, msg: self.fatal_from_ring(dev, err, msg))
+                                              lambda err, msg: self.fatal_from_ring(dev, err, msg), vnet)
         except BadNode as exc:
             dev.dev_fatal(exc.err, str(exc))
             return
@@ -220,6 +238,10 @@ class Netback(BackendDriver):
             log.exception("%s: connect failed", dev.nodename)
             dev.dev_fatal(exc, f"mapping shared-frames {dev.otherend}: {exc}")
             return
+        if vnet:
+            be.tap.set_offload(**config.rx_features().tap_offload())
+        if not config.sg:
+            self._hold_mtu(dev)
         be.connection.start()
         log.info("%s: rings mapped (tx %d, rx %d, ports %s%s)", dev.nodename, config.tx_ring_ref,
                  config.rx_ring_ref, be.connection.ports, ", split" if config.split else "")
@@ -227,6 +249,20 @@ class Netback(BackendDriver):
             dev.switch_state(S.Connected)
         else:
             log.info("%s: waiting for the hotplug script", dev.nodename)
+
+    def _hold_mtu(self, dev: XenbusDevice) -> None:
+        """A frontend without feature-sg takes single-slot frames only: the
+        vif's MTU is held at 1500 (Linux: xenvif_connect / change_mtu)."""
+        be: NetbackInfo = dev.priv
+        if be.mtu is not None and be.mtu <= SINGLE_SLOT_MTU:
+            return
+        try:
+            self.set_vif_mtu(be.tap.name, SINGLE_SLOT_MTU)
+            be.mtu = SINGLE_SLOT_MTU
+            log.info("%s: frontend without feature-sg: %s mtu held at %d", dev.nodename, be.tap.name,
+                     SINGLE_SLOT_MTU)
+        except OSError as exc:
+            log.warning("%s: holding the MTU of %s: %s", dev.nodename, be.tap.name, exc)
 
     def close_resource(self, dev: XenbusDevice) -> None:
         be: NetbackInfo = dev.priv
@@ -303,6 +339,11 @@ class Netback(BackendDriver):
             except ValueError as exc:
                 log.warning("%s: ignoring mtu %r: %s", dev.nodename, text, exc)
                 return
+            conn = be.connection
+            if conn is not None and not conn.config.sg and mtu > SINGLE_SLOT_MTU:
+                log.warning("%s: mtu %d refused: the frontend has no feature-sg (max %d)", dev.nodename, mtu,
+                            SINGLE_SLOT_MTU)
+                mtu = SINGLE_SLOT_MTU
             if be.mtu == mtu:
                 return
             try:

@@ -20,7 +20,7 @@ from xenbed.protocols import netif
 from xenbed.protocols.ring import BackRing, RingOverflow
 
 from .netback import TX_BATCH_SLOTS, FatalTxError, NetifServer
-from .rx import RX_POLL_SECONDS
+from .rx import RX_POLL_SECONDS, RxFeatures
 
 log = logging.getLogger("xenbed.netback")
 
@@ -40,6 +40,12 @@ class FrontendConfig:
     sg: bool
     csum: bool  # not feature-no-csum-offload
     ipv6_csum: bool
+    gso_tcpv4: bool = False
+    gso_tcpv6: bool = False
+
+    def rx_features(self) -> RxFeatures:
+        return RxFeatures(sg=self.sg, csum=self.csum, ipv6_csum=self.ipv6_csum, gso_tcpv4=self.gso_tcpv4,
+                          gso_tcpv6=self.gso_tcpv6)
 
 
 def parse_frontend_config(read) -> FrontendConfig:
@@ -66,7 +72,8 @@ def parse_frontend_config(read) -> FrontendConfig:
     return FrontendConfig(tx_ref, rx_ref, tx_port, rx_port, split,
                           rx_notify=flag("feature-rx-notify"), sg=flag("feature-sg"),
                           csum=not flag("feature-no-csum-offload"),
-                          ipv6_csum=flag("feature-ipv6-csum-offload"))
+                          ipv6_csum=flag("feature-ipv6-csum-offload"), gso_tcpv4=flag("feature-gso-tcpv4"),
+                          gso_tcpv6=flag("feature-gso-tcpv6"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +85,7 @@ class NetbackConnection:
     thread that serves both directions."""
 
     def __init__(self, name: str, grants, evtchn, memory, domid: int, config: FrontendConfig, tap_fd: int,
-                 rate, on_fatal) -> None:
+                 rate, on_fatal, vnet_hdr: bool = False) -> None:
         self.name = name
         self.grants, self.evtchn, self.memory = grants, evtchn, memory
         self.domid = domid
@@ -100,7 +107,8 @@ class NetbackConnection:
             self.server = NetifServer(
                 BackRing(tx_map.mmap, netif.TX_RING_ENTRY_SIZE), BackRing(rx_map.mmap, netif.RX_RING_ENTRY_SIZE),
                 grants, domid, tap_fd, self.pages[:TX_BATCH_SLOTS], self.pages[TX_BATCH_SLOTS:],
-                rate=rate, rx_notify=config.rx_notify, name=name)
+                rate=rate, rx_notify=config.rx_notify, name=name, vnet_hdr=vnet_hdr,
+                features=config.rx_features())
             self.ports.append(evtchn.bind_interdomain(domid, config.evtchn_tx))
             if config.split:
                 self.ports.append(evtchn.bind_interdomain(domid, config.evtchn_rx))
