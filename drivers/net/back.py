@@ -102,6 +102,7 @@ FEATURES = {
     "feature-multicast-control": "0",
     "feature-dynamic-multicast-control": "0",
     "feature-split-event-channels": "1",
+    "multi-queue-max-queues": "1",  # one queue per vif (Linux offers one per CPU)
 }
 
 # A restarted netback may run while the kernel is still unregistering the tap
