@@ -81,8 +81,10 @@ def parse_frontend_config(read) -> FrontendConfig:
 # ---------------------------------------------------------------------------------------------
 
 class NetbackConnection:
-    """A connected vif: mapped rings, bound port(s), bounce pages and the
-    thread that serves both directions."""
+    """A connected vif: mapped rings, bound port(s), bounce pages and two
+    threads, one per direction (Linux: the tx NAPI poll and the rx
+    kthread), so a frame for the guest never waits behind a tx batch's
+    grant copy, and the two copies overlap in the hypervisor."""
 
     def __init__(self, name: str, grants, evtchn, memory, domid: int, config: FrontendConfig, tap_fd: int,
                  rate, on_fatal, vnet_hdr: bool = False) -> None:
@@ -97,7 +99,8 @@ class NetbackConnection:
         self.pages: list = []
         self.ports: list[int] = []
         self.server: NetifServer | None = None
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakers = {d: os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for d in ("tx", "rx")}  # (read, write) ends
+        self.port_fds: dict[str, int] = {}  # direction -> our dup of its port's eventfd (fd mode, split)
         try:
             tx_map = self.grants.map(domid, config.tx_ring_ref, False)
             self.mappings.append(tx_map)
@@ -129,60 +132,88 @@ class NetbackConnection:
             self.server.credit.set_rate(rate, self.server.clock())
             self.wake()
 
-    def wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"!")
-        except OSError:
-            pass
+    def wake(self, *directions: str) -> None:
+        for d in directions or ("tx", "rx"):
+            pair = self.wakers.get(d)
+            try:
+                if pair is not None:
+                    os.write(pair[1], b"!")
+            except OSError:
+                pass
 
     def start(self) -> None:
         for port in self.ports:
-            t = threading.Thread(target=self._wait_port, args=(port,), name=f"{self.name}-evtchn{port}", daemon=True)
+            # split channels in fd mode: each direction's thread polls its own
+            # port's eventfd (one wake-up less per event); else a waiter thread
+            if self.config.split:
+                fd = self.evtchn.pending_fd(port) if hasattr(self.evtchn, "pending_fd") else None
+                if fd is not None:
+                    self.port_fds["tx" if port == self.tx_port else "rx"] = fd
+                    continue
+            # one channel: an event may be for either ring; split: each its own
+            directions = ("tx", "rx") if not self.config.split else ("tx",) if port == self.tx_port else ("rx",)
+            t = threading.Thread(target=self._wait_port, args=(port, directions), name=f"{self.name}-evtchn{port}",
+                                 daemon=True)
             t.start()
             self.threads.append(t)
-        t = threading.Thread(target=self._serve, name=f"{self.name}-netif", daemon=True)
-        t.start()
-        self.threads.append(t)
+        for direction, serve in (("tx", self._serve_tx), ("rx", self._serve_rx)):
+            t = threading.Thread(target=run_ring_thread, name=f"{self.name}-{direction}", daemon=True,
+                                 args=(self.name, self.stop, self.on_fatal, serve, (FatalTxError, RingOverflow)))
+            t.start()
+            self.threads.append(t)
 
-    def _wait_port(self, port: int) -> None:
+    def _wait_port(self, port: int, directions: tuple[str, ...]) -> None:
         # wait() clears the pending bit before we wake the server: no lost events
         while not self.stop.is_set():
             try:
                 if self.evtchn.wait(port, timeout=0.25):
-                    self.wake()
+                    self.wake(*directions)
             except Exception as exc:
                 if not self.stop.is_set():
                     log.warning("%s: waiting on port %d: %s", self.name, port, exc)
                 return
 
-    def _serve(self) -> None:
-        run_ring_thread(self.name, self.stop, self.on_fatal, self._serve_rings, (FatalTxError, RingOverflow))
+    def _woken(self, direction: str, fds: list[int], timeout: float) -> list[int]:
+        """Wait for our wake pipe or port (both cleared before the ring is
+        looked at: no lost event) or one of `fds`; the ready ones."""
+        wake_r, port_fd = self.wakers[direction][0], self.port_fds.get(direction)
+        waited = [wake_r, *fds] if port_fd is None else [wake_r, port_fd, *fds]
+        readable, _, _ = select.select(waited, [], [], timeout)
+        for fd in (wake_r, port_fd):
+            if fd is not None and fd in readable:
+                try:
+                    os.read(fd, 4096 if fd == wake_r else 8)
+                except BlockingIOError:
+                    pass
+        return readable
 
-    def _serve_rings(self) -> None:
+    def _serve_tx(self) -> None:
+        server = self.server
+        timeout = 0.0
+        while not self.stop.is_set():
+            self._woken("tx", [], timeout)
+            if self.stop.is_set():
+                break
+            notify, credit_wait = server.process_tx(self.stop)
+            if notify:
+                self.evtchn.notify(self.tx_port)
+            timeout = min(0.25, credit_wait) if credit_wait else 0.25
+
+    def _serve_rx(self) -> None:
         server = self.server
         tap_fd = server.tap_fd
         timeout = 0.0
         while not self.stop.is_set():
-            readable, _, _ = select.select([self.wake_r, tap_fd], [], [], timeout)
+            readable = self._woken("rx", [tap_fd], timeout)
             if self.stop.is_set():
                 break
-            if self.wake_r in readable:
-                try:
-                    os.read(self.wake_r, 4096)
-                except BlockingIOError:
-                    pass
-            notify_tx, credit_wait = server.process_tx(self.stop)
-            if notify_tx:
-                self.evtchn.notify(self.tx_port)
             if tap_fd in readable:
                 server.read_tap()
             if server.deliver_rx():
                 self.evtchn.notify(self.rx_port)
             timeout = 0.25
-            if credit_wait:
-                timeout = min(timeout, credit_wait)
             if server.backlog:
-                timeout = min(timeout, RX_POLL_SECONDS if not server.rx_notify else 0.1)
+                timeout = RX_POLL_SECONDS if not server.rx_notify else 0.1
 
     def close(self) -> None:
         self.stop.set()
@@ -215,9 +246,9 @@ class NetbackConnection:
             except Exception as exc:
                 log.warning("%s: freeing bounce pages: %s", self.name, exc)
             self.pages = []
-        for fd in (self.wake_r, self.wake_w):
+        for fd in [fd for pair in self.wakers.values() for fd in pair] + list(self.port_fds.values()):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self.wake_r = self.wake_w = -1
+        self.wakers, self.port_fds = {}, {}
