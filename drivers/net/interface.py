@@ -204,7 +204,7 @@ class NetbackConnection:
         tap_fd = server.tap_fd
         timeout = 0.0
         while not self.stop.is_set():
-            readable = self._woken("rx", [tap_fd], timeout)
+            readable = self._woken("rx", [tap_fd] if server.rx_free else [], timeout)
             if self.stop.is_set():
                 break
             if tap_fd in readable:

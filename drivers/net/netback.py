@@ -29,7 +29,8 @@ Data path (`NetifServer`, independent of XenBus, one thread per vif):
   offset 0, status = bytes in the slot, NETRXF_more_data on all but the
   last, the checksum flags on the first and, for a GSO frame, its extra
   info in the slot after it; frames that wait longer than
-  RX_STALL_SECONDS, or overflow the backlog, are dropped and counted.
+  RX_STALL_SECONDS are dropped and counted; the backlog is RX_BACKLOG_MAX
+  reused buffers, and what does not fit waits in the tap's own queue.
 
 Pure helpers (tests/unit/test_netback_*.py): `parse_tx_packet`, `Credit`,
 `fill_checksum`, and rx.py's `rx_layout`.
@@ -57,7 +58,7 @@ from xenbed.protocols.netif import NETTXF_data_validated, XEN_NETIF_MAX_TX_SIZE
 from xenbed.protocols.ring import XEN_PAGE_SIZE, BackRing
 from xenbed.protocols.vnet import BadOffload, Offload
 
-from .rx import RxFeatures, RxPath
+from .rx import RX_BACKLOG_MAX, RX_READ_SIZE, RxFeatures, RxPath
 
 log = logging.getLogger("xenbed.netback")
 
@@ -263,7 +264,8 @@ class NetifServer(RxPath):
         self.vnet_hdr = vnet_hdr
         self.features = features or RxFeatures()
         self.frame_buf = bytearray(XEN_NETIF_MAX_TX_SIZE)  # every tx frame is put together here
-        self.backlog: deque[tuple[float, bytes]] = deque()
+        self.backlog: deque[tuple[float, bytearray, int]] = deque()  # (read at, buffer, length)
+        self.rx_free = [bytearray(RX_READ_SIZE) for _ in range(RX_BACKLOG_MAX)]
         self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_errors": 0, "tx_dropped": 0, "tx_control": 0,
                       "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "rx_errors": 0}
 

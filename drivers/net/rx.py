@@ -27,7 +27,8 @@ from xenbed.protocols.netif import (
 from xenbed.protocols.ring import XEN_PAGE_SIZE, full_barrier
 from xenbed.protocols.vnet import VNET_HDR_LEN, BadOffload, Offload, VnetHdr, settle_checksum
 
-RX_BACKLOG_MAX = 256  # frames waiting for rx buffers
+RX_BACKLOG_MAX = 64  # frames read ahead of the guest's rx buffers, each in a buffer of its own, reused
+RX_READ_SIZE = 65536 + ETH_HLEN + 4 + VNET_HDR_LEN  # the largest read a tap returns
 RX_STALL_SECONDS = 2.0  # a frame older than this is dropped (Linux: rx_drain_timeout 10 s)
 RX_POLL_SECONDS = 0.03  # frontend without feature-rx-notify: poll (Linux: drain_timeout 30 ms)
 
@@ -90,27 +91,32 @@ class RxPath:
     `backlog`, `stats`, `grants`, `domid`, `tap_fd` and `clock` are set by
     NetifServer's constructor."""
 
-    def read_tap(self, limit: int = 64) -> int:
-        """Move frames from the tap into the backlog (non-blocking fd)."""
+    def read_tap(self, limit: int = RX_BACKLOG_MAX) -> int:
+        """Move frames from the tap into the backlog (non-blocking fd), each
+        into a free buffer of `rx_free` (none free: they wait in the tap's
+        queue, as in a stopped queue, and the kernel drops what overflows)."""
         n = 0
         now = self.clock()
-        while n < limit:
+        while n < limit and self.rx_free:
+            buf = self.rx_free.pop()
             try:
-                frame = os.read(self.tap_fd, 65536 + ETH_HLEN + 4 + VNET_HDR_LEN)
-            except BlockingIOError:
-                break
+                length = os.readv(self.tap_fd, [buf])
             except OSError as exc:
+                self.rx_free.append(buf)
                 if exc.errno in (errno.EAGAIN, errno.EINTR):
                     break
                 raise
-            if not frame:
+            if not length:
+                self.rx_free.append(buf)
                 break
             n += 1
-            if len(self.backlog) >= RX_BACKLOG_MAX:
-                self.stats["rx_dropped"] += 1
-                continue
-            self.backlog.append((now, frame))
+            self.backlog.append((now, buf, length))
         return n
+
+    def _rx_done(self, entry: tuple[float, bytearray, int], dropped: bool = False) -> None:
+        self.rx_free.append(entry[1])
+        if dropped:
+            self.stats["rx_dropped"] += 1
 
     def deliver_rx(self) -> bool:
         """Copy backlogged frames into the guest's posted buffers; True if
@@ -119,28 +125,26 @@ class RxPath:
         now = self.clock()
         notify = False
         while self.backlog and now - self.backlog[0][0] > RX_STALL_SECONDS:
-            self.backlog.popleft()
-            self.stats["rx_dropped"] += 1
+            self._rx_done(self.backlog.popleft(), dropped=True)
         while self.backlog:
             ops, rsps = [], []  # rsps: (id, n, flags, op index) or (encoded extra, None, None, None)
             page = 0
             while self.backlog:
-                _, raw = self.backlog[0]
+                _, buf, length = self.backlog[0]
                 try:
-                    frame, flags, extra = self._rx_prepare(raw)
+                    frame, flags, extra = self._rx_prepare(memoryview(buf)[:length])
                 except BadOffload:
                     frame, flags, extra = None, 0, None
                 layout = rx_layout(len(frame)) if frame is not None else []
                 needed = len(layout) + (extra is not None)
                 if frame is None or needed > ring.size:
-                    self.backlog.popleft()
-                    self.stats["rx_dropped"] += 1
+                    self._rx_done(self.backlog.popleft(), dropped=True)
                     continue
                 if page + len(layout) > len(self.rx_pages):
                     break
                 if not self._rx_slots_available(needed):
                     break  # req_event asks the frontend to notify us when it posts more
-                self.backlog.popleft()
+                entry = self.backlog.popleft()
                 for k, (pos, n, more) in enumerate(layout):
                     req = NetifRxRequest.decode(ring.take_request())
                     local = self.rx_pages[page]
@@ -154,6 +158,7 @@ class RxPath:
                         rsps.append((extra, None, None, None))
                 self.stats["rx_packets"] += 1
                 self.stats["rx_bytes"] += len(frame)
+                self._rx_done(entry)  # its bytes are in our pages now
             if not ops:
                 break
             statuses = self.grants.copy(ops, check=False)
@@ -168,7 +173,7 @@ class RxPath:
             notify = ring.push_responses_and_check_notify() or notify
         return notify
 
-    def _rx_prepare(self, raw: bytes) -> tuple[bytes | bytearray | memoryview, int, bytes | None]:
+    def _rx_prepare(self, raw: memoryview) -> tuple[bytes | bytearray | memoryview, int, bytes | None]:
         """(frame, first response's flags, encoded GSO extra or None) of
         what the tap gave us."""
         if not self.vnet_hdr:
@@ -176,7 +181,7 @@ class RxPath:
                 raise BadOffload("too long for a frontend without feature-sg")
             return raw, 0, None
         offload = Offload.from_vnet(VnetHdr.decode(raw))
-        frame, flags, gso = rx_plan(memoryview(raw)[VNET_HDR_LEN:], offload, self.features)
+        frame, flags, gso = rx_plan(raw[VNET_HDR_LEN:], offload, self.features)
         return frame, flags, offload.gso_extra().encode() if gso else None
 
     def _rx_slots_available(self, needed: int) -> bool:
