@@ -228,7 +228,8 @@ class Vif(FrontendDevice):
         if offload is None:
             return tap.write(frame)
         try:
-            frame = bytearray(frame)
+            if offload.csum_blank or offload.gso:
+                frame = bytearray(frame)  # its checksum field gets the pseudo-header sum
             return tap.write(offload.to_vnet(frame).encode(), frame)
         except BadOffload:
             return False

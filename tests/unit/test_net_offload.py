@@ -134,3 +134,46 @@ def test_netfront_keys_and_offloads_follow_the_backend():
     assert BackendFeatures.parse(read).tap_offload() == {"csum": True, "tso4": True, "tso6": False}
     no_sg = BackendFeatures.parse({"feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1"}.get)
     assert no_sg.tap_offload() == {"csum": True, "tso4": False, "tso6": False}
+
+
+# -- netfront's engine ------------------------------------------------------------------
+def test_netfront_puts_the_gso_extra_right_after_the_first_request():
+    from xenbed.protocols.netif import NETTXF_data_validated, NetifTxResponse
+    from xenbed.protocols.vnet import Offload
+
+    from .test_netfront_engine import World as EngineWorld
+
+    w = EngineWorld()
+    f = bytes(tcp4(os.urandom(9000)))
+    off = Offload(True, True, XEN_NETIF_GSO_TYPE_TCPV4, 1448)
+    pkt = w.engine.transmit(f, offload=off)
+    assert pkt is not None
+    ring = w.back.tx
+    slots = [ring.take_request() for _ in range(ring.unconsumed_requests())]
+    first, extra = NetifTxRequest.decode(slots[0]), NetifExtraInfo.decode(slots[1])
+    assert first.flags == NETTXF_csum_blank | NETTXF_data_validated | NETTXF_extra_info | NETTXF_more_data
+    assert first.size == len(f) and extra.gso() == ExtraGso(1448, XEN_NETIF_GSO_TYPE_TCPV4)
+    data = [NetifTxRequest.decode(s) for s in [slots[0]] + slots[2:]]
+    assert len(data) == 3 and not data[-1].flags & NETTXF_more_data
+    for i, s in enumerate(slots):  # answered as netback does: NULL for the extra
+        rsp_id = 0 if i == 1 else NetifTxRequest.decode(s).id
+        ring.put_response(NetifTxResponse(rsp_id, NETIF_RSP_NULL if i == 1 else NETIF_RSP_OKAY).encode())
+    ring.push_responses_and_check_notify()
+    w.engine.handle_tx_responses()
+    assert pkt.done.is_set() and w.engine.counters.tx_packets == 1 and w.engine.counters.tx_errors == 0
+
+
+def test_netfront_hands_rx_offloads_to_the_tap():
+    from xenbed.protocols.vnet import Offload
+
+    from .test_netfront_engine import World as EngineWorld
+
+    got = []
+    w = EngineWorld()
+    w.engine.offloads = True
+    w.engine.deliver = lambda frame, offload: got.append((frame, offload)) or True
+    f = bytes(tcp4(os.urandom(6000)))
+    w.back.send(f, extra=True)
+    w.engine.handle_rx_responses()
+    [(data, off)] = got
+    assert data == f and off == Offload(True, True, XEN_NETIF_GSO_TYPE_TCPV4, 1448)
