@@ -13,10 +13,12 @@ XENBED_BRIDGE_SETUP=0 leaves the network alone).  Environment as blkback's.
 Linux's xen-netback/xenbus.c:
 
 * probe: read `handle`; create the tap `vif<domid>.<handle>` (or
-  `vifname`, IFF_VNET_HDR) with MAC fe:ff:ff:ff:ff:ff, holding its fd;
+  `vifname`, IFF_VNET_HDR | IFF_MULTI_QUEUE) with MAC fe:ff:ff:ff:ff:ff,
+  holding its fd;
   write the features (feature-sg, feature-rx-copy,
   feature-split-event-channels, feature-ipv6-csum-offload,
   feature-gso-tcpv4/6 = 1 -- GSO only on a vnet-header tap;
+  multi-queue-max-queues = CPUs;
   feature-rx-flip, feature-multicast-control = 0); InitWait; watch
   `hotplug-status`, `rate` and our own `state`.
 * frontend Connected (or Initialised): read `tx-ring-ref`, `rx-ring-ref`,
@@ -24,7 +26,10 @@ Linux's xen-netback/xenbus.c:
   `request-rx-copy` (must be 1: else dev_fatal EOPNOTSUPP, as Linux),
   `feature-rx-notify`, `feature-sg`, `feature-no-csum-offload`,
   `feature-ipv6-csum-offload`, `feature-gso-tcpv4/6`,
-  `multi-queue-num-queues` (only 1); set the vif's offloads from them
+  `multi-queue-num-queues` (up to our `multi-queue-max-queues`: the vif is
+  a multi-queue tap with one queue per CPU; each queue's rings and ports
+  under `queue-<i>/`, served by a queue descriptor and threads of its own);
+  set the vif's offloads from them
   (TUNSETOFFLOAD: checksum unless feature-no-csum-offload, TSO only with
   feature-sg), hold its MTU at 1500 for a frontend without feature-sg
   (Linux: no multi-slot frames for it, and `mtu` above 1500 refused);
@@ -102,7 +107,6 @@ FEATURES = {
     "feature-multicast-control": "0",
     "feature-dynamic-multicast-control": "0",
     "feature-split-event-channels": "1",
-    "multi-queue-max-queues": "1",  # one queue per vif (Linux offers one per CPU)
 }
 
 # A restarted netback may run while the kernel is still unregistering the tap
@@ -122,16 +126,20 @@ def parse_rate(text: str | None) -> tuple[int, int] | None:
     return (b, us) if b > 0 and us > 0 else None
 
 
-def vif_features(vnet_hdr: bool) -> dict[str, str]:
+def vif_features(vnet_hdr: bool, max_queues: int = 1) -> dict[str, str]:
     """What we advertise: GSO only when the vif hands offloads through (a
-    vnet-header tap: the kernel segments what the frontend sends whole)."""
-    if vnet_hdr:
-        return FEATURES
-    return {**FEATURES, "feature-gso-tcpv4": "0", "feature-gso-tcpv6": "0"}
+    vnet-header tap: the kernel segments what the frontend sends whole);
+    as many queues as the tap has (one per CPU on a multi-queue tap)."""
+    gso = "1" if vnet_hdr else "0"
+    return {**FEATURES, "feature-gso-tcpv4": gso, "feature-gso-tcpv6": gso, "multi-queue-max-queues": str(max_queues)}
+
+
+def _tap_features(tap) -> dict[str, str]:
+    return vif_features(getattr(tap, "vnet_hdr", False), getattr(tap, "max_queues", 1))
 
 
 def default_open_tap(name: str):
-    t = tap.open_tap(name, vnet_hdr=True)
+    t = tap.open_tap(name, vnet_hdr=True, multi_queue=True)
     try:
         tap.set_link(t.name, mac=VIF_MAC)
     except OSError as exc:
@@ -199,7 +207,7 @@ class Netback(BackendDriver):
             return False
         if not self._create_vif(dev, name, self.open_tap, "created"):
             return False
-        self.write_features(dev, vif_features(getattr(dev.priv.tap, "vnet_hdr", False)))
+        self.write_features(dev, _tap_features(dev.priv.tap))
         return True
 
     def recover_device(self, dev: XenbusDevice, stale: XenbusState) -> bool:
@@ -214,7 +222,7 @@ class Netback(BackendDriver):
             log.warning("%s: clearing the old hotplug keys: %s", dev.nodename, exc)
         if not self._create_vif(dev, name, lambda n: _open_tap_when_free(self.open_tap, n), "recreated"):
             return False
-        self.write_features(dev, vif_features(getattr(dev.priv.tap, "vnet_hdr", False)))
+        self.write_features(dev, _tap_features(dev.priv.tap))
         self.lost_connection(dev, stale)
         self.hotplug("add", dev)
         return True
@@ -227,11 +235,14 @@ class Netback(BackendDriver):
             dev.dev_fatal(errno.ENODEV, "no vif to connect")
             return
         try:
-            config = parse_frontend_config(dev.otherend_read)
+            config = parse_frontend_config(dev.otherend_read, getattr(be.tap, "max_queues", 1))
             vnet = getattr(be.tap, "vnet_hdr", False)
+            nqueues = len(config.all_queues())
+            more = be.tap.open_queues(nqueues) if nqueues > 1 else []
             be.connection = NetbackConnection(dev.nodename, self.grants, self.evtchn, self.memory,
-                                              dev.otherend_id, config, be.tap.fd, parse_rate(dev.read("rate")),
-                                              lambda err, msg: self.fatal_from_ring(dev, err, msg), vnet)
+                                              dev.otherend_id, config, [be.tap.fd, *more],
+                                              parse_rate(dev.read("rate")),
+                                              lambda err, msg: self.fatal_from_ring(dev, err, msg), vnet, more)
         except BadNode as exc:
             dev.dev_fatal(exc.err, str(exc))
             return

@@ -7,6 +7,7 @@ xenbus.c).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -42,38 +43,51 @@ class FrontendConfig:
     ipv6_csum: bool
     gso_tcpv4: bool = False
     gso_tcpv6: bool = False
+    more_queues: tuple[FrontendConfig, ...] = ()  # queues 1.. of a multi-queue frontend (this one is queue 0)
+
+    def all_queues(self) -> tuple[FrontendConfig, ...]:
+        return (self, *self.more_queues)
 
     def rx_features(self) -> RxFeatures:
         return RxFeatures(sg=self.sg, csum=self.csum, ipv6_csum=self.ipv6_csum, gso_tcpv4=self.gso_tcpv4,
                           gso_tcpv6=self.gso_tcpv6)
 
 
-def parse_frontend_config(read) -> FrontendConfig:
+def parse_frontend_config(read, max_queues: int = 1) -> FrontendConfig:
     """Read and check netfront's keys; `read(key)` -> value or None.
-    Missing or malformed keys raise BadNode (-> dev_fatal)."""
+    Missing or malformed keys raise BadNode (-> dev_fatal).  A frontend
+    asking for `multi-queue-num-queues` N > 1 (at most `max_queues`, what we
+    advertise) has each queue's rings and ports under `queue-<i>/`
+    (Linux's connect / connect_data_rings); one queue, at the top."""
     def flag(key: str) -> bool:
         return read_flag(read(key), key)
 
-    queues = read("multi-queue-num-queues")
-    if queues is not None and read_uint(queues, "multi-queue-num-queues") != 1:
-        raise BadNode(errno.ENOSYS, f"guest requested {queues} queues, exceeding the maximum of 1")
+    text = read("multi-queue-num-queues")
+    queues = 1 if text is None else read_uint(text, "multi-queue-num-queues")
+    if queues > max_queues:
+        raise BadNode(errno.ENOSYS, f"guest requested {queues} queues, exceeding the maximum of {max_queues}")
+    if queues == 0:
+        raise BadNode(errno.EINVAL, "guest requested 0 queues")
     if not flag("request-rx-copy"):
         raise BadNode(errno.EOPNOTSUPP, "frontend does not request rx-copy (request-rx-copy)")
-    tx_ref = read_uint(read("tx-ring-ref"), "tx-ring-ref")
-    rx_ref = read_uint(read("rx-ring-ref"), "rx-ring-ref")
-    tx_port_text, rx_port_text = read("event-channel-tx"), read("event-channel-rx")
-    if tx_port_text is not None or rx_port_text is not None:
-        tx_port = read_uint(tx_port_text, "event-channel-tx")
-        rx_port = read_uint(rx_port_text, "event-channel-rx")
-        split = True
+    features = dict(rx_notify=flag("feature-rx-notify"), sg=flag("feature-sg"),
+                    csum=not flag("feature-no-csum-offload"), ipv6_csum=flag("feature-ipv6-csum-offload"),
+                    gso_tcpv4=flag("feature-gso-tcpv4"), gso_tcpv6=flag("feature-gso-tcpv6"))
+    configs = [_queue_config(read, f"queue-{i}/" if queues > 1 else "", features) for i in range(queues)]
+    return dataclasses.replace(configs[0], more_queues=tuple(configs[1:]))
+
+
+def _queue_config(read, prefix: str, features: dict) -> FrontendConfig:
+    def uint(key: str) -> int:
+        return read_uint(read(prefix + key), prefix + key)
+
+    tx_ref, rx_ref = uint("tx-ring-ref"), uint("rx-ring-ref")
+    if read(prefix + "event-channel-tx") is not None or read(prefix + "event-channel-rx") is not None:
+        tx_port, rx_port, split = uint("event-channel-tx"), uint("event-channel-rx"), True
     else:
-        tx_port = rx_port = read_uint(read("event-channel"), "event-channel")
+        tx_port = rx_port = uint("event-channel")
         split = False
-    return FrontendConfig(tx_ref, rx_ref, tx_port, rx_port, split,
-                          rx_notify=flag("feature-rx-notify"), sg=flag("feature-sg"),
-                          csum=not flag("feature-no-csum-offload"),
-                          ipv6_csum=flag("feature-ipv6-csum-offload"), gso_tcpv4=flag("feature-gso-tcpv4"),
-                          gso_tcpv6=flag("feature-gso-tcpv6"))
+    return FrontendConfig(tx_ref, rx_ref, tx_port, rx_port, split, **features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,8 +95,61 @@ def parse_frontend_config(read) -> FrontendConfig:
 # ---------------------------------------------------------------------------------------------
 
 class NetbackConnection:
-    """A connected vif: mapped rings, bound port(s), bounce pages and two
-    threads, one per direction (Linux: the tx NAPI poll and the rx
+    """A connected vif: one `NetbackQueue` per queue the frontend asked for
+    (each with its own tap descriptor: the kernel spreads flows over a
+    multi-queue tap's queues), and descriptors we opened for it."""
+
+    def __init__(self, name: str, grants, evtchn, memory, domid: int, config: FrontendConfig,
+                 tap_fds: list[int], rate, on_fatal, vnet_hdr: bool = False, owned_fds: tuple[int, ...] = ()) -> None:
+        self.name, self.config, self.evtchn = name, config, evtchn
+        self.owned_fds = list(owned_fds)
+        self.queues: list[NetbackQueue] = []
+        try:
+            for i, queue in enumerate(config.all_queues()):
+                self.queues.append(NetbackQueue(name if i == 0 else f"{name}/queue-{i}", grants, evtchn, memory,
+                                                domid, queue, tap_fds[i], rate, on_fatal, vnet_hdr))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def server(self) -> NetifServer | None:
+        return self.queues[0].server if self.queues else None
+
+    @property
+    def tx_port(self) -> int:
+        return self.queues[0].tx_port
+
+    @property
+    def rx_port(self) -> int:
+        return self.queues[0].rx_port
+
+    @property
+    def ports(self) -> list[int]:
+        return [port for queue in self.queues for port in queue.ports]
+
+    def set_rate(self, rate) -> None:
+        for queue in self.queues:  # as Linux: each queue has the vif's credit
+            queue.set_rate(rate)
+
+    def start(self) -> None:
+        for queue in self.queues:
+            queue.start()
+
+    def close(self) -> None:
+        for queue in self.queues:
+            queue.close()
+        for fd in self.owned_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.owned_fds = []
+
+
+class NetbackQueue:
+    """One queue of a connected vif: mapped rings, bound port(s), bounce
+    pages and two threads, one per direction (Linux: the tx NAPI poll and the rx
     kthread), so a frame for the guest never waits behind a tx batch's
     grant copy, and the two copies overlap in the hypervisor."""
 

@@ -49,6 +49,7 @@ TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -66,6 +67,7 @@ IFNAMSIZ = 16
 
 MAX_FRAME = 65535 + 14 + 4  # the largest frame a read can return (with a VLAN tag)
 MAX_READ = MAX_FRAME + 10  # ... and its virtio_net_hdr
+MAX_QUEUES = max(1, min(os.cpu_count() or 1, 8))  # a multi-queue tap's queues (Linux netback: one per CPU)
 
 
 class LinkError(OSError):
@@ -79,11 +81,21 @@ def _ifreq(name: str, payload: bytes = b"") -> bytes:
     return struct.pack(f"{IFNAMSIZ}s", raw) + payload.ljust(24, b"\0")
 
 
-def open_tap(name: str, *, nonblocking: bool = True, vnet_hdr: bool = False) -> Tap:
+def open_tap(name: str, *, nonblocking: bool = True, vnet_hdr: bool = False, multi_queue: bool = False) -> Tap:
     """Create (or attach to a free persistent) tap `name`; the kernel may
-    complete a name with %d.  Raises LinkError (EBUSY: someone else holds it)."""
+    complete a name with %d.  Raises LinkError (EBUSY: someone else holds it).
+    `multi_queue` (IFF_MULTI_QUEUE): `Tap.open_queues` adds descriptors, and
+    the kernel spreads the flows it hands us over them."""
     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
-    ifr = _ifreq(name, struct.pack("H", IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)))
+    tun_flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
+    fd, ifname = _attach(name, flags, tun_flags)
+    tap = Tap(ifname or name, fd, vnet_hdr)
+    tap.queue_flags = (flags, tun_flags) if multi_queue else None
+    return tap
+
+
+def _attach(name: str, flags: int, tun_flags: int) -> tuple[int, str]:
+    ifr = _ifreq(name, struct.pack("H", tun_flags))
     try:
         fd = os.open(TUN_PATH, flags)
     except OSError as exc:
@@ -93,7 +105,7 @@ def open_tap(name: str, *, nonblocking: bool = True, vnet_hdr: bool = False) -> 
     except OSError as exc:
         os.close(fd)
         raise LinkError(exc.errno, f"TUNSETIFF {name}: {exc.strerror}") from exc
-    return Tap(out[:IFNAMSIZ].split(b"\0", 1)[0].decode() or name, fd, vnet_hdr)
+    return fd, out[:IFNAMSIZ].split(b"\0", 1)[0].decode()
 
 
 def set_offload(fd: int, *, csum: bool = False, tso4: bool = False, tso6: bool = False) -> bool:
@@ -115,6 +127,7 @@ class Tap:
         self.name = name
         self.fd = fd
         self.vnet_hdr = vnet_hdr
+        self.queue_flags: tuple[int, int] | None = None  # (open flags, TUNSETIFF flags) of a multi-queue tap
         self._wlock = threading.Lock()
 
     # -- frames ----------------------------------------------------------------------
@@ -170,6 +183,23 @@ class Tap:
             flags = struct.unpack_from("H", self._ioctl(SIOCGIFFLAGS), IFNAMSIZ)[0]
             flags = flags | IFF_UP if up else flags & ~IFF_UP
             self._ioctl(SIOCSIFFLAGS, struct.pack("H", flags))
+
+    @property
+    def max_queues(self) -> int:
+        return MAX_QUEUES if self.queue_flags else 1
+
+    def open_queues(self, count: int) -> list[int]:
+        """`count` - 1 more queue descriptors of this multi-queue tap (the
+        caller closes them; the first queue is `fd`)."""
+        fds: list[int] = []
+        try:
+            for _ in range(count - 1):
+                fds.append(_attach(self.name, *self.queue_flags)[0])
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
 
     def set_offload(self, *, csum: bool = False, tso4: bool = False, tso6: bool = False) -> bool:
         return self.vnet_hdr and set_offload(self.fd, csum=csum, tso4=tso4, tso6=tso6)

@@ -7,6 +7,7 @@ its vif's MTU held at 1500 and only single-slot frames."""
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -27,10 +28,21 @@ from .test_vnet import tcp4
 
 class VnetSockTap(SockTap):
     vnet_hdr = True
+    max_queues = 2
 
     def __init__(self, name):
         super().__init__(name)
         self.offloads = []
+        self.queue_peers = []  # the test's end of each extra queue
+
+    def open_queues(self, count):
+        fds = []
+        for _ in range(count - 1):
+            ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ours.setblocking(False)
+            self.queue_peers.append(peer)
+            fds.append(ours.detach())
+        return fds
 
     def set_offload(self, **flags):
         self.offloads.append(flags)
@@ -177,3 +189,48 @@ def test_netfront_hands_rx_offloads_to_the_tap():
     w.engine.handle_rx_responses()
     [(data, off)] = got
     assert data == f and off == Offload(True, True, XEN_NETIF_GSO_TYPE_TCPV4, 1448)
+
+
+def test_two_queues_each_with_its_rings_ports_and_tap_queue(world):
+    from xenbed.protocols import netif
+    from xenbed.protocols.ring import FrontRing, SharedRing
+
+    from .test_netback_xenbus import FRONT
+
+    world.toolstack_create()
+    world.wait_state(BACK, "2")
+    assert world.store.read(f"{BACK}/multi-queue-max-queues") == "2"
+    rings = []
+    keys = {"multi-queue-num-queues": "2", "request-rx-copy": "1", "feature-rx-notify": "1", "feature-sg": "1"}
+    for q in range(2):
+        tx_ref, tx_page = world.grants.grant_page()
+        rx_ref, rx_page = world.grants.grant_page()
+        SharedRing.init(tx_page)
+        SharedRing.init(rx_page)
+        rings.append(FrontRing(tx_page, netif.TX_RING_ENTRY_SIZE))
+        keys |= {f"queue-{q}/tx-ring-ref": str(tx_ref), f"queue-{q}/rx-ring-ref": str(rx_ref),
+                 f"queue-{q}/event-channel-tx": str(10 + 2 * q), f"queue-{q}/event-channel-rx": str(11 + 2 * q)}
+    for k, v in keys.items():
+        world.store.write(f"{FRONT}/{k}", v)
+    world.store.write(f"{FRONT}/state", "4")
+    time.sleep(0.3)
+    world.store.write(f"{BACK}/hotplug-status", "connected")
+    world.wait_state(BACK, "4")
+    conn = world.conn()
+    assert len(conn.queues) == 2 and len(conn.ports) == 4
+    # a frame on queue 1's tx ring comes out of the tap's second queue
+    g, page = world.grants.grant_page()
+    page[:60] = b"\x07" * 60
+    rings[1].put_request(NetifTxRequest(g, 0, 0, 3, 60).encode())
+    rings[1].push_requests()
+    world.evtchn.kick(conn.queues[1].tx_port)
+    got = world.taps[0].queue_peers[0].recv(100)
+    assert VnetHdr.decode(got) == VnetHdr() and got[VNET_HDR_LEN:] == b"\x07" * 60
+
+
+def test_more_queues_than_offered_is_refused(world):
+    world.toolstack_create()
+    world.wait_state(BACK, "2")
+    world.frontend_connect(**{"multi-queue-num-queues": "3"})
+    world.wait_state(BACK, "5")
+    assert "exceeding the maximum of 2" in world.store.read(world.bus.devices[BACK].error_path)
