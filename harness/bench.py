@@ -305,14 +305,30 @@ def _fuse_fio(testbed: Testbed, size_mb: int, seconds: float, depth: int,
 def bench_net(testbed: Testbed, seconds: int = 5, pings: int = 50) -> dict[str, dict]:
     """iperf3 and ping from domu1 (every frame through netfront, the rings and
     netback) against the same from dom0 over the same veth (the limit), in
-    the same run; the peer runs `iperf3 -s`."""
+    the same run; the peer runs `iperf3 -s`.  Also the reverse direction
+    (peer -> domu1 against peer -> dom0, `iperf3 -R`) and guest to guest
+    (domu1 -> domu2, both vifs on dom0's bridge; domu2 runs its own server)."""
     def out(service: str, script: str) -> str:
         return testbed.exec(service, ["sh", "-c", script], check=True).stdout
 
-    peer = out("peer", "ip -4 -o addr show scope global").split()[3].split("/")[0]
+    def address(service: str, dev: str = "") -> str:
+        return out(service, f"ip -4 -o addr show {dev} scope global").split()[3].split("/")[0]
 
-    def tcp_mbit_s(service: str) -> float:
-        report = json.loads(out(service, f"timeout {seconds + 30} iperf3 -J -t {seconds} -c {peer}"))
+    peer = address("peer")
+
+    def peer_csum_errors() -> int:  # TCP and UDP InCsumErrors in the peer's /proc/net/snmp (nstat's source)
+        lines = [line.split() for line in out("peer", "cat /proc/net/snmp").splitlines()]
+        total = 0
+        for names, values in zip(lines, lines[1:]):
+            if names[0] in ("Tcp:", "Udp:") and values[0] == names[0] and "InCsumErrors" in names:
+                total += int(values[names.index("InCsumErrors")])
+        return total
+
+    csum_errors_before = peer_csum_errors()
+
+    def tcp_mbit_s(service: str, server: str = peer, reverse: bool = False) -> float:
+        flags = " -R" if reverse else ""
+        report = json.loads(out(service, f"timeout {seconds + 30} iperf3 -J -t {seconds}{flags} -c {server}"))
         return report["end"]["sum_received"]["bits_per_second"] / 1e6
 
     def ping_p50_us(service: str) -> float:
@@ -321,13 +337,23 @@ def bench_net(testbed: Testbed, seconds: int = 5, pings: int = 50) -> dict[str, 
         return rtts[len(rtts) // 2] * 1000.0
 
     guest_tcp, veth_tcp = tcp_mbit_s("domu1"), tcp_mbit_s("dom0")
+    guest_rx, veth_rx = tcp_mbit_s("domu1", reverse=True), tcp_mbit_s("dom0", reverse=True)
+    out("domu2", "iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
+    g2g = tcp_mbit_s("domu1", address("domu2", "dev eth0"))
     guest_ping, veth_ping = ping_p50_us("domu1"), ping_p50_us("dom0")
+    csum_errors = peer_csum_errors() - csum_errors_before
     return {
         "net.tcp_mbit_s": {"value": round(guest_tcp, 1), "unit": "Mbit/s"},
         "net.veth_tcp_mbit_s": {"value": round(veth_tcp, 1), "unit": "Mbit/s"},
         "net.tcp_ratio": {"value": round(guest_tcp / veth_tcp, 4), "unit": "x"},
+        "net.tcp_rx_mbit_s": {"value": round(guest_rx, 1), "unit": "Mbit/s"},
+        "net.veth_tcp_rx_mbit_s": {"value": round(veth_rx, 1), "unit": "Mbit/s"},
+        "net.tcp_rx_ratio": {"value": round(guest_rx / veth_rx, 4), "unit": "x"},
+        "net.guest_to_guest_tcp_mbit_s": {"value": round(g2g, 1), "unit": "Mbit/s"},
         "net.ping_rtt_us_p50": {"value": round(guest_ping), "unit": "us"},
         "net.veth_ping_rtt_us_p50": {"value": round(veth_ping), "unit": "us"},
+        "net.ping_rtt_ratio": {"value": round(guest_ping / veth_ping, 2), "unit": "x"},
+        "net.peer_csum_errors": {"value": csum_errors, "unit": "segments"},
     }
 
 

@@ -12,16 +12,27 @@ XENBED_BRIDGE_SETUP=0 leaves the network alone).  Environment as blkback's.
 `Netback` is a `XenbusDriver` for type "vif" on a `BackendBus`, following
 Linux's xen-netback/xenbus.c:
 
-* probe: read `handle`; write the features (feature-sg, feature-rx-copy,
-  feature-split-event-channels, feature-ipv6-csum-offload = 1;
-  feature-gso-tcpv4/6, feature-rx-flip, feature-multicast-control = 0);
-  create the tap `vif<domid>.<handle>` (or `vifname`) with MAC
-  fe:ff:ff:ff:ff:ff, holding its fd; InitWait; watch `hotplug-status`,
-  `rate` and our own `state`.
+* probe: read `handle`; create the tap `vif<domid>.<handle>` (or
+  `vifname`, IFF_VNET_HDR | IFF_MULTI_QUEUE) with MAC fe:ff:ff:ff:ff:ff,
+  holding its fd;
+  write the features (feature-sg, feature-rx-copy,
+  feature-split-event-channels, feature-ipv6-csum-offload,
+  feature-gso-tcpv4/6 = 1 -- GSO only on a vnet-header tap;
+  multi-queue-max-queues = CPUs;
+  feature-rx-flip, feature-multicast-control = 0); InitWait; watch
+  `hotplug-status`, `rate` and our own `state`.
 * frontend Connected (or Initialised): read `tx-ring-ref`, `rx-ring-ref`,
   `event-channel` or `event-channel-tx` + `event-channel-rx`,
   `request-rx-copy` (must be 1: else dev_fatal EOPNOTSUPP, as Linux),
-  `feature-rx-notify`, `feature-sg`, `multi-queue-num-queues` (only 1);
+  `feature-rx-notify`, `feature-sg`, `feature-no-csum-offload`,
+  `feature-ipv6-csum-offload`, `feature-gso-tcpv4/6`,
+  `multi-queue-num-queues` (up to our `multi-queue-max-queues`: the vif is
+  a multi-queue tap with one queue per CPU; each queue's rings and ports
+  under `queue-<i>/`, served by a queue descriptor and threads of its own);
+  set the vif's offloads from them
+  (TUNSETOFFLOAD: checksum unless feature-no-csum-offload, TSO only with
+  feature-sg), hold its MTU at 1500 for a frontend without feature-sg
+  (Linux: no multi-slot frames for it, and `mtu` above 1500 refused);
   map both rings, bind the port(s), start the vif thread; switch to
   Connected only once `hotplug-status` is "connected" (libxl: the backend
   waits for its hotplug script).
@@ -83,12 +94,13 @@ from .interface import NetbackConnection, parse_frontend_config
 log = logging.getLogger("xenbed.netback")
 
 S = XenbusState
+SINGLE_SLOT_MTU = 1500  # ETH_DATA_LEN: the most a frontend without feature-sg is given
 VIF_MAC = "fe:ff:ff:ff:ff:ff"  # Linux netback's vif address, so the bridge never takes the guest's
 
 FEATURES = {
     "feature-sg": "1",
-    "feature-gso-tcpv4": "0",
-    "feature-gso-tcpv6": "0",
+    "feature-gso-tcpv4": "1",
+    "feature-gso-tcpv6": "1",
     "feature-ipv6-csum-offload": "1",
     "feature-rx-copy": "1",
     "feature-rx-flip": "0",
@@ -114,8 +126,20 @@ def parse_rate(text: str | None) -> tuple[int, int] | None:
     return (b, us) if b > 0 and us > 0 else None
 
 
+def vif_features(vnet_hdr: bool, max_queues: int = 1) -> dict[str, str]:
+    """What we advertise: GSO only when the vif hands offloads through (a
+    vnet-header tap: the kernel segments what the frontend sends whole);
+    as many queues as the tap has (one per CPU on a multi-queue tap)."""
+    gso = "1" if vnet_hdr else "0"
+    return {**FEATURES, "feature-gso-tcpv4": gso, "feature-gso-tcpv6": gso, "multi-queue-max-queues": str(max_queues)}
+
+
+def _tap_features(tap) -> dict[str, str]:
+    return vif_features(getattr(tap, "vnet_hdr", False), getattr(tap, "max_queues", 1))
+
+
 def default_open_tap(name: str):
-    t = tap.open_tap(name)
+    t = tap.open_tap(name, vnet_hdr=True, multi_queue=True)
     try:
         tap.set_link(t.name, mac=VIF_MAC)
     except OSError as exc:
@@ -181,8 +205,10 @@ class Netback(BackendDriver):
         name = self._vif_name(dev)
         if name is None:
             return False
-        self.write_features(dev, FEATURES)
-        return self._create_vif(dev, name, self.open_tap, "created")
+        if not self._create_vif(dev, name, self.open_tap, "created"):
+            return False
+        self.write_features(dev, _tap_features(dev.priv.tap))
+        return True
 
     def recover_device(self, dev: XenbusDevice, stale: XenbusState) -> bool:
         name = self._vif_name(dev)
@@ -194,9 +220,9 @@ class Netback(BackendDriver):
             self.hotplug_remove(dev.store, dev.nodename, name)
         except Exception as exc:
             log.warning("%s: clearing the old hotplug keys: %s", dev.nodename, exc)
-        self.write_features(dev, FEATURES)
         if not self._create_vif(dev, name, lambda n: _open_tap_when_free(self.open_tap, n), "recreated"):
             return False
+        self.write_features(dev, _tap_features(dev.priv.tap))
         self.lost_connection(dev, stale)
         self.hotplug("add", dev)
         return True
@@ -209,10 +235,14 @@ class Netback(BackendDriver):
             dev.dev_fatal(errno.ENODEV, "no vif to connect")
             return
         try:
-            config = parse_frontend_config(dev.otherend_read)
+            config = parse_frontend_config(dev.otherend_read, getattr(be.tap, "max_queues", 1))
+            vnet = getattr(be.tap, "vnet_hdr", False)
+            nqueues = len(config.all_queues())
+            more = be.tap.open_queues(nqueues) if nqueues > 1 else []
             be.connection = NetbackConnection(dev.nodename, self.grants, self.evtchn, self.memory,
-                                              dev.otherend_id, config, be.tap.fd, parse_rate(dev.read("rate")),
-                                              lambda err, msg: self.fatal_from_ring(dev, err, msg))
+                                              dev.otherend_id, config, [be.tap.fd, *more],
+                                              parse_rate(dev.read("rate")),
+                                              lambda err, msg: self.fatal_from_ring(dev, err, msg), vnet, more)
         except BadNode as exc:
             dev.dev_fatal(exc.err, str(exc))
             return
@@ -220,6 +250,10 @@ class Netback(BackendDriver):
             log.exception("%s: connect failed", dev.nodename)
             dev.dev_fatal(exc, f"mapping shared-frames {dev.otherend}: {exc}")
             return
+        if vnet:
+            be.tap.set_offload(**config.rx_features().tap_offload())
+        if not config.sg:
+            self._hold_mtu(dev)
         be.connection.start()
         log.info("%s: rings mapped (tx %d, rx %d, ports %s%s)", dev.nodename, config.tx_ring_ref,
                  config.rx_ring_ref, be.connection.ports, ", split" if config.split else "")
@@ -227,6 +261,20 @@ class Netback(BackendDriver):
             dev.switch_state(S.Connected)
         else:
             log.info("%s: waiting for the hotplug script", dev.nodename)
+
+    def _hold_mtu(self, dev: XenbusDevice) -> None:
+        """A frontend without feature-sg takes single-slot frames only: the
+        vif's MTU is held at 1500 (Linux: xenvif_connect / change_mtu)."""
+        be: NetbackInfo = dev.priv
+        if be.mtu is not None and be.mtu <= SINGLE_SLOT_MTU:
+            return
+        try:
+            self.set_vif_mtu(be.tap.name, SINGLE_SLOT_MTU)
+            be.mtu = SINGLE_SLOT_MTU
+            log.info("%s: frontend without feature-sg: %s mtu held at %d", dev.nodename, be.tap.name,
+                     SINGLE_SLOT_MTU)
+        except OSError as exc:
+            log.warning("%s: holding the MTU of %s: %s", dev.nodename, be.tap.name, exc)
 
     def close_resource(self, dev: XenbusDevice) -> None:
         be: NetbackInfo = dev.priv
@@ -303,6 +351,11 @@ class Netback(BackendDriver):
             except ValueError as exc:
                 log.warning("%s: ignoring mtu %r: %s", dev.nodename, text, exc)
                 return
+            conn = be.connection
+            if conn is not None and not conn.config.sg and mtu > SINGLE_SLOT_MTU:
+                log.warning("%s: mtu %d refused: the frontend has no feature-sg (max %d)", dev.nodename, mtu,
+                            SINGLE_SLOT_MTU)
+                mtu = SINGLE_SLOT_MTU
             if be.mtu == mtu:
                 return
             try:

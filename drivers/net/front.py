@@ -19,8 +19,12 @@ pages, SHARED_RING_INIT them, grant them, allocate one event channel (or a
 tx/rx pair when the backend offers split channels), and write in ONE
 transaction `tx-ring-ref`, `rx-ring-ref`, `event-channel` (or
 `event-channel-tx`/`event-channel-rx`), `request-rx-copy` 1,
-`feature-rx-notify` 1, `feature-sg` 1, `feature-no-csum-offload` 1; post
-rx buffers; switch straight to Connected.  Backend Connected: MTU from the
+`feature-rx-notify` 1, `feature-sg` 1 and, when eth0 is a vnet-header
+tap, `feature-gso-tcpv4`/`feature-gso-tcpv6`/`feature-ipv6-csum-offload` 1
+(else `feature-no-csum-offload` 1); set eth0's offloads (TUNSETOFFLOAD:
+checksum always, TSO where the backend has feature-sg and its
+feature-gso-tcp*, as Linux's xennet_fix_features); post rx buffers;
+switch straight to Connected.  Backend Connected: MTU from the
 backend's `mtu` (default 1500), tap up, carrier on, gratuitous ARP for each
 IPv4 address on the tap (netdev_notify_peers), transmit enabled.
 
@@ -93,9 +97,10 @@ from xenbed.drivers.xenbus.frontend import FrontendDevice, GrantedPage, RingReso
 from xenbed.drivers.xenbus.nodes import feature_flag, read_int
 from xenbed.protocols.netif import RX_RING_ENTRY_SIZE, TX_RING_ENTRY_SIZE, XEN_NETIF_NR_SLOTS_MIN
 from xenbed.protocols.ring import FrontRing, MalformedMessage, RingError, SharedRing
+from xenbed.protocols.vnet import BadOffload, Offload
 
 from .ether import format_mac, gratuitous_arp, parse_mac
-from .front_engine import NetfrontEngine
+from .front_engine import NetfrontEngine, tx_offload
 
 if TYPE_CHECKING:
     from xenbed.drivers.xenbus.daemon import GuestXen
@@ -115,14 +120,21 @@ class BackendFeatures:
     sg: bool = False  # feature-sg
     rx_flip: bool = False  # feature-rx-flip (obsolete; never used)
     max_queues: int = 1  # multi-queue-max-queues (we use one queue)
+    gso_tcpv4: bool = False  # feature-gso-tcpv4
+    gso_tcpv6: bool = False  # feature-gso-tcpv6
+    ipv6_csum: bool = False  # feature-ipv6-csum-offload
 
     @classmethod
     def parse(cls, read: Callable[[str], str | None]) -> BackendFeatures:
-        return cls(rx_copy=feature_flag(read("feature-rx-copy")),
-                   split_event_channels=feature_flag(read("feature-split-event-channels")),
-                   sg=feature_flag(read("feature-sg")),
-                   rx_flip=feature_flag(read("feature-rx-flip")),
+        flags = {key: feature_flag(read(f"feature-{key.replace('_', '-')}"))
+                 for key in ("rx_copy", "split_event_channels", "sg", "rx_flip", "gso_tcpv4", "gso_tcpv6")}
+        return cls(**flags, ipv6_csum=feature_flag(read("feature-ipv6-csum-offload")),
                    max_queues=max(1, read_int(read("multi-queue-max-queues"), 1)))
+
+    def tap_offload(self) -> dict[str, bool]:
+        """eth0's TUNSETOFFLOAD: what the guest's stack may hand us unfinished."""
+        return {"csum": True, "tso4": self.sg and self.gso_tcpv4,
+                "tso6": self.sg and self.gso_tcpv6 and self.ipv6_csum}
 
 
 def backend_mtu(read: Callable[[str], str | None], default: int = DEFAULT_MTU) -> int:
@@ -139,7 +151,8 @@ def vif_mtu(read_own: Callable[[str], str | None], read_backend: Callable[[str],
     return backend_mtu(read_own, backend_mtu(read_backend, default))
 
 
-def frontend_keys(tx_ref: int, rx_ref: int, ports: Sequence[int], sg: bool = True) -> dict[str, str]:
+def frontend_keys(tx_ref: int, rx_ref: int, ports: Sequence[int], sg: bool = True,
+                  offloads: bool = False) -> dict[str, str]:
     """The nodes netfront writes in its one transaction (talk_to_netback)."""
     keys = {"tx-ring-ref": str(tx_ref), "rx-ring-ref": str(rx_ref)}
     if len(ports) == 1:
@@ -152,7 +165,10 @@ def frontend_keys(tx_ref: int, rx_ref: int, ports: Sequence[int], sg: bool = Tru
     keys["feature-rx-notify"] = "1"
     if sg:
         keys["feature-sg"] = "1"
-    keys["feature-no-csum-offload"] = "1"
+    if offloads:
+        keys.update({"feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1", "feature-ipv6-csum-offload": "1"})
+    else:
+        keys["feature-no-csum-offload"] = "1"
     return keys
 
 
@@ -205,9 +221,18 @@ class Vif(FrontendDevice):
         self.rewatch_mtu = False  # set by a live migration's relocation, done by resume
         self.garps = 0
 
-    def _deliver(self, frame: bytes) -> bool:
+    def _deliver(self, frame: bytes, offload: Offload | None = None) -> bool:
         tap = self.tap
-        return tap.write(frame) if tap is not None else False
+        if tap is None:
+            return False
+        if offload is None:
+            return tap.write(frame)
+        try:
+            if offload.csum_blank or offload.gso:
+                frame = bytearray(frame)  # its checksum field gets the pseudo-header sum
+            return tap.write(offload.to_vnet(frame).encode(), frame)
+        except BadOffload:
+            return False
 
     def status(self) -> dict:
         conn = self.conn
@@ -240,7 +265,7 @@ class Vif(FrontendDevice):
 def _open_tap(name: str):
     from . import tap
 
-    return tap.open_tap(name, nonblocking=False)
+    return tap.open_tap(name, nonblocking=False, vnet_hdr=True)
 
 
 class NetFront(XenbusFrontend):
@@ -447,7 +472,8 @@ class NetFront(XenbusFrontend):
             kick_tx = kick_rx = (lambda: evtchn.notify(port))
         vif.conn = conn
         try:
-            self._publish(dev, frontend_keys(conn.tx_ref, conn.rx_ref, conn.ports, sg=True),
+            offloads = bool(getattr(vif.tap, "vnet_hdr", False))
+            self._publish(dev, frontend_keys(conn.tx_ref, conn.rx_ref, conn.ports, sg=True, offloads=offloads),
                           "writing tx-ring-ref/rx-ring-ref/event-channel")
         except XenbusFatal:
             vif.conn = None
@@ -455,6 +481,9 @@ class NetFront(XenbusFrontend):
             raise
         vif.engine.reopen()
         vif.engine.max_tx_slots = XEN_NETIF_NR_SLOTS_MIN if features.sg else 1
+        vif.engine.offloads = offloads
+        if offloads and not vif.tap.set_offload(**features.tap_offload()):
+            log.warning("%s: TUNSETOFFLOAD refused: no offloads", vif.name)
         vif.engine.attach(conn.tx_ring, conn.rx_ring, tx_pool, rx_pool, kick_tx, kick_rx)
         log.info("%s: rings granted (tx %d, rx %d), %s %s, %d rx buffers posted", vif.name, conn.tx_ref,
                  conn.rx_ref, "event channels" if conn.split else "event channel",
@@ -593,7 +622,14 @@ class NetFront(XenbusFrontend):
                     return
                 continue
             try:
-                engine.transmit(frame)
+                if engine.offloads:
+                    offload, frame = tx_offload(frame, bool(vif.conn and vif.conn.features.ipv6_csum))
+                    if frame is None:
+                        engine.counters.tx_dropped += 1
+                        continue
+                    engine.transmit(frame, offload=offload)
+                else:
+                    engine.transmit(frame)
             except (RingError, MalformedMessage) as exc:
                 log.error("%s: backend broke the tx ring: %s", vif.name, exc)
                 engine.begin_close()

@@ -17,6 +17,15 @@ known too.  Responses are reassembled (`RxReassembler`): `status` bytes at
 slots skipped; a frame is delivered (to the tap), the buffers are posted
 again.  Events: clear, process, final check (drivers/xen/evtchn.py), on the
 event channel dispatcher thread.
+
+Offloads (`offloads=True`: eth0 is a vnet-header tap): a frame comes with
+its `Offload` (protocols/vnet.py); the first tx request carries
+NETTXF_csum_blank | NETTXF_data_validated for a checksum-partial frame and,
+for a GSO frame, NETTXF_extra_info with the GSO netif_extra_info in the
+next request slot (answered NETIF_RSP_NULL).  On rx the first response's
+NETRXF_csum_blank / data_validated and a GSO extra become the Offload
+handed to `deliver(frame, offload)`.  Without offloads (tests' fake taps)
+a blank rx checksum is completed here and `deliver(frame)` gets bare frames.
 """
 
 from __future__ import annotations
@@ -34,9 +43,13 @@ from xenbed.protocols.netif import (
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
     NETRXF_csum_blank,
+    NETRXF_data_validated,
     NETRXF_extra_info,
     NETRXF_more_data,
+    NETTXF_extra_info,
     NETTXF_more_data,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_EXTRA_TYPE_MAX,
     XEN_NETIF_MAX_TX_SIZE,
     XEN_NETIF_NR_SLOTS_MIN,
     NetifExtraInfo,
@@ -46,6 +59,7 @@ from xenbed.protocols.netif import (
     NetifTxResponse,
 )
 from xenbed.protocols.ring import XEN_PAGE_SIZE, FrontRing, MalformedMessage
+from xenbed.protocols.vnet import VNET_HDR_LEN, BadOffload, Offload, VnetHdr, settle_checksum
 
 log = logging.getLogger("xenbed.netfront")
 
@@ -73,8 +87,8 @@ def build_tx_requests(length: int, slots: Sequence[tuple[int, int]], flags: int 
     sit at offset 0 of the pages behind `slots` [(id, gref), ...] (one per
     `tx_slot_sizes` piece): the first request's size is the whole frame's
     length (netif.h), the others their own piece's; NETTXF_more_data on
-    every request but the last.  `flags` (e.g. NETTXF_data_validated) go on
-    the first request only."""
+    every request but the last.  `flags` (e.g. NETTXF_data_validated,
+    NETTXF_extra_info) go on the first request only."""
     sizes = tx_slot_sizes(length)
     if len(slots) != len(sizes):
         raise ValueError(f"a frame of {length} bytes takes {len(sizes)} slots, got {len(slots)}")
@@ -89,6 +103,18 @@ def build_tx_requests(length: int, slots: Sequence[tuple[int, int]], flags: int 
     return out
 
 
+def tx_offload(raw: bytes, ipv6_csum: bool) -> tuple[Offload | None, bytes | bytearray | memoryview | None]:
+    """(offload, frame) of what a vnet-header eth0 gave us (a blank IPv6
+    checksum for a backend without feature-ipv6-csum-offload filled in).
+    (None, None): drop it (an offload netif cannot carry)."""
+    try:
+        offload, frame = Offload.from_vnet(VnetHdr.decode(raw)), memoryview(raw)[VNET_HDR_LEN:]
+        frame, offload = settle_checksum(frame, offload, csum=True, ipv6_csum=ipv6_csum)
+        return offload, frame
+    except BadOffload:
+        return None, None
+
+
 @dataclass(frozen=True)
 class RxFrame:
     """One chain taken off the rx ring: `data` (empty when dropped), whether
@@ -99,6 +125,7 @@ class RxFrame:
     slots: int
     reason: str = ""
     csum_blank: bool = False
+    offload: Offload = Offload()
 
 
 class RxReassembler:
@@ -126,6 +153,8 @@ class RxReassembler:
         self._extras_pending = False
         self._error = ""
         self._csum_blank = False
+        self._validated = False
+        self._gso: NetifExtraInfo | None = None
         self._more = False
 
     @property
@@ -140,17 +169,20 @@ class RxReassembler:
             except MalformedMessage as exc:
                 self._error = self._error or f"bad extra info: {exc}"
                 extra = None
-            if extra is None or not extra.type or extra.type >= 5:
+            if extra is None or not 0 < extra.type < XEN_NETIF_EXTRA_TYPE_MAX:
                 self._error = self._error or f"bad extra info type {extra.type if extra else '?'}"
                 self._extras_pending = False
             else:
+                if extra.type == XEN_NETIF_EXTRA_TYPE_GSO:
+                    self._gso = extra
                 self._extras_pending = extra.more
             if self._extras_pending:
                 return None
             return None if self._more else self._finish()
         rsp = NetifRxResponse.decode(slot)
-        if self._slots == 1 and rsp.flags & NETRXF_csum_blank:
-            self._csum_blank = True
+        if self._slots == 1:
+            self._csum_blank = bool(rsp.flags & NETRXF_csum_blank)
+            self._validated = bool(rsp.flags & NETRXF_data_validated)
         if rsp.status < 0:
             self._error = self._error or f"status {rsp.status}"
         elif rsp.offset + rsp.status > self.page:
@@ -170,6 +202,12 @@ class RxReassembler:
     def _finish(self) -> RxFrame:
         data = b"".join(self._parts)
         slots, error, csum = self._slots, self._error, self._csum_blank
+        offload = Offload()
+        if not error and (csum or self._validated or self._gso is not None):
+            try:
+                offload = Offload.from_netif(csum, self._validated, self._gso)
+            except BadOffload as exc:
+                error = f"bad offload: {exc}"
         if not error and len(data) < ETH_HLEN:
             error = f"runt frame of {len(data)} bytes"
         if not error and len(data) > self.max_len:
@@ -177,7 +215,7 @@ class RxReassembler:
         self._reset()
         if error:
             return RxFrame(b"", False, slots, error, csum)
-        return RxFrame(data, True, slots, "", csum)
+        return RxFrame(data, True, slots, "", csum, offload)
 
 
 @dataclass
@@ -190,7 +228,7 @@ class Counters:
     rx_bytes: int = 0
     rx_errors: int = 0  # bad chains from the backend
     rx_dropped: int = 0  # good frames the tap would not take
-    rx_csum_blank: int = 0  # frames flagged csum_blank despite feature-no-csum-offload
+    rx_csum_blank: int = 0  # frames flagged csum_blank (the receiver finishes the checksum)
     tx_slots: int = 0
     rx_slots: int = 0
 
@@ -240,6 +278,7 @@ class NetfrontEngine:
         self._rx_asm = RxReassembler()
         self._warned_ids = False
         self.max_tx_slots = XEN_NETIF_NR_SLOTS_MIN  # 1 when the backend has no feature-sg
+        self.offloads = False  # deliver(frame, offload); else bare frames, blank checksums completed
         # Suspend: while frozen nothing is transmitted (the tap reader stops
         # reading, so the guest's stack queues or drops what it sends, as
         # on a stopped queue); frames in flight stay until answered or, on
@@ -353,11 +392,15 @@ class NetfrontEngine:
             self._tx.notify_all()
 
     # -- transmit ------------------------------------------------------------------------
-    def transmit(self, frame: bytes | memoryview, timeout: float | None = None) -> _TxPacket | None:
+    def transmit(self, frame: bytes | memoryview, timeout: float | None = None,
+                 offload: Offload | None = None) -> _TxPacket | None:
         """Put one frame on the tx ring (waiting for free slots while the
-        ring is full: backpressure).  Returns the in-flight packet, or None
-        when it was dropped (not running, too large, timed out)."""
+        ring is full: backpressure), with its offloads.  Returns the
+        in-flight packet, or None when it was dropped (not running, too
+        large, timed out)."""
         length = len(frame)
+        extra = offload.gso_extra() if offload is not None else None
+        flags = (offload.tx_flags() if offload is not None else 0) | (NETTXF_extra_info if extra else 0)
         if length < ETH_HLEN or length > XEN_NETIF_MAX_TX_SIZE:
             with self._tx:
                 self.counters.tx_dropped += 1
@@ -375,7 +418,7 @@ class NetfrontEngine:
                     self.counters.tx_dropped += 1
                     return None
                 self._tx_gc()  # xennet_tx_buf_gc: take what is answered already
-                if len(self._tx_free) >= nslots and self.tx_ring.free_requests() >= nslots:
+                if len(self._tx_free) >= nslots and self.tx_ring.free_requests() >= nslots + (extra is not None):
                     break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -388,9 +431,11 @@ class NetfrontEngine:
                 self.tx_pool[rid].buf[:size] = view[pos:pos + size]
                 pos += size
             pkt = _TxPacket(length, ids, nslots)
-            for req in build_tx_requests(length, [(rid, self.tx_pool[rid].gref) for rid in ids]):
+            for i, req in enumerate(build_tx_requests(length, [(rid, self.tx_pool[rid].gref) for rid in ids], flags)):
                 self.tx_ring.put_request(req.encode())
                 self._tx_inflight[req.id] = pkt
+                if i == 0 and extra is not None:
+                    self.tx_ring.put_request(extra.encode())  # the GSO extra: a slot of its own, no id
             self.counters.tx_slots += nslots
             if self.tx_ring.push_requests_and_check_notify():
                 self._kick_tx()
@@ -496,11 +541,13 @@ class NetfrontEngine:
             log.debug("%s: dropping an rx chain of %d slots: %s", self.name, frame.slots, frame.reason)
             return
         data = frame.data
-        if frame.csum_blank:  # despite feature-no-csum-offload: complete it, as Linux would
+        if frame.csum_blank:
             c.rx_csum_blank += 1
-            data = complete_checksum(data)
         try:
-            ok = self.deliver(data)
+            if self.offloads:
+                ok = self.deliver(data, frame.offload)
+            else:  # a bare tap: complete a blank checksum here (netfront said feature-no-csum-offload)
+                ok = self.deliver(complete_checksum(data) if frame.csum_blank else data)
         except Exception as exc:
             log.debug("%s: delivering a frame: %s", self.name, exc)
             ok = False

@@ -11,18 +11,26 @@ Data path (`NetifServer`, independent of XenBus, one thread per vif):
   and disconnect); merely bad (a chain over XEN_NETBK_LEGACY_SLOTS_MAX, a
   slot larger than what remains of the packet, a first slot under 14
   bytes) is dropped with NETIF_RSP_ERROR on every data slot.  Good packets
-  are gathered with one batched GNTTABOP_copy (guest grefs -> our pages),
-  a blank checksum (NETTXF_csum_blank) is filled in (IPv4/IPv6 TCP/UDP),
-  the frame is written to the tap, and every slot is answered (OKAY, or
-  NETIF_RSP_NULL for extra-info slots).  Multicast-control extras are
-  answered OKAY and carry no frame (as Linux).  GSO is not offered: a
-  valid GSO packet larger than one MTU is answered ERROR.
+  are gathered with one batched GNTTABOP_copy (guest grefs -> our pages)
+  into one reused buffer and written to the tap.  On a vnet-header tap
+  (the real vif) the offloads go with it as a virtio_net_hdr
+  (protocols/vnet.py): a blank checksum (NETTXF_csum_blank) gets its
+  pseudo-header sum and csum_start/offset, a GSO extra becomes gso_type /
+  gso_size, and the kernel finishes the checksum and cuts the segments;
+  without one (tests' socketpair) a blank checksum is summed here and a
+  GSO packet larger than its segment size is answered ERROR.  Every slot
+  is answered (OKAY, or NETIF_RSP_NULL for extra-info slots).
+  Multicast-control extras are answered OKAY and carry no frame (as
+  Linux).
 * RX (world -> guest): frames read from the tap wait in a short backlog
-  until the guest has posted enough rx buffers (ceil(len / 4096) slots),
-  are grant-copied into them (one GNTTABOP_copy per batch, our pages ->
-  guest grefs) and answered with offset 0, status = bytes in the slot and
-  NETRXF_more_data on all but the last; frames that wait longer than
-  RX_STALL_SECONDS, or overflow the backlog, are dropped and counted.
+  until the guest has posted enough rx buffers (ceil(len / 4096) slots,
+  plus one for a GSO extra), are grant-copied into them (one
+  GNTTABOP_copy per batch, our pages -> guest grefs) and answered with
+  offset 0, status = bytes in the slot, NETRXF_more_data on all but the
+  last, the checksum flags on the first and, for a GSO frame, its extra
+  info in the slot after it; frames that wait longer than
+  RX_STALL_SECONDS are dropped and counted; the backlog is RX_BACKLOG_MAX
+  reused buffers, and what does not fit waits in the tap's own queue.
 
 Pure helpers (tests/unit/test_netback_*.py): `parse_tx_packet`, `Credit`,
 `fill_checksum`, and rx.py's `rx_layout`.
@@ -46,15 +54,17 @@ from xenbed.protocols.netif import (
     NetifExtraInfo, NetifTxRequest, NetifTxResponse,
 )
 from xenbed.protocols.inet import ETH_HLEN, fill_checksum, tcp_payload_length
+from xenbed.protocols.netif import NETTXF_data_validated, XEN_NETIF_MAX_TX_SIZE
 from xenbed.protocols.ring import XEN_PAGE_SIZE, BackRing
+from xenbed.protocols.vnet import BadOffload, Offload
 
-from .rx import RxPath
+from .rx import RX_BACKLOG_MAX, RX_READ_SIZE, RxFeatures, RxPath
 
 log = logging.getLogger("xenbed.netback")
 
 XEN_NETBK_LEGACY_SLOTS_MAX = XEN_NETIF_NR_SLOTS_MIN  # 18 slots after the first: more is dropped
 FATAL_SKB_SLOTS = 20  # FATAL_SKB_SLOTS_DEFAULT: more slots after the first is malicious
-TX_BATCH_SLOTS = 64  # local pages per copy batch (each direction)
+TX_BATCH_SLOTS = 128  # local pages per copy batch (each direction): 7 GSO packets of 64 KiB
 MAX_BURST = 131072  # tx_add_credit
 
 
@@ -239,7 +249,8 @@ class NetifServer(RxPath):
 
     def __init__(self, tx_ring: BackRing, rx_ring: BackRing, grants, domid: int, tap_fd: int,
                  tx_pages: list, rx_pages: list, *, rate: tuple[int, int] | None = None,
-                 rx_notify: bool = True, name: str = "vif", clock=time.monotonic) -> None:
+                 rx_notify: bool = True, name: str = "vif", clock=time.monotonic, vnet_hdr: bool = False,
+                 features: RxFeatures | None = None) -> None:
         self._copy_op, self._gref, self._local = CopyOp, GrantRef, LocalFrame
         self.tx_ring, self.rx_ring = tx_ring, rx_ring
         self.grants = grants
@@ -250,7 +261,11 @@ class NetifServer(RxPath):
         self.name = name
         self.clock = clock
         self.credit = Credit(rate, clock())
-        self.backlog: deque[tuple[float, bytes]] = deque()
+        self.vnet_hdr = vnet_hdr
+        self.features = features or RxFeatures()
+        self.frame_buf = bytearray(XEN_NETIF_MAX_TX_SIZE)  # every tx frame is put together here
+        self.backlog: deque[tuple[float, bytearray, int]] = deque()  # (read at, buffer, length)
+        self.rx_free = [bytearray(RX_READ_SIZE) for _ in range(RX_BACKLOG_MAX)]
         self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_errors": 0, "tx_dropped": 0, "tx_control": 0,
                       "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "rx_errors": 0}
 
@@ -305,47 +320,64 @@ class NetifServer(RxPath):
                 where.append((i, page, frag.length))
                 page += 1
         statuses = self.grants.copy(ops, check=False) if ops else []
-        frames: dict[int, bytearray] = {}
-        failed: set[int] = set()
-        for (i, pg, length), status in zip(where, statuses):
-            if status != "GNTST_okay":
-                failed.add(i)
-            frames.setdefault(i, bytearray()).extend(self.tx_pages[pg].mmap[:length])
+        failed = {i for (i, _pg, _n), status in zip(where, statuses) if status != "GNTST_okay"}
+        first = 0
         for i, pkt in enumerate(batch):
             if pkt.verdict == CONTROL:
                 self.stats["tx_control"] += 1
             if pkt.verdict != OK:
                 continue
+            pieces = where[first:first + len(pkt.fragments)]
+            first += len(pkt.fragments)
             if i in failed:
                 pkt.set_status(NETIF_RSP_ERROR)
                 self.stats["tx_errors"] += 1
                 continue
-            self._transmit(pkt, frames[i])
+            self._transmit(pkt, pieces)
         for pkt in batch:
             for rsp_id, status in pkt.responses:
                 self.tx_ring.put_response(NetifTxResponse(rsp_id, status).encode())
         return self.tx_ring.push_responses_and_check_notify()
 
-    def _transmit(self, pkt: TxPacket, frame: bytearray) -> None:
-        if len(frame) != pkt.size:  # cannot happen after parse_tx_packet; be safe
+    def _transmit(self, pkt: TxPacket, pieces: list[tuple[int, int, int]]) -> None:
+        """Put the packet's pieces (in our bounce pages) together in
+        `frame_buf` and write it to the tap, with its offloads."""
+        buf, pos = self.frame_buf, 0
+        for _i, pg, length in pieces:
+            buf[pos:pos + length] = self.tx_pages[pg].mmap[:length]
+            pos += length
+        if pos != pkt.size:  # cannot happen after parse_tx_packet; be safe
             self.stats["tx_dropped"] += 1
             return
-        if pkt.flags & NETTXF_csum_blank and not fill_checksum(frame):
-            self.stats["tx_dropped"] += 1  # Linux: "Can't setup checksum", dropped, answered OKAY
-            return
+        frame = memoryview(buf)[:pos]
         gso = pkt.extras.get(XEN_NETIF_EXTRA_TYPE_GSO)
-        if gso is not None and tcp_payload_length(frame) > gso.gso().size:
-            pkt.set_status(NETIF_RSP_ERROR)  # GSO is not offered and cannot be segmented here
-            self.stats["tx_errors"] += 1
+        try:
+            if self.vnet_hdr:
+                offload = Offload.from_netif(bool(pkt.flags & NETTXF_csum_blank),
+                                             bool(pkt.flags & NETTXF_data_validated), gso)
+                data = [offload.to_vnet(frame).encode(), frame]
+            else:
+                if pkt.flags & NETTXF_csum_blank and not fill_checksum(frame):
+                    raise BadOffload("no checksum to fill in")
+                if gso is not None and tcp_payload_length(frame) > gso.gso().size:
+                    pkt.set_status(NETIF_RSP_ERROR)  # a tap without vnet header cannot take GSO
+                    self.stats["tx_errors"] += 1
+                    return
+                data = [frame]
+        except BadOffload as exc:  # Linux: "Can't setup checksum", dropped, answered OKAY
+            log.debug("%s: tx drop: %s", self.name, exc)
+            self.stats["tx_dropped"] += 1
             return
         try:
-            os.write(self.tap_fd, frame)
+            os.writev(self.tap_fd, data)
         except OSError as exc:  # the tap is down (hotplug not run yet) or gone: the stack drops it
             log.debug("%s: tap write: %s", self.name, exc)
             self.stats["tx_dropped"] += 1
             return
+        finally:
+            frame.release()
         self.stats["tx_packets"] += 1
-        self.stats["tx_bytes"] += len(frame)
+        self.stats["tx_bytes"] += pos
 
     def release(self) -> None:
         self.tx_ring.release()

@@ -13,8 +13,11 @@ net_device; we have /dev/net/tun):
     frame = tap.read(timeout=0.5)            # one frame the guest sent, or None
     tap.write(frame)                         # one frame the guest receives
 
-A tap is opened with IFF_TAP | IFF_NO_PI: reads and writes are bare Ethernet
-frames, no packet-information header, no virtio-net header (no offloads).
+A tap is opened with IFF_TAP | IFF_NO_PI: no packet-information header.
+With `vnet_hdr=True` (IFF_VNET_HDR) every read and write starts with a
+10-byte virtio_net_hdr (protocols/vnet.py) and `set_offload(csum, tso4,
+tso6)` (TUNSETOFFLOAD) lets the kernel hand us checksum-partial and GSO
+frames of up to 64 KiB; without it, bare Ethernet frames (no offloads).
 It is not persistent: it lives as long as this process keeps the descriptor
 open, so a driver that dies leaves no interface behind, and one that stays
 alive keeps the same interface (and the guest's addresses on it) across
@@ -42,8 +45,14 @@ TUN_PATH = "/dev/net/tun"
 # linux/if_tun.h
 TUNSETIFF = 0x400454CA
 TUNSETCARRIER = 0x400454E2  # _IOW('T', 226, int), Linux >= 4.17
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
 # linux/sockios.h
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -57,6 +66,8 @@ ARPHRD_ETHER = 1
 IFNAMSIZ = 16
 
 MAX_FRAME = 65535 + 14 + 4  # the largest frame a read can return (with a VLAN tag)
+MAX_READ = MAX_FRAME + 10  # ... and its virtio_net_hdr
+MAX_QUEUES = max(1, min(os.cpu_count() or 1, 8))  # a multi-queue tap's queues (Linux netback: one per CPU)
 
 
 class LinkError(OSError):
@@ -70,11 +81,21 @@ def _ifreq(name: str, payload: bytes = b"") -> bytes:
     return struct.pack(f"{IFNAMSIZ}s", raw) + payload.ljust(24, b"\0")
 
 
-def open_tap(name: str, *, nonblocking: bool = True) -> Tap:
+def open_tap(name: str, *, nonblocking: bool = True, vnet_hdr: bool = False, multi_queue: bool = False) -> Tap:
     """Create (or attach to a free persistent) tap `name`; the kernel may
-    complete a name with %d.  Raises LinkError (EBUSY: someone else holds it)."""
+    complete a name with %d.  Raises LinkError (EBUSY: someone else holds it).
+    `multi_queue` (IFF_MULTI_QUEUE): `Tap.open_queues` adds descriptors, and
+    the kernel spreads the flows it hands us over them."""
     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
-    ifr = _ifreq(name, struct.pack("H", IFF_TAP | IFF_NO_PI))
+    tun_flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
+    fd, ifname = _attach(name, flags, tun_flags)
+    tap = Tap(ifname or name, fd, vnet_hdr)
+    tap.queue_flags = (flags, tun_flags) if multi_queue else None
+    return tap
+
+
+def _attach(name: str, flags: int, tun_flags: int) -> tuple[int, str]:
+    ifr = _ifreq(name, struct.pack("H", tun_flags))
     try:
         fd = os.open(TUN_PATH, flags)
     except OSError as exc:
@@ -84,15 +105,29 @@ def open_tap(name: str, *, nonblocking: bool = True) -> Tap:
     except OSError as exc:
         os.close(fd)
         raise LinkError(exc.errno, f"TUNSETIFF {name}: {exc.strerror}") from exc
-    return Tap(out[:IFNAMSIZ].split(b"\0", 1)[0].decode() or name, fd)
+    return fd, out[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+
+
+def set_offload(fd: int, *, csum: bool = False, tso4: bool = False, tso6: bool = False) -> bool:
+    """TUNSETOFFLOAD on a vnet-header tap: what the kernel may hand us
+    unfinished (TSO needs csum).  False when the kernel refused."""
+    flags = (TUN_F_CSUM if csum else 0) | (TUN_F_TSO4 if csum and tso4 else 0) | (TUN_F_TSO6 if csum and tso6 else 0)
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+        return True
+    except OSError:
+        return False
 
 
 class Tap:
-    """One tap interface, open for as long as this object is."""
+    """One tap interface, open for as long as this object is; `vnet_hdr`:
+    every frame read or written starts with a virtio_net_hdr."""
 
-    def __init__(self, name: str, fd: int) -> None:
+    def __init__(self, name: str, fd: int, vnet_hdr: bool = False) -> None:
         self.name = name
         self.fd = fd
+        self.vnet_hdr = vnet_hdr
+        self.queue_flags: tuple[int, int] | None = None  # (open flags, TUNSETIFF flags) of a multi-queue tap
         self._wlock = threading.Lock()
 
     # -- frames ----------------------------------------------------------------------
@@ -113,20 +148,21 @@ class Tap:
         if not ready or self.closed:
             return None
         try:
-            return os.read(self.fd, MAX_FRAME)
+            return os.read(self.fd, MAX_READ)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EINTR, errno.EBADF, errno.EIO):
                 return None  # EIO: the interface is down
             raise
 
-    def write(self, frame: bytes | memoryview) -> bool:
-        """Hand one frame to the guest's stack.  False when the kernel would
-        not take it (interface down: EIO, or a bad frame)."""
+    def write(self, frame: bytes | memoryview, *more: bytes | memoryview) -> bool:
+        """Hand one frame (in pieces: its vnet header first) to the guest's
+        stack.  False when the kernel would not take it (interface down: EIO,
+        or a bad frame)."""
         if self.closed:
             return False
         try:
             with self._wlock:
-                os.write(self.fd, frame)
+                os.writev(self.fd, (frame, *more)) if more else os.write(self.fd, frame)
             return True
         except OSError as exc:
             if exc.errno in (errno.EIO, errno.EINVAL, errno.EAGAIN, errno.ENOBUFS, errno.EBADF):
@@ -149,6 +185,26 @@ class Tap:
             flags = struct.unpack_from("H", self._ioctl(SIOCGIFFLAGS), IFNAMSIZ)[0]
             flags = flags | IFF_UP if up else flags & ~IFF_UP
             self._ioctl(SIOCSIFFLAGS, struct.pack("H", flags))
+
+    @property
+    def max_queues(self) -> int:
+        return MAX_QUEUES if self.queue_flags else 1
+
+    def open_queues(self, count: int) -> list[int]:
+        """`count` - 1 more queue descriptors of this multi-queue tap (the
+        caller closes them; the first queue is `fd`)."""
+        fds: list[int] = []
+        try:
+            for _ in range(count - 1):
+                fds.append(_attach(self.name, *self.queue_flags)[0])
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def set_offload(self, *, csum: bool = False, tso4: bool = False, tso6: bool = False) -> bool:
+        return self.vnet_hdr and set_offload(self.fd, csum=csum, tso4=tso4, tso6=tso6)
 
     def set_carrier(self, on: bool) -> bool:
         """TUNSETCARRIER: with the carrier off the stack sends nothing (as a

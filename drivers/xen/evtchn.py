@@ -326,6 +326,18 @@ class EventChannels:
             # no reader thread: read the link ourselves until the upcall comes
             self.link._await(lambda: state.unseen > 0 or self.link.closed.is_set(), None, timeout)
 
+    def pending_fd(self, port: int) -> int | None:
+        """fd mode: a descriptor of our own (a dup: close it) that is readable
+        while `port` is pending, for a driver that waits in its own select
+        loop instead of a thread per port; reading it (eventfd_read) clears
+        the bit, as `clear` does.  None when the port has no eventfd (upcall
+        mode, or not bound yet): use `wait`."""
+        with self._lock:
+            state = self._ports.get(int(port))
+            if state is None or state.in_fd is None or state.masked:
+                return None
+            return os.dup(state.in_fd)
+
     def poll(self, port: int) -> bool:
         """Like wait(port, 0, clear=False): has an event arrived since the
         last wait?  Consumes it."""
