@@ -231,19 +231,18 @@ class EventChannels:
 
     def mask(self, port: int) -> None:
         """Hold upcalls back; sends still set the pending bit."""
-        self._call(hc.Call.EVTCHN_MASK, {"port": int(port)})
-        with self._lock:
-            state = self._state(int(port))
-            state.masked = True
-            self._watch(int(port), state)
+        self._set_masked(int(port), True)
 
     def unmask(self, port: int) -> None:
         """Let upcalls through again; one pending while masked is delivered now."""
-        self._call(hc.Call.EVTCHN_UNMASK, {"port": int(port)})
-        with self._lock:
-            state = self._state(int(port))
-            state.masked = False
-            self._watch(int(port), state)
+        self._set_masked(int(port), False)
+
+    def _set_masked(self, port: int, masked: bool) -> None:
+        self._call(hc.Call.EVTCHN_MASK if masked else hc.Call.EVTCHN_UNMASK, {"port": port})
+        with self._lock:  # here too: an fd-mode port's bit is polled by us, not the hypervisor
+            state = self._state(port)
+            state.masked = masked
+            self._watch(port, state)
             state.cond.notify_all()
 
     def close(self, port: int) -> None:
