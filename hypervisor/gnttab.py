@@ -17,8 +17,19 @@ GNTST_eagain and report the mapper, so an entry cannot change under a
 mapping (which is also what makes the active entry's frame equal the
 shared entry's).
 
-`Gnttab` owns all tables and the maptrack (each mapper's active mappings,
-named by small integer handles).  `map` checks what Xen's map_grant_ref
+`Gnttab` owns all tables and the maptracks.  A maptrack belongs to the
+mapper, as in Xen: every mapping a domain holds -- whoever granted it --
+takes one entry of *its own* maptrack, named by a small integer handle, and
+a domain whose maptrack is full is refused further maps with
+GNTST_no_device_space ("Failed to obtain maptrack handle") while every
+other domain maps on.  The limit is Xen 4.17's: max_maptrack_frames=1024
+frames of MAPTRACK_PER_FRAME=512 entries (struct grant_mapping is 8 bytes),
+so 524,288 mappings per mapper; frames are counted as used
+(`maptrack_frames`), as Xen grows a maptrack a page at a time.  So a guest
+that makes dom0's backends map its grants spends dom0's maptrack only as
+far as the backends let it (blkback keeps at most 1,056 persistent grants
+per ring and purges the rest, drivers/blk/blkback.py), far below the
+limit: one guest cannot take what dom0 needs to serve the others.  `map` checks what Xen's map_grant_ref
 checks, in Xen's order, and answers with Xen's GNTST_* status; `copy`
 validates a gnttab_copy and tells the shell which two (domain, frame,
 offset) spans to copy between: the shell moves the bytes, and must do so
@@ -51,7 +62,9 @@ GNTTAB_RESERVED_CONSOLE = 0
 GNTTAB_RESERVED_XENSTORE = 1
 INITIAL_NR_GRANT_FRAMES = 1
 DEFAULT_MAX_GRANT_FRAMES = 64  # Xen's opt_max_grant_frames
-DEFAULT_MAX_MAPTRACK = 1024  # active mappings per mapper (Xen: 1024 maptrack *frames*)
+MAPTRACK_PER_FRAME = PAGE_SIZE // 8  # sizeof(struct grant_mapping) == 8: Xen's MAPTRACK_PER_PAGE
+DEFAULT_MAX_MAPTRACK_FRAMES = 1024  # Xen 4.17's opt_max_maptrack_frames (gnttab_max_maptrack_frames)
+DEFAULT_MAX_MAPTRACK = DEFAULT_MAX_MAPTRACK_FRAMES * MAPTRACK_PER_FRAME  # active mappings per mapper
 PIN_LIMIT = 0x80  # Xen refuses a pin once a per-kind count has bit 7 set
 DOMID_SELF = 0x7FF0
 
@@ -109,7 +122,7 @@ class GrantEntry:
         return bool(self.flags & GTF_readonly)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # up to DEFAULT_MAX_MAPTRACK of them per domain
 class Mapping:
     """An active mapping, as the maptrack records it."""
 
@@ -367,6 +380,11 @@ class _Dom:
     def has_room(self) -> bool:
         return len(self.maptrack) < self.max_maptrack
 
+    @property
+    def maptrack_frames(self) -> int:
+        """Maptrack frames in use, as Xen grows it: one per MAPTRACK_PER_FRAME handles ever handed out."""
+        return -(-self._fresh // MAPTRACK_PER_FRAME)
+
     def new_handle(self) -> int:
         if self._fresh < self.max_maptrack:
             self._fresh += 1
@@ -385,9 +403,12 @@ class Gnttab:
     """All grant tables and every mapper's maptrack."""
 
     def __init__(self, *, max_grant_frames: int = DEFAULT_MAX_GRANT_FRAMES,
-                 max_maptrack: int = DEFAULT_MAX_MAPTRACK) -> None:
+                 max_maptrack: int | None = None, max_maptrack_frames: int = DEFAULT_MAX_MAPTRACK_FRAMES) -> None:
+        """`max_maptrack_frames` is Xen's per-domain limit (frames of
+        MAPTRACK_PER_FRAME entries); `max_maptrack`, in entries, overrides it
+        (unit tests use small ones)."""
         self._max_grant_frames = max_grant_frames
-        self._max_maptrack = max_maptrack
+        self._max_maptrack = max_maptrack or max_maptrack_frames * MAPTRACK_PER_FRAME
         self._doms: dict[int, _Dom] = {}
 
     # -- domain lifecycle (called by the shell) ------------------------------
@@ -578,6 +599,11 @@ class Gnttab:
         doms = [self._caller(domid)] if domid is not None else list(self._doms.values())
         return sorted((m for d in doms for m in d.maptrack.values()),
                       key=lambda m: (m.mapper, m.handle))
+
+    def maptrack_usage(self, domid: int) -> tuple[int, int, int]:
+        """(mappings held, maptrack frames used, limit in mappings) of `domid` as a mapper."""
+        dom = self._caller(domid)
+        return len(dom.maptrack), dom.maptrack_frames, dom.max_maptrack
 
     def zombies(self) -> list[int]:
         """Destroyed domains kept alive only by others' mappings."""

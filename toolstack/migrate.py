@@ -24,6 +24,16 @@ toolstack/migration.py.  The whole sequence (docs/migration.md):
                                      <-------    DONE connected_at
     xl destroy of the source domain (its backends, loop devices, vifs go)
 
+Authentication (toolstack/migration.py, "Authentication"): the receiver
+answers only a peer that proves, by HMAC challenge-response, that it holds
+this testbed's migration secret (`migration_secret`: the environment of the
+dom0s, or a file on the storage only dom0s mount), and every later frame is
+tagged with a key derived from it.  Before that it creates nothing, reveals
+nothing, and gives up after AUTH_TIMEOUT; it never takes a domain named as
+the control domain or as one that exists.  Guests cannot reach the port at
+all: each vif's nftables chain drops its TCP to MIGRATION_PORT
+(drivers/net/hotplug.py).
+
 Failure before the guest is told to move (destination refuses or dies, the
 network breaks): the source sends ABORT if it can, resumes the guest
 CANCELLED -- it goes on on its old rings and backends, intact -- and the
@@ -36,6 +46,7 @@ sees it still connected and calls the migration off the same way.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -45,8 +56,11 @@ from dataclasses import dataclass, field
 from xenbed.drivers.xen.store import XenStoreError
 from xenbed.protocols import hypercall as hc
 from xenbed.toolstack import devices, domain_store, suspend
-from xenbed.toolstack.migration import (PAGE_SIZE, PAGES_PER_FRAME, FrameReader, Kind, PrecopyPlanner, StreamError,
-                                        decode_json, decode_pages, encode_json, encode_pages, page_digest)
+from xenbed.toolstack.migration import (AUTH_VERSION, MIN_SECRET, NONCE_SIZE, PAGE_SIZE, PAGES_PER_FRAME, AuthError,
+                                        FrameReader, Kind, PrecopyPlanner, Refused, Session, StreamError,
+                                        check_hello, check_proof, decode_json, decode_pages, encode, json_payload,
+                                        nonce_of,
+                                        page_digest, pages_payload, proof)
 
 MIGRATION_PORT = 8002
 MEMORY_ROOT = "/var/lib/xenbed/memory"  # dom0's mount of its host's guest memory
@@ -54,6 +68,14 @@ CONNECT_TIMEOUT = 10.0
 PEER_TIMEOUT = 60.0  # for a reply across the stream
 MOVE_TIMEOUT = 40.0  # for the guest to leave the source after DOMAIN_RESUME relocate
 CONNECTED_TIMEOUT = 60.0
+AUTH_TIMEOUT = 5.0  # for the whole handshake: an idle or slow peer does not hold the receiver
+# The migration secret: XENBED_MIGRATION_SECRET in the dom0s' environment,
+# else the file XENBED_MIGRATION_SECRET_FILE names, else SHARED_SECRET_FILE on
+# the storage every dom0 of the testbed mounts and no guest does (the first
+# dom0 that needs it makes it, random).
+SECRET_ENV = "XENBED_MIGRATION_SECRET"
+SECRET_FILE_ENV = "XENBED_MIGRATION_SECRET_FILE"
+SHARED_SECRET_FILE = "/var/lib/xen/images/.xenbed/migration-secret"
 
 
 class MigrationError(Exception):
@@ -76,27 +98,104 @@ class MigrationReport:
         return dict(self.__dict__)
 
 
+def migration_secret(environ=None, shared_file: str = SHARED_SECRET_FILE) -> bytes:
+    """This testbed's migration secret, as only its dom0s have it."""
+    environ = os.environ if environ is None else environ
+    secret = environ.get(SECRET_ENV, "").encode()
+    if not secret:
+        path = environ.get(SECRET_FILE_ENV) or shared_file
+        try:
+            with open(path, "rb") as f:
+                secret = f.read().strip()
+        except FileNotFoundError:
+            if environ.get(SECRET_FILE_ENV):
+                raise MigrationError(f"{SECRET_FILE_ENV}={path} does not exist") from None
+            secret = _make_shared_secret(path)
+    if len(secret) < MIN_SECRET:
+        raise MigrationError(f"the migration secret is shorter than {MIN_SECRET} bytes: migrations refused")
+    return secret
+
+
+def _make_shared_secret(path: str) -> bytes:
+    """Write a random secret at `path` unless another dom0 did first
+    (link(2) is atomic: no one ever reads a half-written file)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secrets.token_hex(32).encode())
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    with open(path, "rb") as f:
+        return f.read().strip()
+
+
 # -- the stream over a socket -------------------------------------------------------------------
 class Stream:
+    """Frames over a socket; after `authenticate_*` every frame is sealed
+    and checked with the session's key."""
+
     def __init__(self, sock: socket.socket, timeout: float = PEER_TIMEOUT) -> None:
         self.sock = sock
         self.sock.settimeout(timeout)
         self.reader = FrameReader()
         self.pending: list[tuple[Kind, bytes]] = []
+        self.session: Session | None = None
+        self.deadline: float | None = None  # for the handshake as a whole (monotonic)
 
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+    def send_frame(self, kind: Kind, payload: bytes) -> None:
+        self.sock.sendall(self.session.seal(kind, payload) if self.session else encode(kind, payload))
 
     def send_json(self, kind: Kind, body: dict) -> None:
-        self.send(encode_json(kind, body))
+        self.send_frame(kind, json_payload(body))
 
     def receive(self) -> tuple[Kind, bytes]:
         while not self.pending:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise StreamError("the peer is too slow to authenticate")
             data = self.sock.recv(1 << 20)
             if not data:
                 raise StreamError("the peer closed the migration stream")
             self.pending += self.reader.feed(data)
-        return self.pending.pop(0)
+        kind, body = self.pending.pop(0)
+        return kind, (self.session.open(kind, body) if self.session else body)
+
+    def authenticate_source(self, secret: bytes) -> None:
+        """The source's side of the handshake (migration.py)."""
+        ours = secrets.token_bytes(NONCE_SIZE)
+        self.send_json(Kind.AUTH, {"version": AUTH_VERSION, "nonce": ours.hex()})
+        answer = self.expect(Kind.AUTH)
+        theirs = nonce_of(answer)
+        check_proof(secret, "destination", ours, theirs, answer.get("proof"))
+        self.send_json(Kind.AUTH, {"proof": proof(secret, "source", ours, theirs).hex()})
+        self.session = Session(secret, "source", ours, theirs)
+
+    def authenticate_destination(self, secret: bytes) -> None:
+        """The destination's side: raises AuthError (after telling the peer
+        REFUSE) unless the peer proves it holds `secret`."""
+        self.deadline = time.monotonic() + AUTH_TIMEOUT
+        try:
+            hello = self.expect(Kind.AUTH)
+            if hello.get("version") != AUTH_VERSION:
+                raise AuthError(f"migration stream version {hello.get('version')!r}, not {AUTH_VERSION}")
+            theirs, ours = nonce_of(hello), secrets.token_bytes(NONCE_SIZE)
+            self.send_json(Kind.AUTH, {"nonce": ours.hex(), "proof": proof(secret, "destination", theirs, ours).hex()})
+            check_proof(secret, "source", theirs, ours, self.expect(Kind.AUTH).get("proof"))
+        except (AuthError, StreamError, MigrationError, OSError) as exc:
+            try:
+                self.send_json(Kind.REFUSE, {"reason": "not authenticated"})
+            except OSError:
+                pass
+            raise AuthError(str(exc)) from None
+        finally:
+            self.deadline = None
+        self.session = Session(secret, "destination", theirs, ours)
 
     def expect(self, *kinds: Kind) -> dict:
         kind, payload = self.receive()
@@ -143,7 +242,7 @@ def _send_round(stream: Stream, planner: PrecopyPlanner, domid: int, link, numbe
     current = {g: page_digest(d) for g, d in pages.items()}
     send, gone = planner.dirty(current)
     for i in range(0, len(send), PAGES_PER_FRAME):
-        stream.send(encode_pages((g, pages[g]) for g in send[i:i + PAGES_PER_FRAME]))
+        stream.send_frame(Kind.PAGES, pages_payload((g, pages[g]) for g in send[i:i + PAGES_PER_FRAME]))
     if gone:
         stream.send_json(Kind.GONE, {"gfns": gone})
     stream.send_json(Kind.ROUND, {"round": number, "pages": len(send), "final": final})
@@ -182,6 +281,7 @@ def migrate(xl, name: str, destination: str, *, port: int = MIGRATION_PORT, say=
     stream = Stream(sock)
     suspended = moved = False
     try:
+        stream.authenticate_source(migration_secret())
         stream.send_json(Kind.HELLO, {"name": info["name"], "memory_mb": info["memory_mb"],
                                       "source": os.environ.get("XENBED_HOST", ""), "disk_backend": disk_backend})
         report.destination_domid = int(stream.expect(Kind.ACCEPT)["domid"])
@@ -278,13 +378,17 @@ def guest_hypervisor_path(host: str | None = None) -> str:
 
 
 def receive(xl, stream: Stream, *, memory_root: str = MEMORY_ROOT, say=print) -> dict:
-    """One incoming migration, to its end (DONE) or until it is called off;
-    whatever was made for a migration that did not finish is destroyed."""
+    """One incoming migration on an authenticated stream, to its end (DONE)
+    or until it is called off; whatever was made for a migration that did
+    not finish is destroyed."""
+    if stream.session is None:
+        raise MigrationError("refusing a migration over an unauthenticated stream")
     hello = stream.expect(Kind.HELLO)
-    name, memory_mb = str(hello["name"]), int(hello["memory_mb"])
-    if any(d["name"] == name for d in xl.domains()):
-        stream.send_json(Kind.REFUSE, {"reason": f"a domain named {name} runs here already"})
-        raise MigrationError(f"refused {name}: already here")
+    try:
+        name, memory_mb = check_hello(hello, (d["name"] for d in xl.domains()))
+    except Refused as exc:
+        stream.send_json(Kind.REFUSE, {"reason": str(exc)})
+        raise MigrationError(f"refused: {exc}") from None
     created = xl.link.call(hc.Call.DOMAIN_CREATE, {"name": name, "memory_mb": memory_mb, "privilege": "none"})
     domid = int(created["domid"])
     finished = False
@@ -402,8 +506,15 @@ def serve(port: int = MIGRATION_PORT, say=print, stop: threading.Event | None = 
             sock, peer = listener.accept()
         except TimeoutError:
             continue
+        stream = Stream(sock, timeout=AUTH_TIMEOUT)
+        try:
+            stream.authenticate_destination(migration_secret())
+        except (AuthError, StreamError, MigrationError, OSError) as exc:
+            say(f"refused a migration stream from {peer[0]}: {exc}")
+            stream.close()
+            continue
+        stream.sock.settimeout(PEER_TIMEOUT)
         xl = Toolstack()
-        stream = Stream(sock)
         try:
             receive(xl, stream, say=say)
         except (MigrationError, StreamError, OSError, XenStoreError, devices.DeviceError) as exc:

@@ -16,10 +16,28 @@ are sent as "gone" so the destination does not keep stale ones.
 
 The stream, one TCP connection from source to destination, frames of
 
-    u32 length (big-endian, of what follows) | u8 kind | payload
+    u32 length (big-endian, of what follows) | u8 kind | payload [| 32-byte tag]
+
+Authentication (Xen runs `xl migrate` over ssh between dom0s; here the
+dom0s of one testbed share a migration secret K that guests never see).
+The stream opens with three AUTH frames, an HMAC-SHA256 challenge-response
+each way, before the destination reads anything else:
+
+    AUTH      json {"version", "nonce": Ns}                          source -> destination
+    AUTH      json {"nonce": Nd, "proof": HMAC(K, destination|Ns|Nd)} destination -> source
+    AUTH      json {"proof": HMAC(K, source|Ns|Nd)}                  source -> destination
+
+A peer whose proof is wrong gets REFUSE and the connection closes: it
+learns nothing and nothing is made.  Every later frame, both ways, carries
+a tag HMAC(key, direction | sequence | kind | payload) with
+key = HMAC(K, session|Ns|Nd) and a per-direction sequence number, so a
+frame cannot be forged, replayed, reordered or reflected (`Session`).
+After it:
 
     HELLO     json {"name", "memory_mb", "source", "disk_backend"}  source -> destination
     ACCEPT    json {"domid"}  or  REFUSE json {"reason"}            destination -> source
+              (refused: a reserved name such as dom0, a name that exists
+              there, a malformed name or size: `check_hello`)
     PAGES     u32 count, then count x (u32 gfn | 4096 bytes)        source -> destination
     GONE      json {"gfns": [...]}                                  source -> destination
     ROUND     json {"round", "pages", "final"}                      source -> destination (round boundary)
@@ -38,13 +56,16 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import json
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 PAGE_SIZE = 4096
-MAX_FRAME = 64 * (4 + PAGE_SIZE) + 16  # PAGES carries at most 64 pages
+TAG_SIZE = 32  # HMAC-SHA256 of an authenticated frame
+MAX_FRAME = 64 * (4 + PAGE_SIZE) + 16 + TAG_SIZE  # PAGES carries at most 64 pages
 PAGES_PER_FRAME = 64
 _HEADER = struct.Struct(">IB")
 _GFN = struct.Struct(">I")
@@ -62,10 +83,16 @@ class Kind(enum.IntEnum):
     ABORT = 9
     DONE = 10
     DEVICES = 11
+    AUTH = 12
 
 
 class StreamError(Exception):
     """The peer broke the migration protocol."""
+
+
+class AuthError(StreamError):
+    """The peer did not prove that it holds this testbed's migration secret,
+    or a frame's tag is wrong: it is not one of our dom0s."""
 
 
 def page_digest(data: bytes) -> bytes:
@@ -116,10 +143,19 @@ def encode(kind: Kind, payload: bytes = b"") -> bytes:
 
 
 def encode_json(kind: Kind, body: Mapping) -> bytes:
-    return encode(kind, json.dumps(body, sort_keys=True).encode())
+    return encode(kind, json_payload(body))
+
+
+def json_payload(body: Mapping) -> bytes:
+    return json.dumps(body, sort_keys=True).encode()
 
 
 def encode_pages(pages: Iterable[tuple[int, bytes]]) -> bytes:
+    return encode(Kind.PAGES, pages_payload(pages))
+
+
+def pages_payload(pages: Iterable[tuple[int, bytes]]) -> bytes:
+    """A PAGES frame's payload (the frame is `encode` or `Session.seal` of it)."""
     pages = list(pages)
     if len(pages) > PAGES_PER_FRAME:
         raise ValueError(f"{len(pages)} pages in one frame, at most {PAGES_PER_FRAME}")
@@ -128,7 +164,7 @@ def encode_pages(pages: Iterable[tuple[int, bytes]]) -> bytes:
         if len(data) != PAGE_SIZE:
             raise ValueError(f"page {gfn} is {len(data)} bytes, not {PAGE_SIZE}")
         parts += [_GFN.pack(gfn), data]
-    return encode(Kind.PAGES, b"".join(parts))
+    return b"".join(parts)
 
 
 def decode_pages(payload: bytes) -> list[tuple[int, bytes]]:
@@ -178,3 +214,105 @@ class FrameReader:
             frames.append((kind, bytes(self._buffer[_HEADER.size:end])))
             del self._buffer[:end]
         return frames
+
+
+# -- authentication -----------------------------------------------------------------------------
+AUTH_VERSION = 1
+NONCE_SIZE = 32
+MIN_SECRET = 16  # bytes: a shorter migration secret is refused (it could be guessed)
+_DOMAIN = b"xenbed-migration/1\0"
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, _DOMAIN + b"\0".join(parts), hashlib.sha256).digest()
+
+
+def proof(secret: bytes, role: str, source_nonce: bytes, destination_nonce: bytes) -> bytes:
+    """What `role` ("source" or "destination") answers to prove it holds `secret`."""
+    if role not in ("source", "destination"):
+        raise ValueError(f"role {role!r}")
+    return _mac(secret, role.encode(), source_nonce, destination_nonce)
+
+
+def check_proof(secret: bytes, role: str, source_nonce: bytes, destination_nonce: bytes, claimed: object) -> None:
+    """Raise AuthError unless `claimed` (hex, from the peer) is `role`'s proof."""
+    try:
+        got = bytes.fromhex(claimed) if isinstance(claimed, str) else b""
+    except ValueError:
+        got = b""
+    if not hmac.compare_digest(got, proof(secret, role, source_nonce, destination_nonce)):
+        raise AuthError(f"the {role} did not prove it holds the migration secret")
+
+
+def nonce_of(body: Mapping) -> bytes:
+    """The peer's nonce in an AUTH body, checked."""
+    try:
+        nonce = bytes.fromhex(str(body.get("nonce", "")))
+    except ValueError:
+        nonce = b""
+    if len(nonce) != NONCE_SIZE:
+        raise AuthError(f"an AUTH nonce must be {NONCE_SIZE} bytes")
+    return nonce
+
+
+class Session:
+    """The authenticated stream after the handshake, one end of it.
+
+    `seal` turns (kind, payload) into a frame whose payload is followed by
+    HMAC(key, direction | sequence | kind | payload); `open` checks the tag
+    of a frame the peer sent and gives the payload back, or raises
+    AuthError.  Sequence numbers count per direction from 0, so a frame
+    replayed, dropped, reordered or sent back to its sender fails."""
+
+    def __init__(self, secret: bytes, role: str, source_nonce: bytes, destination_nonce: bytes) -> None:
+        if role not in ("source", "destination"):
+            raise ValueError(f"role {role!r}")
+        self._key = _mac(secret, b"session", source_nonce, destination_nonce)
+        self._out = role.encode()
+        self._in = b"destination" if role == "source" else b"source"
+        self._sent = 0
+        self._received = 0
+
+    def _tag(self, direction: bytes, seq: int, kind: Kind, payload: bytes) -> bytes:
+        return hmac.new(self._key, direction + struct.pack(">QB", seq, kind) + payload, hashlib.sha256).digest()
+
+    def seal(self, kind: Kind, payload: bytes) -> bytes:
+        tag = self._tag(self._out, self._sent, kind, payload)
+        self._sent += 1
+        return encode(kind, payload + tag)
+
+    def open(self, kind: Kind, body: bytes) -> bytes:
+        if len(body) < TAG_SIZE:
+            raise AuthError(f"{kind.name} frame without its tag")
+        payload, tag = body[:-TAG_SIZE], body[-TAG_SIZE:]
+        if not hmac.compare_digest(tag, self._tag(self._in, self._received, kind, payload)):
+            raise AuthError(f"{kind.name} frame {self._received} has a wrong tag")
+        self._received += 1
+        return payload
+
+
+# -- what a destination accepts -----------------------------------------------------------------
+RESERVED_NAMES = frozenset({"dom0", "Domain-0"})  # the control domain never arrives by migration
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_MEMORY_MB = 1 << 20
+
+
+class Refused(Exception):
+    """The destination will not take this domain (the reason goes back in REFUSE)."""
+
+
+def check_hello(body: Mapping, existing: Iterable[str]) -> tuple[str, int]:
+    """(name, memory_mb) of an authenticated HELLO the destination may take:
+    never the control domain's name or one that exists here (a domain created
+    under it would get that domain's pre-provisioned credential), only a
+    well-formed name and a sane size."""
+    name, memory = body.get("name"), body.get("memory_mb")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise Refused(f"{name!r} is not a domain name")
+    if name in RESERVED_NAMES or name.lower().startswith("domain-") or re.fullmatch(r"dom\d+", name):
+        raise Refused(f"{name} is a reserved name: the control domain does not migrate")
+    if name in set(existing):
+        raise Refused(f"a domain named {name} runs here already")
+    if not isinstance(memory, int) or isinstance(memory, bool) or not 1 <= memory <= MAX_MEMORY_MB:
+        raise Refused(f"memory_mb {memory!r} outside 1..{MAX_MEMORY_MB}")
+    return name, memory
