@@ -434,11 +434,7 @@ class EventChannels:
                         continue
                     state.delivered += 1
                     callbacks = list(state.callbacks)
-                for callback, inline in callbacks:
-                    if inline:
-                        callback(port)
-                    else:
-                        self._dispatch_queue.put((callback, port))
+                self._run_callbacks(port, callbacks)
 
     def _on_bound(self, frame: hc.Frame) -> None:  # upcall: our unbound port was bound
         port = frame.body.get("port")
@@ -468,6 +464,10 @@ class EventChannels:
             state.delivered += 1
             state.cond.notify_all()
             callbacks = list(state.callbacks)
+        self._run_callbacks(port, callbacks)
+
+    def _run_callbacks(self, port: int, callbacks) -> None:
+        """Inline callbacks here and now; the others on the dispatcher thread, in order."""
         for callback, inline in callbacks:
             if inline:
                 callback(port)
