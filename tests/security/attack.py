@@ -19,6 +19,12 @@ def python_in(testbed, service: str, script: str, timeout: float | None = None) 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def uplink_of(testbed, service: str) -> str:
+    """The container's interface with a global IPv4 address: eth0 when it
+    started, another name after a test cut and restored its network."""
+    return sh(testbed, service, "ip -4 -o addr show scope global").split()[1]
+
+
 def address_of(testbed, service: str, dev: str = "") -> str:
     """The container's first global IPv4 address (on `dev` if given)."""
     return sh(testbed, service, f"ip -4 -o addr show {dev} scope global").split()[3].split("/")[0]

@@ -18,7 +18,7 @@ import pytest
 
 from xenbed.harness.waits import wait_for
 
-from .attack import CONNECT, address_of, python_in, sh
+from .attack import CONNECT, address_of, python_in, sh, uplink_of
 
 pytestmark = pytest.mark.integration
 
@@ -66,14 +66,15 @@ def net(testbed) -> dict:
     return {"domid": domid, "vif": f"vif{domid}.0",
             "mac": sh(testbed, "dom0", f"xenstore-read {back}/mac").strip(),
             "guest_ip": address_of(testbed, "domu1", "eth0"),
-            "peer_ip": address_of(testbed, "peer"), "peer_mac": sh(testbed, "peer", "cat /sys/class/net/eth0/address").strip(),
+            "peer_ip": address_of(testbed, "peer"), "peer_if": uplink_of(testbed, "peer"),
+            "peer_mac": sh(testbed, "peer", f"cat /sys/class/net/{uplink_of(testbed, 'peer')}/address").strip(),
             "dom0_ip": address_of(testbed, "dom0", "xenbr0")}
 
 
 def captured(testbed, net: dict, frames: list[tuple]) -> str:
     """Send `frames` from domu1 and return what the peer saw of them."""
     capture = f"/tmp/capture-{secrets.token_hex(4)}"
-    sh(testbed, "peer", f"timeout 20 tcpdump -i eth0 -n -l -A 'udp port 9999 or arp' > {capture} 2>&1 &")
+    sh(testbed, "peer", f"timeout 20 tcpdump -i {net['peer_if']} -n -l -A 'udp port 9999 or arp' > {capture} 2>&1 &")
     wait_for(lambda: "listening" in sh(testbed, "peer", f"cat {capture}"), what="tcpdump on the peer", timeout=10)
     python_in(testbed, "domu1", f"PEER_IP, PEER_MAC, FRAMES = {net['peer_ip']!r}, {net['peer_mac']!r}, {frames!r}\n"
               + SEND.replace("\n    ", "\n"))
