@@ -100,19 +100,7 @@ def bench_xenstore(testbed: Testbed, guest: str = "domu1", samples: int = 3000, 
 def bench_evtchn(testbed: Testbed, samples: int = 2000, seconds: float = 2.0) -> dict[str, dict]:
     """Event channels and grants between domu1 (initiator) and domu2
     (responder), both running tests/bench/guest_evtchn.py at once."""
-    import uuid
-    from concurrent.futures import ThreadPoolExecutor
-
-    d1, d2 = (int(testbed.exec("dom0", ["xl", "domid", name], check=True).stdout.strip()) for name in ("domu1", "domu2"))
-    tag = "bench-" + uuid.uuid4().hex[:8]
-    script = _guest_script("guest_evtchn.py")
-    with ThreadPoolExecutor(2) as pool:
-        responder = pool.submit(testbed.exec, "domu2", ["python3", "-c", script, "responder", str(d1), tag,
-                                                         str(samples), str(seconds)], check=True, timeout=600)
-        initiator = pool.submit(testbed.exec, "domu1", ["python3", "-c", script, "initiator", str(d2), tag,
-                                                         str(samples)], check=True, timeout=600)
-        front = json.loads(initiator.result().stdout.strip().splitlines()[-1])
-        back = json.loads(responder.result().stdout.strip().splitlines()[-1])
+    front, back = _evtchn_pair(testbed, samples, seconds)
     if not back["copy_ok"]:
         raise AssertionError("grant copy delivered the wrong bytes")
     return {
@@ -132,8 +120,10 @@ def bench_evtchn(testbed: Testbed, samples: int = 2000, seconds: float = 2.0) ->
     }
 
 
-def _ping_pong(testbed: Testbed, samples: int) -> dict:
-    """domu1 <-> domu2 notify round trips only (no grant phase): the initiator's figures."""
+def _evtchn_pair(testbed: Testbed, samples: int, seconds: float) -> tuple[dict, dict]:
+    """tests/bench/guest_evtchn.py in domu1 (initiator) and domu2 (responder)
+    at once: (initiator's figures, responder's).  `seconds` 0 skips the
+    responder's grant phase: round trips only."""
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 
@@ -142,12 +132,11 @@ def _ping_pong(testbed: Testbed, samples: int) -> dict:
     script = _guest_script("guest_evtchn.py")
     with ThreadPoolExecutor(2) as pool:
         responder = pool.submit(testbed.exec, "domu2", ["python3", "-c", script, "responder", str(d1), tag,
-                                                         str(samples), "0"], check=True, timeout=600)
+                                                         str(samples), str(seconds)], check=True, timeout=600)
         initiator = pool.submit(testbed.exec, "domu1", ["python3", "-c", script, "initiator", str(d2), tag,
                                                          str(samples)], check=True, timeout=600)
-        front = json.loads(initiator.result().stdout.strip().splitlines()[-1])
-        responder.result()
-    return front
+        return (json.loads(initiator.result().stdout.strip().splitlines()[-1]),
+                json.loads(responder.result().stdout.strip().splitlines()[-1]))
 
 
 def bench_evtchn_flood(testbed: Testbed, samples: int = 2000, most_seconds: float = 120.0) -> dict[str, dict]:
@@ -157,7 +146,7 @@ def bench_evtchn_flood(testbed: Testbed, samples: int = 2000, most_seconds: floa
     import threading
     import uuid
 
-    quiet = _ping_pong(testbed, samples)
+    quiet, _ = _evtchn_pair(testbed, samples, 0)
     stop_file = f"/tmp/xenbed-flood-stop-{uuid.uuid4().hex[:8]}"
     result: dict = {}
 
@@ -170,7 +159,7 @@ def bench_evtchn_flood(testbed: Testbed, samples: int = 2000, most_seconds: floa
     flooder.start()
     time.sleep(1.0)  # the flood is running
     try:
-        loud = _ping_pong(testbed, samples)
+        loud, _ = _evtchn_pair(testbed, samples, 0)
     finally:
         testbed.exec("dom0", ["touch", stop_file])
         flooder.join(most_seconds + 90)

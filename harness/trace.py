@@ -216,8 +216,7 @@ class TranscriptReader:
         marked with its hypervisor's service ([] when none runs or traces)."""
         running = {row["service"] for row in (testbed.status() if rows is None else rows)
                    if row.get("state") == "running"}
-        hypervisors = [h.hypervisor for h in find_xen_hosts(testbed.service_labels()).values() if h.hypervisor] \
-            if hasattr(testbed, "service_labels") else [HYPERVISOR_SERVICE]
+        hypervisors = [h.hypervisor for h in find_xen_hosts(testbed.service_labels()).values() if h.hypervisor]
         records = []
         for service in hypervisors:
             if service in running:

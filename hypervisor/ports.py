@@ -113,14 +113,9 @@ class PortFds:
     def get(self, domid: int, port: int) -> int | None:
         return self._fds.get((domid, port))
 
-    def close(self, domid: int, port: int) -> bool:
-        """Forget the port's descriptor; whether its bit was set."""
-        fd = self._fds.pop((domid, port), None)
-        if fd is None:
-            return False
-        was_set = is_set(fd)
-        _close(fd)
-        return was_set
+    def close(self, domid: int, port: int) -> None:
+        """Forget the port's descriptor."""
+        _close(self._fds.pop((domid, port), None))
 
     def close_domain(self, domid: int) -> None:
         for key in [k for k in self._fds if k[0] == domid]:

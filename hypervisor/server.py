@@ -531,7 +531,7 @@ class HypervisorServer:
         answer = {"domid": domain.domid, "name": domain.name, "privilege": domain.privilege.value}
         if frame.body.get("evtchn") == "fd":
             extra, fds = self.sharing.open_fast_path(link)
-            return Reply({**answer, **extra}, fds)
+            return Reply({**answer, **extra}, fds, owned=False)  # the link's FastLink keeps them
         return answer
 
     def _call_whoami(self, link, frame):

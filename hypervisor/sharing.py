@@ -21,17 +21,17 @@ Refusals are recorded by the server, which sees them all in one place.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from xenbed.hypervisor import gnttab as gt
 from xenbed.hypervisor.domains import DomainError
-from xenbed.hypervisor.evtchn import EventChannels, EvtchnError, Notify
+from xenbed.hypervisor.evtchn import DOMID_SELF, EventChannels, EvtchnError, Notify
 from xenbed.hypervisor.memory import GuestMemory, MemoryError_
 from xenbed.hypervisor.ports import FastLink, PortFds, drain, is_set, ring
 from xenbed.hypervisor.trace import Tracer
 from xenbed.protocols import gntbatch as gb
 from xenbed.protocols import hypercall as hc
+from xenbed.protocols import sendlog
 from xenbed.protocols.gntst import GNTST_NAMES
 
 log = logging.getLogger("xenbed.hypervisor.sharing")
@@ -418,8 +418,8 @@ class Sharing:
         peer_fd = self.port_fds.get(*peer)
         if peer_fd is not None:
             fds.append(peer_fd)
-        # a reply's descriptors are closed once sent: it carries duplicates, we keep ours
-        return Reply({"port": bound.port, "fds": ["in", "out"][:len(fds)]}, [os.dup(fd) for fd in fds])
+        # the port_fds table keeps them: the reply only lends them (owned=False)
+        return Reply({"port": bound.port, "fds": ["in", "out"][:len(fds)]}, fds, owned=False)
 
     def _bound(self, domid: int, port: int, remote_dom: int, remote_port: int) -> None:
         """`domid`'s unbound `port` was just bound by `remote_dom`: in fd
@@ -496,7 +496,6 @@ class Sharing:
                 self._drain_sendlog(link.domain.domid, fast)
 
     def _drain_sendlog(self, domid: int, fast: FastLink) -> None:
-        from xenbed.protocols import sendlog
         sendlog.set_enabled(fast.log, self.tracer.enabled)
         records, dropped = fast.reader.drain()
         if not self.tracer.enabled:
@@ -547,7 +546,7 @@ class Sharing:
         target = int(frame.body.get("domid", caller))
         port = _port(frame.body)
         info = self._evtchn(self.evtchn.status, target, port, caller=caller)
-        fd = self.port_fds.get(target if target != 0x7FF0 else caller, port)
+        fd = self.port_fds.get(caller if target == DOMID_SELF else target, port)
         if fd is not None:
             info["pending"] = is_set(fd)
         return info
@@ -556,8 +555,7 @@ class Sharing:
     def open_fast_path(self, link) -> tuple[dict, list[int]]:
         """HELLO asked for fd mode: the link's doorbell and send log."""
         link.resources.fast = FastLink(trace=self.tracer.enabled)
-        # a reply's descriptors are closed once sent: it carries duplicates, we keep ours
-        return {"evtchn": "fd", "sendlog": True}, [os.dup(fd) for fd in link.resources.fast.descriptors()]
+        return {"evtchn": "fd", "sendlog": True}, link.resources.fast.descriptors()
 
     HANDLERS = {
         hc.Call.MEM_ALLOC: mem_alloc,

@@ -65,29 +65,11 @@ class PersistentGrants:
         return gref in self.table
 
     def page(self, gref: int, readonly: bool) -> memoryview:
-        if self.persistent:
-            entry = self.table.get(gref)
-            if entry is not None:
-                self.table.move_to_end(gref)
-                entry.last_used = self.clock()
-                return entry.view
-            if len(self.table) < self.max_grants:
-                # persistent grants are granted read-write by the frontend, and mapped so
-                try:
-                    mapping = self.grants.map(self.domid, gref, False)
-                except Exception:
-                    if not readonly:
-                        raise
-                    # a read-only grant after all (an indirect page, say): map it for this request only
-                    return self._transient(gref, True)
-                view = memoryview(mapping.mmap)
-                self.table[gref] = _Grant(mapping, view, self.clock())
-                return view
-            self.overflow = True
-        return self._transient(gref, readonly)
+        return self.pages([gref], readonly)[0]
 
     def pages(self, grefs, readonly: bool) -> list[memoryview]:
-        """`page()` of each gref, in order (one clock read for all)."""
+        """A view of each gref's page, in order: persistent ones from the table
+        (one clock read for all), the rest mapped in one batch (_map_missing)."""
         table = self.table
         if self.persistent:
             try:
@@ -149,12 +131,6 @@ class PersistentGrants:
             self.transient.append((result, view))  # done() unmaps them, failed request or not
         if failed is not None:
             raise failed
-
-    def _transient(self, gref: int, readonly: bool) -> memoryview:
-        mapping = self.grants.map(self.domid, gref, readonly)
-        view = memoryview(mapping.mmap)
-        self.transient.append((mapping, view))
-        return view
 
     def done(self) -> None:
         """The request in hand is answered: unmap what was mapped for it only."""

@@ -168,6 +168,7 @@ class NetbackQueue:
         self.server: NetifServer | None = None
         self.wakers = {d: os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for d in ("tx", "rx")}  # (read, write) ends
         self.port_fds: dict[str, int] = {}  # direction -> our dup of its port's eventfd (fd mode, split)
+        self._pollers: dict[tuple, select.poll] = {}  # (direction, *other fds) -> poller (_woken)
         try:
             tx_map = self.grants.map(domid, config.tx_ring_ref, False)
             self.mappings.append(tx_map)
@@ -213,7 +214,7 @@ class NetbackQueue:
             # split channels in fd mode: each direction's thread polls its own
             # port's eventfd (one wake-up less per event); else a waiter thread
             if self.config.split:
-                fd = self.evtchn.pending_fd(port) if hasattr(self.evtchn, "pending_fd") else None
+                fd = self.evtchn.pending_fd(port)
                 if fd is not None:
                     self.port_fds["tx" if port == self.tx_port else "rx"] = fd
                     continue
@@ -244,10 +245,12 @@ class NetbackQueue:
         """Wait for our wake pipe or port (both cleared before the ring is
         looked at: no lost event) or one of `fds`; the ready ones."""
         wake_r, port_fd = self.wakers[direction][0], self.port_fds.get(direction)
-        waited = [wake_r, *fds] if port_fd is None else [wake_r, port_fd, *fds]
-        poller = select.poll()  # not select(2): dom0's descriptors go past 1024
-        for fd in waited:
-            poller.register(fd, select.POLLIN)
+        key = (direction, *fds)
+        poller = self._pollers.get(key)
+        if poller is None:  # a few per connection, made once: this runs per batch of frames
+            poller = self._pollers[key] = select.poll()  # not select(2): dom0's descriptors go past 1024
+            for fd in [wake_r, *fds] if port_fd is None else [wake_r, port_fd, *fds]:
+                poller.register(fd, select.POLLIN)
         ms = 0 if timeout <= 0 else max(1, int(timeout * 1000))
         readable = [fd for fd, _ in poller.poll(ms)]
         for fd in (wake_r, port_fd):

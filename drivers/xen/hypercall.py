@@ -108,6 +108,11 @@ class HypervisorLink:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.path)
         self.sock = sock
+        # poll(2), not select(2): a driver holding pages, eventfds and a FUSE
+        # device has descriptors past select's 1024.  One poller for the
+        # link's life; only the holder of _read_lock uses it.
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
         self.closed.clear()
         if not self.inline:
             self._reader = threading.Thread(target=self._read_loop, name="hypercall-reader", daemon=True)
@@ -168,11 +173,14 @@ class HypervisorLink:
             except OSError:
                 pass
 
+    def _readable(self, timeout: float | None) -> bool:  # _read_lock held
+        return bool(self._poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+
     def _pump_available(self) -> None:
         """Handle every frame already on the socket, without waiting for more."""
         with self._read_lock:
             while not self.closed.is_set():
-                if not _readable(self.sock, 0) or not self._receive():
+                if not self._readable(0) or not self._receive():
                     return
 
     @classmethod
@@ -329,7 +337,7 @@ class HypervisorLink:
                 if self.closed.is_set():
                     return False
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if _readable(self.sock, remaining):
+                if self._readable(remaining):
                     self._receive()
             finally:
                 self._read_lock.release()
@@ -342,7 +350,7 @@ class HypervisorLink:
             if self._read_lock.acquire(timeout=-1 if timeout is None else timeout):
                 try:
                     if not self.closed.is_set():
-                        if _readable(self.sock, timeout):
+                        if self._readable(timeout):
                             self._receive()
                 finally:
                     self._read_lock.release()
@@ -364,15 +372,6 @@ class HypervisorLink:
                 pending.answer(frame)
         if pending is None:  # nobody waits (timed out): do not leak its descriptors
             hc.close_fds(frame.fds)
-
-
-def _readable(sock: socket.socket, timeout: float | None) -> bool:
-    """poll(2), not select(2): a process with many descriptors (a driver
-    holding pages, eventfds, a FUSE device) has sockets numbered past
-    select's 1024."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 def _op_name(op: int) -> str:

@@ -19,6 +19,15 @@ def python_in(testbed, service: str, script: str, timeout: float | None = None) 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def everyone_still_answers(testbed) -> None:
+    """After an attack: the hypervisor, dom0, xenstored and both guests answer."""
+    health = testbed.exec("hypervisor", ["python3", "-m", "xenbed.hypervisor", "--health"])
+    assert health.exit_code == 0, f"the hypervisor does not answer: {health.stdout}{health.stderr}"
+    assert testbed.exec("dom0", ["xenstore-read", "/local/domain/0/name"]).stdout.strip() == "Domain-0"
+    assert testbed.exec("domu2", ["xenstore-read", "name"]).stdout.strip() == "domu2"
+    assert testbed.exec("domu1", ["xenstore-read", "name"]).stdout.strip() == "domu1"
+
+
 def uplink_of(testbed, service: str) -> str:
     """The container's interface with a global IPv4 address: eth0 when it
     started, another name after a test cut and restored its network."""

@@ -79,7 +79,7 @@ def test_a_peer_without_the_secret_is_refused_and_nothing_is_made(testbed):
                      + HELLO_AS_DOM0.replace("\n    ", "\n"))
     assert peer["kind"] == 3 and "not authenticated" in peer["body"], peer  # REFUSE, and nothing else
     assert "credential" not in peer["body"]
-    wrong = python_in(testbed, "dom0-a", f"HOST, SECRET, BODY = 'dom0-b', b'w' * 32, {{'name': 'domu9', 'memory_mb': 64}}\n"
+    wrong = python_in(testbed, "dom0-a", "HOST, SECRET, BODY = 'dom0-b', b'w' * 32, {'name': 'domu9', 'memory_mb': 64}\n"
                       + AUTHENTICATED_HELLO.replace("\n    ", "\n"))
     assert wrong["error"] in ("AuthError", "MigrationError"), wrong
     assert names(testbed, "dom0-b") == before

@@ -8,7 +8,6 @@ the hypervisor, dom0 and the other guest still answer.  docs/security.md
 
 from __future__ import annotations
 
-import json
 import textwrap
 import threading
 import time
@@ -16,6 +15,8 @@ import time
 import pytest
 
 from xenbed.harness import trace
+
+from .attack import everyone_still_answers, python_in
 
 pytestmark = pytest.mark.integration
 
@@ -45,18 +46,7 @@ def call(s, op, payload, tx=0):
 
 
 def guest_python(testbed, service: str, script: str, timeout: float = 120) -> dict:
-    result = testbed.exec(service, ["python3", "-c", textwrap.dedent(WIRE) + textwrap.dedent(script)],
-                          timeout=timeout)
-    assert result.exit_code == 0, f"{service} script failed: {result.stdout}{result.stderr}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def everyone_still_answers(testbed) -> None:
-    health = testbed.exec("hypervisor", ["python3", "-m", "xenbed.hypervisor", "--health"])
-    assert health.exit_code == 0, f"the hypervisor does not answer: {health.stdout}{health.stderr}"
-    assert testbed.exec("dom0", ["xenstore-read", "/local/domain/0/name"]).stdout.strip() == "Domain-0"
-    assert testbed.exec("domu2", ["xenstore-read", "name"]).stdout.strip() == "domu2"
-    assert testbed.exec("domu1", ["xenstore-read", "name"]).stdout.strip() == "domu1"
+    return python_in(testbed, service, textwrap.dedent(WIRE) + textwrap.dedent(script), timeout=timeout)
 
 
 def domain_quota(testbed, guest: int) -> dict[str, int]:

@@ -143,6 +143,9 @@ class FakeEvtchn:
         with self.cond:
             return self.cond.wait_for(lambda: self.notified.get(port, 0) >= count, timeout)
 
+    def pending_fd(self, port: int) -> int | None:
+        return None  # no eventfds here: the connection waits with wait()
+
     def remove_callbacks(self, port: int) -> None:
         pass
 
